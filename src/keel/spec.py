@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -374,16 +375,37 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(p for p in parts if not p.startswith(("float", "str", "int", "tuple", "list")) or "." in p) or "(root)"
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names allowed where an unknown key was found (for a did-you-mean hint)."""
+    model: Any = Spec
+    for item in loc[:-1]:
+        field = model.model_fields.get(item) if isinstance(item, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items() if name != "root"]
+
+
 def _message(error: dict[str, Any]) -> str:
     kind = error.get("type", "")
-    where = _location(tuple(error.get("loc", ())))
+    loc = tuple(error.get("loc", ()))
+    where = _location(loc)
     got = error.get("input")
     if kind == "extra_forbidden":
-        return f"The key '{where}' in keel.toml is not a known setting. Remove it or check its spelling."
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+        hint = f"Did you mean '{close[0]}'?" if close else "Remove it or check its spelling."
+        return f"The key '{where}' in keel.toml is not a known setting. {hint}"
     if kind == "missing":
         return f"The key '{where}' in keel.toml is required but missing. Add it."
-    msg = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
-    return f"The '{where}' value in keel.toml {msg if msg.startswith('must') else 'is invalid: ' + msg}. Got {got!r}."
+    msg = str(error.get("msg", "is invalid")).removeprefix("Value error, ").rstrip(".")
+    text = msg if msg.startswith(("must", "is ")) else "is invalid: " + msg[0].lower() + msg[1:]
+    if "Got " not in msg:
+        text += f". Got {got!r} instead"
+    return f"The '{where}' value in keel.toml {text}."
 
 
 def parse_spec(content: dict[str, Any], root: Path | str = ".", source: str = "keel.toml") -> Spec:

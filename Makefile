@@ -1,0 +1,42 @@
+# Every target bootstraps .venv itself when it is missing or older than pyproject.toml.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.keel-installed
+DEMO_OUT ?= demo-out
+DEMO_ARGS ?=
+
+.PHONY: demo test lint bench docs test-reliability clean help
+
+help:
+	@echo "make demo   - set up .venv and run the whole lifecycle on the embedded simulator"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make lint   - ruff"
+	@echo "make bench  - benchmarks side by side with their anchors; writes bench/RESULTS.md"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Keel needs Python 3.11 or newer; set PYTHON=/path/to/python3.11"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,spark,bench]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/keel demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/reliability
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@echo "Results: bench/RESULTS.md"
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

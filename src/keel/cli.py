@@ -1,0 +1,272 @@
+"""The `keel` command line: one thin command per verb. The only module that prints and sets exit codes.
+
+Exit codes: 0 ok; 1 a check found problems (contract violations, a monitor warning); 2 bad input or
+configuration (spec, missing file or column, unparseable data). Errors are one paragraph on stderr, no traceback
+(set KEEL_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from keel.errors import KeelError
+
+app = typer.Typer(
+    name="keel",
+    help="Keel: production-aware machine learning for tabular decisions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SpecOpt = Annotated[
+    Path, typer.Option("--spec", "-s", help="Path to keel.toml (or its folder).", show_default=True)
+]
+
+
+def handles_errors(fn: F) -> F:
+    """Turn Keel's typed errors into one paragraph on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeelError as exc:
+            if os.environ.get("KEEL_DEBUG"):
+                raise
+            kind = type(exc).__name__.replace("Error", " error").replace("Violation", " violation")
+            err.print(f"[bold red]{kind}:[/] {exc.message}", soft_wrap=True, markup=True)
+            if exc.hint:
+                err.print(f"[yellow]How to fix:[/] {exc.hint}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]Interrupted; nothing was left half-written.[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(spec_path: Path):
+    from keel.spec import load_spec
+
+    return load_spec(spec_path)
+
+
+# --------------------------------------------------------------------------------------------------- init
+@app.command()
+@handles_errors
+def init(
+    table: Annotated[Path, typer.Argument(help="A CSV, Parquet or DuckDB file to describe.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the spec.")] = Path("keel.toml"),
+    name: Annotated[str | None, typer.Option(help="Project name (default: the table's file name).")] = None,
+    label: Annotated[str | None, typer.Option(help="The label column, if the guess would be wrong.")] = None,
+    timestamp: Annotated[str | None, typer.Option(help="The event time column, if the guess would be wrong.")] = None,
+    db_table: Annotated[str | None, typer.Option("--table", help="Table name inside a DuckDB file.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing spec.")] = False,
+) -> None:
+    """Write a starter keel.toml inferred from a table (columns, types, a guessed timestamp and label).
+
+    Example: [bold]keel init data/loans.csv -o keel.toml[/]
+    """
+    from keel.data.infer import write_starter_spec
+    from keel.data.sources import open_source
+
+    if output.exists() and not force:
+        raise KeelError(f"{output} already exists.", hint="Pass --force to overwrite it, or -o to write elsewhere.")
+    source = open_source(table, table=db_table)
+    try:
+        rel = os.path.relpath(table.resolve(), output.resolve().parent)
+    except ValueError:
+        rel = str(table.resolve())
+    inf = write_starter_spec(source, output, name or table.stem, rel, label=label, timestamp=timestamp)
+    grid = Table(title=f"Roles guessed for {table} ({inf.rows:,} rows)", show_header=True)
+    grid.add_column("role")
+    grid.add_column("column(s)")
+    grid.add_row("label", str(inf.label))
+    grid.add_row("timestamp", str(inf.timestamp))
+    grid.add_row("id", str(inf.id_column))
+    grid.add_row("entity keys", ", ".join(inf.entity_keys) or "-")
+    grid.add_row("features", ", ".join(inf.features) or "-")
+    out.print(grid)
+    for note in inf.notes:
+        out.print(f"  • {note}")
+    out.print(f"Wrote [bold]{output}[/]. Check the lines marked CHECK, then run `keel validate -s {output}`.")
+
+
+# ----------------------------------------------------------------------------------------------- validate
+@app.command()
+@handles_errors
+def validate(
+    spec: SpecOpt = Path("keel.toml"),
+    source: Annotated[Path | None, typer.Option(help="Check this table instead of data.source.")] = None,
+) -> None:
+    """Check the data against its contract: columns, types, nulls, ranges, duplicate ids, timestamps, labels.
+
+    Exit 0 when the contract holds, 1 on violations, 2 when the data cannot be used at all.
+
+    Example: [bold]keel validate -s examples/card-fraud/keel.toml[/]
+    """
+    from keel.data.contracts import check_contract
+    from keel.data.sources import open_source, source_from_spec
+
+    s = _load(spec)
+    src = open_source(source, s.data.format, s.data.table) if source else source_from_spec(s)
+    report = check_contract(s, src)
+    report.raise_for_findings() if report.structural else _print_contract(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_contract(report: Any) -> None:
+    out.print(f"[bold]Data contract[/] for {report.source}: {report.rows:,} rows, {len(report.columns)} columns")
+    if not report.findings:
+        out.print("[green]✓ contract holds[/] (columns, types, nulls, ranges, ids, timestamps, labels)")
+        return
+    grid = Table(show_header=True)
+    for col in ("severity", "check", "column", "rows", "finding"):
+        grid.add_column(col, overflow="fold")
+    colour = {"structural": "red", "violation": "yellow", "warning": "cyan"}
+    for f in report.findings:
+        grid.add_row(f"[{colour[f.severity]}]{f.severity}[/]", f.check, f.column, f"{f.rows:,}", f.message)
+    out.print(grid)
+
+
+# ----------------------------------------------------------------------------------------------- simulate
+@app.command()
+@handles_errors
+def simulate(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for transactions/customers/terminals.parquet.")] = Path("data"),
+    customers: Annotated[int, typer.Option(help="Number of customers.")] = 5000,
+    terminals: Annotated[int, typer.Option(help="Number of terminals.")] = 10000,
+    days: Annotated[int, typer.Option(help="Number of days.")] = 183,
+    start: Annotated[str, typer.Option(help="First day (YYYY-MM-DD).")] = "2018-04-01",
+    radius: Annotated[float, typer.Option(help="A customer uses terminals closer than this.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+    shift_day: Annotated[int | None, typer.Option(help="Inject a shift from this day index on.")] = None,
+    shift_amount_factor: Annotated[float, typer.Option(help="With --shift-day: multiply amounts by this.")] = 1.0,
+    shift_new_fraud: Annotated[bool, typer.Option(help="With --shift-day: add a new fraud pattern.")] = False,
+) -> None:
+    """Simulate card transactions with the handbook's generative process (customers, terminals, 3 fraud scenarios).
+
+    Example: [bold]keel simulate -o data --customers 5000 --days 183 --seed 0[/]
+    """
+    from keel.data.simulate import make_shift, write_simulation
+    from keel.data.simulate import simulate as run_simulation
+
+    shift = make_shift(shift_day, shift_amount_factor, shift_new_fraud) if shift_day is not None else None
+    t0 = time.perf_counter()
+    with out.status("Simulating transactions..."):
+        sim = run_simulation(n_customers=customers, n_terminals=terminals, n_days=days, start_date=start,
+                             radius=radius, seed=seed, shift=shift)
+        paths = write_simulation(sim, out_dir)
+    _print_summary("Simulated", sim.summary())
+    out.print(f"Wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s")
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    grid = Table(title=title, show_header=False)
+    grid.add_column("what")
+    grid.add_column("value", justify="right")
+    for key, value in summary.items():
+        text = f"{value:,.4g}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else str(value))
+        grid.add_row(key.replace("_", " "), text)
+    out.print(grid)
+
+
+# --------------------------------------------------------------------------------------------------- demo
+@app.command()
+@handles_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo project (created).")] = Path("demo-out"),
+    customers: Annotated[int, typer.Option(help="Customers to simulate.")] = 5000,
+    terminals: Annotated[int, typer.Option(help="Terminals to simulate.")] = 10000,
+    days: Annotated[int, typer.Option(help="Days to simulate.")] = 183,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    fresh: Annotated[bool, typer.Option(help="Delete the folder first.")] = False,
+) -> None:
+    """Run the whole lifecycle on the embedded simulator with the flagship card-fraud spec.
+
+    Example: [bold]keel demo -o demo-out[/] (smaller and faster: [bold]--customers 500 --terminals 1000 --days 90[/])
+    """
+    from keel.data.contracts import check_contract
+    from keel.data.fingerprint import fingerprint_source
+    from keel.data.simulate import simulate as run_simulation
+    from keel.data.simulate import write_simulation
+    from keel.data.sources import source_from_spec
+
+    flagship = Path(__file__).parent / "examples" / "card-fraud.toml"
+    if fresh and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "keel.toml"
+    shutil.copyfile(flagship, spec_path)
+    steps = _Steps()
+
+    with steps("1. simulate", "transactions with the handbook's generative process"):
+        sim = run_simulation(n_customers=customers, n_terminals=terminals, n_days=days, seed=seed)
+        paths = write_simulation(sim, out_dir / "data")
+        summary = sim.summary()
+        steps.done(f"{summary.get('transactions', len(sim.transactions)):,} transactions, "
+                   f"fraud rate {summary.get('fraud_rate', float(sim.transactions['tx_fraud'].mean())):.3%}",
+                   paths["transactions"])
+
+    s = _load(spec_path)
+    with steps("2. validate", "the data contract declared in keel.toml"):
+        src = source_from_spec(s)
+        report = check_contract(s, src)
+        if not report.ok:
+            _print_contract(report)
+            raise KeelError("The simulated data breaks its contract; this is a bug in the simulator or the spec.")
+        steps.done(f"contract holds on {report.rows:,} rows; fingerprint {fingerprint_source(src)[:12]}", spec_path)
+
+    out.print(f"\n[bold green]Demo finished[/] in {steps.total:.1f} s. Project folder: [bold]{out_dir}[/]")
+    out.print(f"Next: `keel validate -s {spec_path}`")
+
+
+class _Steps:
+    """Prints each demo step with its time and where its outputs are."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def __call__(self, name: str, what: str) -> _Steps:
+        self._name = name
+        out.print(f"[bold cyan]{name}[/] — {what}")
+        return self
+
+    def __enter__(self) -> _Steps:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.total += time.perf_counter() - self._t0
+
+    def done(self, message: str, where: Path | str | None = None) -> None:
+        took = time.perf_counter() - self._t0
+        out.print(f"   [green]✓[/] {message} [dim]({took:.1f} s{'; ' + str(where) if where else ''})[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
