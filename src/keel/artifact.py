@@ -1,0 +1,254 @@
+"""The decision model artifact: model + calibrator + threshold + feature list + lineage, in one folder.
+
+What ``keel train`` produces, the registry stores, and ``keel serve`` / ``keel score`` load. The threshold and
+calibration belong to the artifact, not to the caller: everyone calls :meth:`DecisionModel.decide`.
+
+Nothing is unpickled. LightGBM models are stored as LightGBM's text format, scikit-learn estimators with skops
+(loaded only when every type in the file is on an allow-list of scikit-learn/numpy types), baselines and
+calibrators as JSON. A ``manifest.json`` lists the SHA-256 and size of every file; loading verifies it and refuses a
+tampered, truncated, swapped or extended artifact with :class:`~keel.errors.IntegrityError`.
+
+Layout::
+
+    model/
+      manifest.json     {"files": {"pipeline.json": {"sha256": ..., "bytes": ...}, ...}, "format": 1}
+      pipeline.json     kind, features, threshold, abstain band, actions, calibrator, metadata
+      model.txt | model.skops | model.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keel.errors import IntegrityError
+from keel.io import atomic_dir
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PIPELINE = "pipeline.json"
+
+# skops loads only these types; anything else in a .skops file is refused as untrusted.
+_SKOPS_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.sparse.", "collections.")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class DecisionModel:
+    """A fitted, calibrated, thresholded model with the names of the features it reads, in order.
+
+    ``estimator`` is a LightGBM ``Booster``, a scikit-learn classifier, or a Keel baseline (anything with
+    ``predict_proba`` and ``to_dict``). ``calibrator`` has ``transform`` and ``to_dict`` (or is None).
+    """
+
+    kind: str
+    feature_names: list[str]
+    estimator: Any
+    calibrator: Any = None
+    threshold: float = 0.5
+    abstain_band: tuple[float, float] | None = None
+    positive_action: str = "review"
+    negative_action: str = "approve"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0
+
+    # ------------------------------------------------------------------ scoring
+    def _matrix(self, features: pd.DataFrame | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        if isinstance(features, pd.DataFrame):
+            missing = [c for c in self.feature_names if c not in features.columns]
+            if missing:
+                from keel.errors import ScoringError
+
+                raise ScoringError(
+                    f"The model reads features {missing} that the input does not have.",
+                    hint="Compute features with the same spec the model was trained with.",
+                )
+            return features[self.feature_names].to_numpy(dtype=np.float64, copy=False)
+        matrix = np.asarray(features, dtype=np.float64)
+        return matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
+
+    def raw_scores(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Uncalibrated positive-class scores."""
+        x = self._matrix(features)
+        est = self.estimator
+        if self.kind == "lightgbm":
+            kwargs = {"num_threads": self.threads} if self.threads else {}
+            return np.asarray(est.predict(x, **kwargs), dtype=np.float64)
+        return np.asarray(est.predict_proba(x)[:, 1], dtype=np.float64)
+
+    def scores(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of the positive class."""
+        raw = self.raw_scores(features)
+        return np.asarray(self.calibrator.transform(raw), dtype=np.float64) if self.calibrator else raw
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Actions for calibrated scores: positive action at or above the threshold, 'abstain' inside the band."""
+        scores = np.asarray(scores, dtype=np.float64)
+        actions = np.where(scores >= self.threshold, self.positive_action, self.negative_action).astype(object)
+        if self.abstain_band is not None:
+            low, high = self.abstain_band
+            actions[(scores >= low) & (scores < high)] = "abstain"
+        return actions
+
+    # ------------------------------------------------------------------ persistence
+    def _pipeline(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "feature_names": list(self.feature_names),
+            "threshold": float(self.threshold),
+            "abstain_band": list(self.abstain_band) if self.abstain_band else None,
+            "positive_action": self.positive_action,
+            "negative_action": self.negative_action,
+            "calibrator": self.calibrator.to_dict() if self.calibrator is not None else None,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact folder atomically (a reader sees the old folder or the whole new one)."""
+        target = Path(path)
+        with atomic_dir(target) as tmp:
+            name = _save_estimator(self.kind, self.estimator, tmp)
+            pipeline = self._pipeline()
+            pipeline["estimator_file"] = name
+            (tmp / PIPELINE).write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=_json_default))
+            files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=2))
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 0) -> DecisionModel:
+        """Load and verify an artifact folder; :class:`IntegrityError` when anything does not match."""
+        folder = Path(path)
+        files = verify_manifest(folder)
+        pipeline = json.loads((folder / PIPELINE).read_text())
+        name = pipeline.get("estimator_file")
+        if name not in files:
+            raise IntegrityError(f"The artifact at {folder} names an estimator file {name!r} its manifest lacks.")
+        estimator = _load_estimator(pipeline["kind"], folder / name)
+        calibrator = None
+        if pipeline.get("calibrator") is not None:
+            from keel.evaluate.calibration import Calibrator
+
+            calibrator = Calibrator.from_dict(pipeline["calibrator"])
+        band = pipeline.get("abstain_band")
+        return cls(
+            kind=pipeline["kind"],
+            feature_names=list(pipeline["feature_names"]),
+            estimator=estimator,
+            calibrator=calibrator,
+            threshold=float(pipeline["threshold"]),
+            abstain_band=(float(band[0]), float(band[1])) if band else None,
+            positive_action=pipeline["positive_action"],
+            negative_action=pipeline["negative_action"],
+            metadata=pipeline.get("metadata", {}),
+            threads=threads,
+        )
+
+
+def verify_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Check every file against ``manifest.json``; refuse missing, changed, truncated or unlisted files."""
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise IntegrityError(f"No model artifact at {folder}.", hint="Check the path or the registry version.")
+    if not manifest_path.exists():
+        raise IntegrityError(
+            f"The artifact at {folder} has no {MANIFEST}; it was not written by Keel or was tampered with.",
+            hint="Re-train or restore the artifact from the registry.",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files: dict[str, dict[str, Any]] = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"The manifest of the artifact at {folder} is unreadable: {exc}.") from exc
+    present = {p.name for p in folder.iterdir() if p.name != MANIFEST}
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise IntegrityError(
+            f"The artifact at {folder} holds files its manifest does not list: {', '.join(unlisted)}.",
+            hint="Something was planted in the model folder; remove it or restore the artifact.",
+        )
+    for name, entry in files.items():
+        path = folder / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise IntegrityError(f"The artifact at {folder} is missing {name!r} listed in its manifest.")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise IntegrityError(
+                f"{name} in the artifact at {folder} has {size} bytes, its manifest says {entry.get('bytes')}"
+                " (truncated or replaced).",
+                hint="Restore the artifact from the registry or re-train.",
+            )
+        if sha256_file(path) != entry.get("sha256"):
+            raise IntegrityError(
+                f"{name} in the artifact at {folder} does not match its SHA-256 in the manifest (tampered).",
+                hint="Restore the artifact from the registry or re-train.",
+            )
+    if PIPELINE not in files:
+        raise IntegrityError(f"The artifact at {folder} has no {PIPELINE}.")
+    return files
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _save_estimator(kind: str, estimator: Any, folder: Path) -> str:
+    if kind == "lightgbm":
+        booster = getattr(estimator, "booster_", estimator)
+        (folder / "model.txt").write_text(booster.model_to_string())
+        return "model.txt"
+    if hasattr(estimator, "to_dict"):
+        (folder / "model.json").write_text(
+            json.dumps({"kind": kind, "estimator": estimator.to_dict()}, default=_json_default)
+        )
+        return "model.json"
+    import skops.io as sio
+
+    (folder / "model.skops").write_bytes(sio.dumps(estimator))
+    return "model.skops"
+
+
+def _load_estimator(kind: str, path: Path) -> Any:
+    if path.name == "model.txt":
+        import lightgbm as lgb
+
+        return lgb.Booster(model_str=path.read_text())
+    if path.name == "model.json":
+        from keel.evaluate.baselines import baseline_from_dict
+
+        return baseline_from_dict(json.loads(path.read_text())["estimator"])
+    if path.name == "model.skops":
+        import skops.io as sio
+
+        data = path.read_bytes()
+        untrusted = sio.get_untrusted_types(data=data)
+        refused = [t for t in untrusted if not t.startswith(_SKOPS_TRUSTED_PREFIXES)]
+        if refused:
+            raise IntegrityError(
+                f"{path} contains types Keel does not trust: {', '.join(refused)}.",
+                hint="Only scikit-learn estimators are loaded from .skops files.",
+            )
+        return sio.loads(data, trusted=untrusted)
+    raise IntegrityError(f"Unknown estimator file {path.name} for model kind {kind!r}.")
+
+
+__all__ = ["DecisionModel", "sha256_file", "verify_manifest"]
