@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from keel.data.simulate import Shift, Simulation, simulate, write_simulation
+from keel.data.simulate import Shift, Simulation, make_shift, simulate, write_simulation
 from keel.errors import DataError
 
 SMALL = {"n_customers": 500, "n_terminals": 1000, "n_days": 60, "radius": 5.0}
@@ -309,6 +309,15 @@ def test_card_testing_adds_small_far_away_frauds_from_start_day(sim: Simulation)
     assert np.array_equal(b["transaction_id"].to_numpy(), np.arange(len(b)))
 
 
+def test_make_shift_maps_the_cli_flags() -> None:
+    assert make_shift(10) == Shift(start_day=10)
+    shift = make_shift(10, 1.2, new_fraud=True)
+    assert (shift.start_day, shift.amount_factor) == (10, 1.2)
+    assert shift.card_testing_cards_per_day > 0
+    sim = simulate(n_customers=50, n_terminals=100, n_days=15, seed=2, shift=shift)
+    assert (sim.transactions["tx_fraud_scenario"] == 4).sum() == 5 * shift.card_testing_cards_per_day * 10
+
+
 # --- errors ----------------------------------------------------------------------------------------------
 
 
@@ -396,3 +405,30 @@ def test_reach_is_strictly_less_than_the_radius() -> None:
     offsets, reach = _reachable_terminals(np.array([[0.0, 0.0]]), np.array([[3.0, 4.0], [3.0, 3.9]]), 5.0)
     assert offsets.tolist() == [0, 1]
     assert reach.tolist() == [1]
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
+    sim: Simulation, tmp_path, monkeypatch
+) -> None:
+    import os
+
+    paths = write_simulation(sim, tmp_path)
+    before = paths["transactions"].read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert paths["transactions"].stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def broken(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
+    with pytest.raises(DataError, match=r"Cannot write .*transactions\.parquet: No space left on device"):
+        write_simulation(simulate(n_customers=10, n_terminals=20, n_days=3, seed=1), tmp_path)
+    assert paths["transactions"].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "customers.parquet",
+        "terminals.parquet",
+        "transactions.parquet",
+    ]

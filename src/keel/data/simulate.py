@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,7 @@ from scipy.spatial import cKDTree
 
 from keel.errors import DataError
 
-__all__ = ["Shift", "Simulation", "simulate", "write_simulation"]
+__all__ = ["Shift", "Simulation", "make_shift", "simulate", "write_simulation"]
 
 SECONDS_PER_DAY = 86_400
 _TIME_MEAN = SECONDS_PER_DAY / 2
@@ -110,6 +110,22 @@ class Shift:
     card_testing_max_amount: float = 5.0
 
 
+NEW_FRAUD_CARDS_PER_DAY = 5
+
+
+def make_shift(start_day: int, amount_factor: float = 1.0, new_fraud: bool = False) -> Shift:
+    """The :class:`Shift` behind ``keel simulate --shift-day N [--shift-amount-factor F] [--shift-new-fraud]``.
+
+    ``new_fraud`` turns on scenario 4 (card testing) with ``NEW_FRAUD_CARDS_PER_DAY`` stolen cards a day,
+    10 small transactions each; the parameters are checked by :func:`simulate`.
+    """
+    return Shift(
+        start_day=start_day,
+        amount_factor=amount_factor,
+        card_testing_cards_per_day=NEW_FRAUD_CARDS_PER_DAY if new_fraud else 0,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class Simulation:
     """The result of :func:`simulate`.
@@ -152,7 +168,7 @@ class Simulation:
             "fraud_rate": n_fraud / n if n else 0.0,
             "scenario_counts": dict(sorted(scenario_counts.items())),
             "scenario_shares": {
-                k: v / n_fraud if n_fraud else 0.0 for k, v in sorted(scenario_counts.items())
+                k: round(v / n_fraud, 4) if n_fraud else 0.0 for k, v in sorted(scenario_counts.items())
             },
             "mean_amount": float(tx["tx_amount"].mean()) if n else 0.0,
             "customers_without_terminals": int((self.customers["nb_terminals"] == 0).sum()),
@@ -270,9 +286,9 @@ def write_simulation(sim: Simulation, out_dir: Path) -> dict[str, Path]:
         ("terminals", sim.terminals),
     ):
         target = out_dir / f"{name}.parquet"
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".parquet.tmp", dir=out_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # A fresh name beside the target (same file system, so os.replace is atomic); created by
+        # to_parquet itself so the file gets the usual permissions, not mkstemp's 0600.
+        tmp = out_dir / f".{name}.{uuid.uuid4().hex}.parquet.tmp"
         try:
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, target)
@@ -299,11 +315,11 @@ def _validate(
 ) -> pd.Timestamp:
     """Check every parameter; return the parsed start date."""
     for name, value in (("n_customers", n_customers), ("n_terminals", n_terminals), ("n_days", n_days)):
-        if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        if not _is_int(value) or value <= 0:
             raise DataError(f"The simulator's '{name}' must be a positive integer. Got {value!r} instead.")
-    if not _is_number(radius) or not math.isfinite(radius) or radius <= 0:  # type: ignore[arg-type]
+    if not _is_number(radius) or not math.isfinite(radius) or radius <= 0:
         raise DataError(f"The simulator's 'radius' must be a positive finite number. Got {radius!r} instead.")
-    if not _is_int(seed) or seed < 0:  # type: ignore[operator]
+    if not _is_int(seed) or seed < 0:
         raise DataError(f"The simulator's 'seed' must be a non-negative integer. Got {seed!r} instead.")
     try:
         start = pd.Timestamp(start_date)  # type: ignore[arg-type]
@@ -368,11 +384,11 @@ def _validate_shift(shift: Shift, n_days: int, n_terminals: int) -> None:
         )
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
