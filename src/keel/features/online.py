@@ -1,0 +1,458 @@
+"""Online features: per-entity state in SQLite (WAL), the same window semantics as the offline table, per event.
+
+One definition, two paths: window edges (:func:`~keel.features.offline.window_edges`), row transforms, ratios
+and the final aggregate (:func:`~keel.features.offline.finish_aggregate`) are the offline module's own
+functions; only the way window statistics are gathered differs (a binary search in one entity's recent events
+here, prefix sums over the whole table there). A replay test proves both give the same numbers.
+
+Example::
+
+    store = OnlineStore.from_spec(spec)               # .keel/online.sqlite, WAL
+    row = store.features(event)                       # {'tx_amount': 57.16, ..., 'terminal_id_risk_7day_window': 0.0}
+    row.stale                                         # True when an entity's state is older than features.freshness
+    store.update(event)                               # the event now counts for later events
+    store.add_label(event_id, 1, at=when_known)       # counts in label aggregates for events after `at`
+
+``features(event)`` scores an event that is not in the store yet (call it, then ``update``); if the event's id
+is already stored it is not counted twice. Labels count for an event at time ``t`` only when the labelled event
+lies in the (delayed) window and the label arrived at or before ``t``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keel.errors import FeatureError
+from keel.features.definitions import (
+    Definition,
+    RatioDefinition,
+    RawDefinition,
+    RowDefinition,
+    WindowDefinition,
+    definitions_hash,
+    entities,
+    feature_names,
+    window_definitions,
+)
+from keel.features.offline import finish_aggregate, ratio_feature, row_value, to_ns, window_edges
+
+_SCHEMA = """
+create table if not exists meta (k text primary key, v text not null);
+create table if not exists events (
+    seq integer primary key autoincrement,
+    entity text not null, key text not null, event_id text, t integer not null, vals text not null
+);
+create index if not exists events_by_entity on events (entity, key, t);
+create table if not exists labels (event_id text primary key, label real not null, at integer not null);
+"""
+
+
+_EPOCH = datetime(1970, 1, 1)
+_ONE_US = timedelta(microseconds=1)
+
+
+def _key(value: Any) -> str:
+    """Entity values and event ids as canonical text (7, 7.0 and np.int64(7) are the same entity)."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _time_ns(value: Any, column: str) -> int:
+    if value is None:
+        raise FeatureError(f"The event has no {column!r} (its event time); window features need it.")
+    if type(value) is pd.Timestamp and value.tzinfo is None:
+        return int(value.as_unit("ns").value)
+    if type(value) is datetime and value.tzinfo is None:
+        return (value - _EPOCH) // _ONE_US * 1000
+    try:
+        ts = pd.Timestamp(value)
+    except (TypeError, ValueError) as exc:
+        raise FeatureError(f"The event's {column!r} value {value!r} is not a timestamp: {exc}.") from None
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return int(ts.as_unit("ns").value)
+
+
+def _number(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class FeatureRow(dict[str, float]):
+    """Feature name -> value, plus freshness: ``stale`` and the entity columns whose state is too old."""
+
+    stale: bool
+    stale_entities: tuple[str, ...]
+    unknown_entities: tuple[str, ...]
+
+    def __init__(
+        self,
+        values: Mapping[str, float],
+        stale_entities: Sequence[str] = (),
+        unknown_entities: Sequence[str] = (),
+    ) -> None:
+        super().__init__(values)
+        self.stale_entities = tuple(stale_entities)
+        self.unknown_entities = tuple(unknown_entities)
+        self.stale = bool(self.stale_entities)
+
+
+@dataclass
+class _EntityState:
+    """One entity's recent events, in (time, arrival) order."""
+
+    times: list[int] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+    labels: list[float] = field(default_factory=list)
+    label_at: list[int] = field(default_factory=list)
+
+    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float]) -> int:
+        i = bisect.bisect_right(self.times, t)
+        self.times.insert(i, t)
+        self.ids.insert(i, event_id)
+        for c, column in self.values.items():
+            column.insert(i, vals.get(c, math.nan))
+        self.labels.insert(i, 0.0)
+        self.label_at.insert(i, 2**62)
+        return i
+
+    def prune(self, before: int) -> int:
+        """Drop events with time <= before; return how many."""
+        k = bisect.bisect_right(self.times, before)
+        if k:
+            del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k]
+            for column in self.values.values():
+                del column[:k]
+        return k
+
+
+def _window_stats(
+    state: _EntityState | None,
+    d: WindowDefinition,
+    t: int,
+    current: Mapping[str, float] | None,
+    own: int | None,
+) -> float:
+    """One window feature for an event at ``t`` from an entity's state; ``current`` = the event if not stored."""
+    start, end = window_edges(t, d)
+    count = 0
+    vals: list[float] = []
+    label_total = 0.0
+    if state is not None:
+        if d.delay == timedelta(0) and own is not None:
+            hi = own + 1 if d.include_current else own
+        else:
+            hi = bisect.bisect_right(state.times, end)
+        lo = min(bisect.bisect_right(state.times, start), hi)
+        count = hi - lo
+        if d.column:
+            vals = [v for v in state.values[d.column][lo:hi] if not math.isnan(v)]
+        if d.reads_label:
+            label_total = math.fsum(
+                y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
+            )
+    if current is not None and d.delay == timedelta(0) and d.include_current:
+        count += 1
+        if d.column:
+            v = current.get(d.column, math.nan)
+            if not math.isnan(v):
+                vals.append(v)
+    valid = len(vals)
+    total = math.fsum(vals)
+    m2 = mn = mx = 0.0
+    if d.aggregate == "std" and valid:
+        mean = total / valid
+        m2 = math.fsum((v - mean) ** 2 for v in vals)
+    elif d.aggregate == "min" and valid:
+        mn = min(vals)
+    elif d.aggregate == "max" and valid:
+        mx = max(vals)
+    return float(finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, label_total))
+
+
+class OnlineStore:
+    """Per-entity feature state for serving, in SQLite (WAL) with a write-through in-memory cache.
+
+    Parameters: ``path`` of the SQLite file; ``definitions`` from
+    :func:`~keel.features.definitions.resolve_definitions`; ``timestamp``/``label``/``id_column`` name the event
+    fields; ``freshness`` flags entity state older than this (``None``: never stale). Thread-safe (one lock).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        definitions: Sequence[Definition],
+        *,
+        timestamp: str | None,
+        label: str | None = None,
+        id_column: str | None = None,
+        freshness: timedelta | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.definitions = list(definitions)
+        self.timestamp = timestamp
+        self.label = label
+        self.id_column = id_column
+        self.freshness = freshness
+        self._windows = window_definitions(self.definitions)
+        self._entities = entities(self.definitions)
+        self._names = feature_names(self.definitions)
+        self._columns = {
+            e: sorted({d.column for d in self._windows if d.entity == e and d.column}) for e in self._entities
+        }
+        self._horizon = {
+            e: max(to_ns(d.horizon) for d in self._windows if d.entity == e) for e in self._entities
+        }
+        if self._windows and not timestamp:
+            raise FeatureError("Window features need an event time, but no timestamp column was given.")
+        self._cache: dict[tuple[str, str], _EntityState] = {}
+        self._owners: dict[str, list[tuple[str, str]]] = {}
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("pragma journal_mode=wal")
+        self._db.execute("pragma synchronous=normal")
+        self._db.executescript(_SCHEMA)
+        self._check_definitions()
+
+    @classmethod
+    def from_spec(cls, spec: Any, path: str | Path | None = None) -> OnlineStore:
+        """Open the store a :class:`keel.spec.Spec` names (``features.store`` under the state dir)."""
+        from keel.features.definitions import resolve_definitions
+
+        defs = resolve_definitions(spec.features, spec.data)
+        return cls(
+            path if path is not None else spec.store_path(spec.features.store),
+            defs,
+            timestamp=spec.data.timestamp,
+            label=spec.data.label,
+            id_column=spec.data.id_column,
+            freshness=spec.features.freshness,
+        )
+
+    def _check_definitions(self) -> None:
+        digest = definitions_hash(self.definitions)
+        row = self._db.execute("select v from meta where k = 'definitions_hash'").fetchone()
+        if row is None:
+            self._db.execute("insert into meta values ('definitions_hash', ?)", (digest,))
+        elif row[0] != digest:
+            raise FeatureError(
+                f"The online store {self.path} was built for other feature definitions "
+                f"(hash {row[0][:12]}, now {digest[:12]}).",
+                hint="Rebuild it (delete the file and replay recent events) after changing [features].",
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- state --------------------------------------------------------------------------------------------
+    def _state(self, entity: str, key: str) -> _EntityState:
+        cached = self._cache.get((entity, key))
+        if cached is not None:
+            return cached
+        state = _EntityState(values={c: [] for c in self._columns[entity]})
+        rows = self._db.execute(
+            "select e.event_id, e.t, e.vals, l.label, l.at from events e left join labels l"
+            " on l.event_id = e.event_id where e.entity = ? and e.key = ? order by e.t, e.seq",
+            (entity, key),
+        ).fetchall()
+        for event_id, t, vals, label, at in rows:
+            state.times.append(t)
+            state.ids.append(event_id)
+            decoded = json.loads(vals)
+            for c in state.values:
+                state.values[c].append(_number(decoded.get(c)))
+            state.labels.append(0.0 if label is None else float(label))
+            state.label_at.append(2**62 if at is None else int(at))
+            if event_id is not None:
+                self._owners.setdefault(event_id, []).append((entity, key))
+        self._cache[(entity, key)] = state
+        return state
+
+    def _event_time(self, event: Mapping[str, Any]) -> int:
+        assert self.timestamp is not None
+        return _time_ns(event.get(self.timestamp), self.timestamp)
+
+    def _event_id(self, event: Mapping[str, Any]) -> str | None:
+        if self.id_column is None or event.get(self.id_column) is None:
+            return None
+        return _key(event[self.id_column])
+
+    def _entity_key(self, event: Mapping[str, Any], entity: str) -> str:
+        if entity not in event:
+            raise FeatureError(
+                f"The event has no {entity!r}, the entity of feature "
+                f"{next(d.name for d in self._windows if d.entity == entity)!r}.",
+                hint="Send every entity column the [features.windows] blocks group by.",
+            )
+        return _key(event[entity])
+
+    # --- public API -----------------------------------------------------------------------------------------
+    def update(self, event: Mapping[str, Any]) -> None:
+        """Add an event to its entities' state (write-through to SQLite, one transaction)."""
+        self.update_many([event])
+
+    def update_many(self, events: Iterable[Mapping[str, Any]]) -> int:
+        """Add events in order, in one transaction; return how many were added."""
+        added = 0
+        with self._lock:
+            self._db.execute("begin")
+            try:
+                for event in events:
+                    self._add(event)
+                    added += 1
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                self._cache.clear()
+                self._owners.clear()
+                raise
+        return added
+
+    def _add(self, event: Mapping[str, Any]) -> None:
+        if not self._windows:
+            return
+        t = self._event_time(event)
+        event_id = self._event_id(event)
+        for entity in self._entities:
+            key = self._entity_key(event, entity)
+            state = self._state(entity, key)
+            if event_id is not None and event_id in state.ids:
+                continue  # idempotent: the same event twice counts once
+            vals = {c: _number(event.get(c)) for c in self._columns[entity]}
+            i = state.insert(t, event_id, vals)
+            self._db.execute(
+                "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)",
+                (
+                    entity,
+                    key,
+                    event_id,
+                    t,
+                    json.dumps({c: (None if math.isnan(v) else v) for c, v in vals.items()}),
+                ),
+            )
+            if event_id is not None:
+                self._owners.setdefault(event_id, []).append((entity, key))
+                known = self._db.execute(
+                    "select label, at from labels where event_id = ?", (event_id,)
+                ).fetchone()
+                if known is not None:
+                    state.labels[i], state.label_at[i] = float(known[0]), int(known[1])
+            newest = state.times[-1]
+            before = newest - self._horizon[entity]
+            if state.times[0] <= before:
+                dropped = state.ids[: bisect.bisect_right(state.times, before)]
+                state.prune(before)
+                self._db.execute(
+                    "delete from events where entity = ? and key = ? and t <= ?", (entity, key, before)
+                )
+                for old in dropped:
+                    if old is not None and old in self._owners:
+                        owners = [o for o in self._owners[old] if o != (entity, key)]
+                        if owners:
+                            self._owners[old] = owners
+                        else:
+                            del self._owners[old]
+
+    def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
+        """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.
+
+        The label counts in label-based aggregates of events at or after ``at`` (and only while the labelled
+        event is inside their delayed window).
+        """
+        key = _key(event_id)
+        at_ns = _time_ns(at, "at")
+        value = float(label)
+        with self._lock:
+            self._db.execute(
+                "insert into labels (event_id, label, at) values (?, ?, ?) on conflict(event_id)"
+                " do update set label = excluded.label, at = excluded.at",
+                (key, value, at_ns),
+            )
+            found = False
+            for entity, entity_key in self._owners.get(key, []):
+                state = self._cache.get((entity, entity_key))
+                if state is None:
+                    continue
+                for i, stored in enumerate(state.ids):
+                    if stored == key:
+                        state.labels[i], state.label_at[i] = value, at_ns
+                        found = True
+            return found
+
+    def features(self, event: Mapping[str, Any]) -> FeatureRow:
+        """The feature values for ``event`` at its own time, exactly as the offline table computes them."""
+        out: dict[str, float] = {}
+        stale: list[str] = []
+        unknown: list[str] = []
+        with self._lock:
+            for d in self.definitions:
+                if isinstance(d, RawDefinition):
+                    out[d.name] = _number(event.get(d.column))
+                elif isinstance(d, RowDefinition):
+                    out[d.name] = row_value(d, event.get(d.column))
+            if self._windows:
+                t = self._event_time(event)
+                event_id = self._event_id(event)
+                for entity in self._entities:
+                    key = self._entity_key(event, entity)
+                    state = self._state(entity, key)
+                    if not state.times:
+                        unknown.append(entity)
+                    elif self.freshness is not None and t - max(state.times) > to_ns(self.freshness):
+                        stale.append(entity)
+                    own = None
+                    if event_id is not None and event_id in state.ids:
+                        own = state.ids.index(event_id)
+                    current = None
+                    if own is None:
+                        current = {c: _number(event.get(c)) for c in self._columns[entity]}
+                    for d in self._windows:
+                        if d.entity == entity:
+                            out[d.name] = _window_stats(state, d, t, current, own)
+            for d in self.definitions:
+                if isinstance(d, RatioDefinition):
+                    num = out[d.numerator] if d.numerator in out else _number(event.get(d.numerator))
+                    den = out[d.denominator] if d.denominator in out else _number(event.get(d.denominator))
+                    out[d.name] = float(ratio_feature(num, den))
+        return FeatureRow({name: out[name] for name in self._names}, stale, unknown)
+
+    def entity_count(self) -> int:
+        """How many entity states the store holds (all entity columns together)."""
+        with self._lock:
+            row = self._db.execute(
+                "select count(*) from (select distinct entity, key from events)"
+            ).fetchone()
+        return int(row[0])
+
+
+__all__ = ["FeatureRow", "OnlineStore"]
