@@ -14,7 +14,16 @@ that cannot give an honest number. Modules:
 - :mod:`.baselines` — ``PriorBaseline``, ``RuleBaseline``, ``SingleFeatureRule``, ``LogisticBaseline``
 """
 
+from keel.evaluate.baselines import (
+    LogisticBaseline,
+    PriorBaseline,
+    RuleBaseline,
+    SingleFeatureRule,
+    baseline_from_dict,
+    fit_baselines,
+)
 from keel.evaluate.calibration import CalibrationChoice, Calibrator, choose_calibration, fit_calibrator
+from keel.evaluate.leakage import Finding, check_leakage, raise_on_severe, single_feature_auc
 from keel.evaluate.metrics import (
     METRICS,
     Confusion,
@@ -37,6 +46,7 @@ from keel.evaluate.metrics import (
     row_costs,
     summary,
 )
+from keel.evaluate.slices import costliest_errors, slice_metrics, worst_slices
 from keel.evaluate.split import (
     RANDOM_SPLIT_WARNING,
     Fold,
@@ -65,26 +75,35 @@ __all__ = [
     "CalibrationChoice",
     "Calibrator",
     "Confusion",
+    "Finding",
     "Fold",
     "Interval",
+    "LogisticBaseline",
     "PrecisionAtK",
     "PrequentialSplit",
+    "PriorBaseline",
     "RowCosts",
+    "RuleBaseline",
+    "SingleFeatureRule",
     "ThresholdChoice",
     "TimeSplit",
     "Window",
     "abstain_summary",
     "average_precision",
+    "baseline_from_dict",
     "bootstrap",
     "brier",
     "capacity_threshold",
     "card_precision_at_k",
+    "check_leakage",
     "choose_calibration",
     "choose_threshold",
     "confusion",
+    "costliest_errors",
     "decide",
     "expected_calibration_error",
     "expected_cost",
+    "fit_baselines",
     "fit_calibrator",
     "known_positive_mask",
     "log_loss",
@@ -92,11 +111,15 @@ __all__ = [
     "period_index",
     "precision_recall_f1",
     "prequential_split",
+    "raise_on_severe",
     "random_split",
     "reliability",
     "roc_auc",
     "row_costs",
+    "single_feature_auc",
+    "slice_metrics",
     "split_from_spec",
     "summary",
     "time_split",
+    "worst_slices",
 ]
