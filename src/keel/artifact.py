@@ -65,6 +65,7 @@ class DecisionModel:
     negative_action: str = "approve"
     metadata: dict[str, Any] = field(default_factory=dict)
     threads: int = 0
+    categories: dict[str, list[str]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ scoring
     def _matrix(self, features: pd.DataFrame | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -77,6 +78,10 @@ class DecisionModel:
                     f"The model reads features {missing} that the input does not have.",
                     hint="Compute features with the same spec the model was trained with.",
                 )
+            if self.categories:
+                features = features[self.feature_names].copy()
+                for name, cats in self.categories.items():
+                    features[name] = encode_categories(features[name], cats)
             return features[self.feature_names].to_numpy(dtype=np.float64, copy=False)
         matrix = np.asarray(features, dtype=np.float64)
         return matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
@@ -88,6 +93,8 @@ class DecisionModel:
         if self.kind == "lightgbm":
             kwargs = {"num_threads": self.threads} if self.threads else {}
             return np.asarray(est.predict(x, **kwargs), dtype=np.float64)
+        if hasattr(est, "to_dict"):  # Keel baselines read named columns
+            return np.asarray(est.predict_proba(pd.DataFrame(x, columns=self.feature_names))[:, 1], dtype=np.float64)
         return np.asarray(est.predict_proba(x)[:, 1], dtype=np.float64)
 
     def scores(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
@@ -116,6 +123,7 @@ class DecisionModel:
             "negative_action": self.negative_action,
             "calibrator": self.calibrator.to_dict() if self.calibrator is not None else None,
             "metadata": self.metadata,
+            "categories": self.categories,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -157,7 +165,14 @@ class DecisionModel:
             negative_action=pipeline["negative_action"],
             metadata=pipeline.get("metadata", {}),
             threads=threads,
+            categories={k: list(v) for k, v in (pipeline.get("categories") or {}).items()},
         )
+
+
+def encode_categories(values: Any, categories: list[str]) -> np.ndarray:
+    """Codes in training frequency order; unseen or missing values become NaN (trees route them apart)."""
+    mapping = {c: float(i) for i, c in enumerate(categories)}
+    return pd.Series(values).astype("string").map(mapping).astype("float64").to_numpy()
 
 
 def verify_manifest(folder: Path) -> dict[str, dict[str, Any]]:
