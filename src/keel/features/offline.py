@@ -343,6 +343,17 @@ def _entity_codes(series: pd.Series) -> np.ndarray:
     return codes.astype(np.int64)
 
 
+def _first_value_per_group(sorted_codes: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per row, the entity's earliest non-null value: a past-only shift that keeps variance sums well conditioned."""
+    n = len(v)
+    if n == 0:
+        return v
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    first = np.minimum.reduceat(np.where(np.isnan(v), n, np.arange(n)), starts)
+    shift = np.where(first < n, v[np.minimum(first, n - 1)], 0.0)
+    return np.repeat(shift, np.diff(np.r_[starts, n]))
+
+
 def _window_block(
     frame: pd.DataFrame,
     defs: list[WindowDefinition],
@@ -400,9 +411,7 @@ def _window_block(
             if d.aggregate in ("sum", "mean"):
                 total = sums.range_sum(lo, hi)
             elif d.aggregate == "std":
-                finite = np.where(np.isnan(v), 0.0, v)
-                shift = float(np.mean(finite)) if n else 0.0
-                centred = np.where(np.isnan(v), 0.0, v - shift)
+                centred = np.where(np.isnan(v), 0.0, v - _first_value_per_group(codes[order], v))
                 s1 = _Prefix.of(centred).range_sum(lo, hi)
                 s2 = _Prefix.of(centred * centred).range_sum(lo, hi)
                 with np.errstate(divide="ignore", invalid="ignore"):
