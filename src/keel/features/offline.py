@@ -561,8 +561,8 @@ def read_source(
     sql = f"select {cols} from {_relation_sql(str(path))}"
     params: list[Any] = [str(path)]
     if after is not None and timestamp:
-        sql += f" where {_quote(timestamp)} > ?"
-        params.append(pd.Timestamp(after).to_pydatetime())
+        sql += f" where {_quote(timestamp)} > cast(? as timestamp_ns)"
+        params.append(pd.Timestamp(after).isoformat())
     con = _connect()
     try:
         return con.execute(sql, params).df()
@@ -584,8 +584,8 @@ def source_fingerprint(
     )
     params: list[Any] = [str(path)]
     if until is not None and timestamp:
-        sql += f" where {ts} <= ?"
-        params.append(pd.Timestamp(until).to_pydatetime())
+        sql += f" where {ts} <= cast(? as timestamp_ns)"
+        params.append(pd.Timestamp(until).isoformat())
     con = _connect()
     try:
         rows, max_time, digest = con.execute(sql, params).fetchone()

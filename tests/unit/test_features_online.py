@@ -1,0 +1,221 @@
+"""Online store: replay parity with the offline table, label timing, freshness, persistence, idempotence."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keel.errors import FeatureError
+from keel.features.definitions import feature_names, resolve_definitions
+from keel.features.offline import compute_features
+from keel.features.online import OnlineStore
+from keel.spec import Data, Features
+
+BASE = pd.Timestamp("2024-03-01 00:00:00")
+LABEL_DELAY = timedelta(hours=2)
+FEATURES = Features.model_validate(
+    {
+        "raw": ["amount"],
+        "row": [
+            {"name": "weekend", "kind": "is_weekend", "column": "ts"},
+            {"name": "night", "kind": "is_night", "column": "ts"},
+            {"name": "log_amount", "kind": "log1p", "column": "amount"},
+        ],
+        "windows": [
+            {
+                "entity": "card",
+                "aggregates": ["count", "sum", "mean", "min", "max", "std"],
+                "column": "amount",
+                "windows": ["1h", "1d"],
+            },
+            {
+                "entity": "card",
+                "aggregates": ["count", "mean"],
+                "column": "amount",
+                "windows": ["1h"],
+                "include_current": False,
+                "name": "card_prev_{aggregate}_{window}",
+            },
+            {
+                "entity": "shop",
+                "aggregates": ["count", "label_count", "label_rate"],
+                "windows": ["1h", "6h"],
+                "delay": "2h",
+            },
+        ],
+        "ratios": [{"name": "amount_vs_mean", "numerator": "amount", "denominator": "card_mean_1d"}],
+        "freshness": "12h",
+    }
+)
+DATA = Data.model_validate(
+    {"source": "x", "timestamp": "ts", "label": "y", "label_delay": "2h", "id_column": "id"}
+)
+DEFS = resolve_definitions(FEATURES, DATA)
+NAMES = feature_names(DEFS)
+
+
+def events(minutes, cards, shops, amounts, labels) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(len(minutes)),
+            "ts": BASE + pd.to_timedelta(np.asarray(minutes, dtype=np.int64), unit="m"),
+            "card": np.asarray(cards, dtype=np.int64),
+            "shop": np.asarray(shops, dtype=np.int64),
+            "amount": np.asarray(amounts, dtype=np.float64),
+            "y": np.asarray(labels, dtype=np.int64),
+        }
+    )
+    # Replay order = event order: by time, ties in input order.
+    return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def random_events(seed: int, n: int = 400) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    minutes = rng.integers(0, 3 * 1440, n)
+    minutes[rng.random(n) < 0.1] = minutes[0]
+    amounts = np.round(rng.gamma(2.0, 30.0, n), 2)
+    amounts[rng.random(n) < 0.05] = np.nan
+    return events(minutes, rng.integers(0, 8, n), rng.integers(0, 4, n), amounts, rng.random(n) < 0.3)
+
+
+def store_at(path: Path, **kw) -> OnlineStore:
+    return OnlineStore(
+        path, DEFS, timestamp="ts", label="y", id_column="id", freshness=FEATURES.freshness, **kw
+    )
+
+
+def replay(store: OnlineStore, frame: pd.DataFrame, label_lag: timedelta = LABEL_DELAY) -> pd.DataFrame:
+    """Feed events in order; each label arrives `label_lag` after its event, before any later event is scored."""
+    due = sorted(zip(frame["ts"] + label_lag, frame["id"], frame["y"], strict=True))
+    rows, k = [], 0
+    for event in frame.to_dict("records"):
+        while k < len(due) and due[k][0] <= event["ts"]:
+            store.add_label(due[k][1], due[k][2], due[k][0])
+            k += 1
+        rows.append(store.features(event))
+        store.update(event)
+    return pd.DataFrame(rows, columns=NAMES)
+
+
+def assert_frames_equal(online: pd.DataFrame, offline: pd.DataFrame) -> None:
+    for name in NAMES:
+        a, b = online[name].to_numpy(dtype=float), offline[name].to_numpy(dtype=float)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name
+        np.testing.assert_allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_replay_matches_the_offline_table_for_every_feature_and_row(tmp_path: Path) -> None:
+    frame = random_events(3)
+    with store_at(tmp_path / "online.sqlite") as store:
+        online = replay(store, frame)
+    offline = compute_features(frame, DEFS, timestamp="ts", label="y")
+    assert_frames_equal(online, offline)
+    assert offline["shop_label_count_6h"].sum() > 0  # labels did reach the features
+
+
+def test_labels_count_only_once_they_have_arrived(tmp_path: Path) -> None:
+    frame = random_events(3)
+    offline = compute_features(frame, DEFS, timestamp="ts", label="y")
+    with store_at(tmp_path / "late.sqlite") as store:
+        late = replay(store, frame, label_lag=timedelta(hours=5))  # labels 3h later than the spec promises
+    assert (late["shop_label_count_6h"] <= offline["shop_label_count_6h"]).all()
+    assert (late["shop_label_count_6h"] < offline["shop_label_count_6h"]).any()
+    for name in [n for n in NAMES if "label" not in n]:  # only label aggregates may differ
+        np.testing.assert_allclose(late[name], offline[name], rtol=0, atol=1e-9, equal_nan=True, err_msg=name)
+
+
+def test_a_label_changes_features_only_after_its_arrival_time(tmp_path: Path) -> None:
+    frame = events([0, 150, 300], [1, 2, 3], [9, 9, 9], [1.0, 1.0, 1.0], [1, 0, 0])
+    rows = frame.to_dict("records")
+    with store_at(tmp_path / "s.sqlite") as store:
+        store.update(rows[0])
+        assert store.add_label(0, 1, BASE + timedelta(minutes=250)) is True
+        before = store.features(rows[1])  # at 150: event 0 is in (t-3h, t-2h] but its label arrives at 250
+        after = store.features(rows[2])  # at 300: the 6h window (-3h, 3h] holds event 0, now labelled
+    assert before["shop_count_1h"] == 1.0 and before["shop_label_count_1h"] == 0.0
+    assert after["shop_label_count_6h"] == 1.0 and after["shop_label_rate_6h"] == 1.0
+    assert store_at(tmp_path / "other.sqlite").add_label(12345, 1, BASE) is False
+
+
+def test_scoring_a_stored_event_does_not_count_it_twice(tmp_path: Path) -> None:
+    frame = random_events(5, n=60)
+    rows = frame.to_dict("records")
+    with store_at(tmp_path / "s.sqlite") as store:
+        store.update_many(rows[:-1])
+        first = store.features(rows[-1])
+        store.update(rows[-1])
+        store.update(rows[-1])  # a retry: still one event
+        again = store.features(rows[-1])
+    assert dict(first) == pytest.approx(dict(again), nan_ok=True)
+
+
+def test_state_survives_a_restart_and_is_pruned_past_the_horizon(tmp_path: Path) -> None:
+    frame = random_events(8, n=200)
+    rows = frame.to_dict("records")
+    probe = {**rows[-1], "id": 10**6, "ts": rows[-1]["ts"] + timedelta(minutes=1)}
+    with store_at(tmp_path / "s.sqlite") as store:
+        store.update_many(rows)
+        warm = store.features(probe)
+    with store_at(tmp_path / "s.sqlite") as reopened:
+        cold = reopened.features(probe)
+        spans = reopened._db.execute(
+            "select min(t), max(t) from events where entity = 'card' group by key"
+        ).fetchall()
+    assert dict(cold) == pytest.approx(dict(warm), nan_ok=True)
+    stored = len(spans)
+    assert stored == frame["card"].nunique()
+    # Each card keeps only what its longest window (1 day) can still reach from its newest event.
+    assert all(newest - oldest < 86_400 * 10**9 for oldest, newest in spans)
+
+
+def test_freshness_flags_entities_whose_state_is_too_old(tmp_path: Path) -> None:
+    frame = events([0, 10, 13 * 60], [1, 1, 1], [2, 2, 3], [5.0, 6.0, 7.0], [0, 0, 0])
+    rows = frame.to_dict("records")
+    with store_at(tmp_path / "s.sqlite") as store:
+        store.update(rows[0])
+        fresh = store.features(rows[1])
+        store.update(rows[1])
+        stale = store.features(rows[2])  # 13h after the card's last event; freshness is 12h
+    assert not fresh.stale and fresh.unknown_entities == ()
+    assert stale.stale and stale.stale_entities == ("card",)
+    assert stale.unknown_entities == ("shop",)  # shop 3 was never seen: new, not stale
+    assert stale["card_count_1d"] == 3.0  # still computed; the caller decides (flag or fallback)
+
+
+def test_store_refuses_other_definitions_and_events_without_entities(tmp_path: Path) -> None:
+    with store_at(tmp_path / "s.sqlite"):
+        pass
+    other = resolve_definitions(
+        Features.model_validate({"windows": [{"entity": "card", "aggregates": ["count"], "windows": ["2h"]}]})
+    )
+    with pytest.raises(FeatureError, match=r"was built for other feature definitions"):
+        OnlineStore(tmp_path / "s.sqlite", other, timestamp="ts")
+    with (
+        store_at(tmp_path / "t.sqlite") as store,
+        pytest.raises(FeatureError, match=r"The event has no 'shop', the entity of feature 'shop_count_1h'"),
+    ):
+        store.features({"id": 1, "ts": BASE, "card": 1, "amount": 2.0})
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data(), minutes=st.lists(st.integers(0, 900), min_size=1, max_size=40))
+def test_property_online_equals_offline(tmp_path_factory, data, minutes) -> None:
+    n = len(minutes)
+    cards = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    shops = data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    cents = data.draw(st.lists(st.integers(0, 100_000), min_size=n, max_size=n))
+    labels = data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    frame = events(minutes, cards, shops, np.asarray(cents) / 100, labels)
+    with store_at(tmp_path_factory.mktemp("prop") / "s.sqlite") as store:
+        online = replay(store, frame)
+    assert_frames_equal(online, compute_features(frame, DEFS, timestamp="ts", label="y"))
