@@ -1,0 +1,379 @@
+"""The prediction log: every scored event and its answer, plus late labels, in SQLite (WAL). Monitoring reads it.
+
+The service appends records from the request path without waiting for the disk: a background thread batches
+them into one transaction every ``flush_rows`` records or ``flush_ms`` milliseconds, whichever comes first.
+:meth:`PredictionLog.close` drains the queue, so a clean shutdown loses nothing.
+
+Tables::
+
+    predictions(seq, request_id, item, time, event_time, event_id, endpoint, inputs, features, score,
+                decision, model_version, fallback, fallback_reason, stale, latency_ms)
+    labels(event_id, label, at, received)
+
+Times are ISO-8601 text in UTC without offset (they sort as text). ``inputs`` and ``features`` are JSON.
+
+Reading (what :mod:`keel.monitor` uses)::
+
+    for chunk in iter_predictions(".keel/predictions.sqlite", start, end, batch_rows=50_000):
+        chunk["score"], chunk["tx_amount"]         # one column per feature, plus the base columns
+    labels = read_labels(".keel/predictions.sqlite")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from keel.errors import MonitorError
+
+log = logging.getLogger("keel.serve.predlog")
+
+_SCHEMA = """
+create table if not exists predictions (
+    seq integer primary key autoincrement,
+    request_id text not null,
+    item integer not null default 0,
+    time text not null,
+    event_time text,
+    event_id text,
+    endpoint text not null,
+    inputs text not null,
+    features text,
+    score real,
+    decision text not null,
+    model_version text,
+    fallback integer not null,
+    fallback_reason text,
+    stale integer not null default 0,
+    latency_ms real not null
+);
+create index if not exists predictions_by_event_time on predictions (event_time);
+create index if not exists predictions_by_time on predictions (time);
+create index if not exists predictions_by_event_id on predictions (event_id);
+create table if not exists labels (
+    event_id text primary key,
+    label real not null,
+    at text not null,
+    received text not null
+);
+"""
+
+PREDICTION_COLUMNS = (
+    "request_id", "item", "time", "event_time", "event_id", "endpoint", "inputs", "features", "score",
+    "decision", "model_version", "fallback", "fallback_reason", "stale", "latency_ms",
+)
+_INSERT = f"insert into predictions ({', '.join(PREDICTION_COLUMNS)}) values ({', '.join('?' * len(PREDICTION_COLUMNS))})"
+_LABEL_UPSERT = (
+    "insert into labels (event_id, label, at, received) values (?, ?, ?, ?) on conflict(event_id)"
+    " do update set label = excluded.label, at = excluded.at, received = excluded.received"
+)
+_STOP = object()
+
+
+def iso(value: datetime | pd.Timestamp | None) -> str | None:
+    """UTC ISO-8601 text without offset (naive times are taken as UTC)."""
+    if value is None:
+        return None
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _json(value: Any) -> str:
+    def default(v: Any) -> Any:
+        if isinstance(v, datetime | pd.Timestamp):
+            return iso(v)
+        return str(v)
+
+    def clean(v: Any) -> Any:
+        # JSON has no NaN: missing feature values (an empty window's mean) are stored as null.
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    if isinstance(value, Mapping):
+        value = {k: clean(v) for k, v in value.items()}
+    return json.dumps(value, default=default, separators=(",", ":"))
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating) a prediction log for writing: WAL, normal sync, schema in place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(p), check_same_thread=False, isolation_level=None)
+    db.execute("pragma journal_mode=wal")
+    db.execute("pragma synchronous=normal")
+    db.executescript(_SCHEMA)
+    return db
+
+
+class PredictionLog:
+    """Batched, append-only writer. ``append``/``add_labels`` never block on disk; ``close`` flushes everything.
+
+    Parameters: ``path`` of the SQLite file; ``flush_rows`` and ``flush_ms`` bound how long a record waits;
+    ``max_queue`` bounds memory if the disk stalls (records beyond it are dropped and counted in ``dropped``).
+    """
+
+    def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
+                 max_queue: int = 1_000_000) -> None:
+        self.path = Path(path)
+        self.flush_rows = max(1, int(flush_rows))
+        self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._db = connect(self.path)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+
+    def start(self) -> PredictionLog:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="keel-predlog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> PredictionLog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Queue one prediction record (keys of :data:`PREDICTION_COLUMNS`; ``inputs``/``features`` as dicts)."""
+        self._put(("p", _prediction_row(record)))
+
+    def append_many(self, records: Sequence[Mapping[str, Any]]) -> None:
+        for record in records:
+            self.append(record)
+
+    def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
+        """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
+        received = iso(datetime.now(UTC))
+        for event_id, label, at in labels:
+            self._put(("l", (str(event_id), float(label), iso(at), received)))
+
+    def _put(self, item: Any) -> None:
+        if self._closed:
+            raise RuntimeError("The prediction log is closed.")
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued so far is on disk (for tests and shutdown)."""
+        if self._thread is None:
+            self._write(self._drain())
+            return
+        done = threading.Event()
+        self._put(("f", done))
+        done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush every queued record and stop the writer. Safe to call twice."""
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+        self._closed = True
+        self._write(self._drain())
+        self._db.close()
+
+    # --- writer thread ------------------------------------------------------------------------------------
+    def _drain(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _run(self) -> None:
+        buffer: list[Any] = []
+        deadline: float | None = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            stop = item is _STOP
+            if item is not None and not stop:
+                buffer.append(item)
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_seconds
+            due = deadline is not None and time.monotonic() >= deadline
+            marker = bool(buffer) and buffer[-1][0] == "f"
+            if stop or due or marker or len(buffer) >= self.flush_rows:
+                if stop:
+                    buffer += [i for i in self._drain() if i is not _STOP]
+                self._write(buffer)
+                buffer, deadline = [], None
+            if stop:
+                return
+
+    def _write(self, items: list[Any]) -> None:
+        rows = [i[1] for i in items if i[0] == "p"]
+        labels = [i[1] for i in items if i[0] == "l"]
+        if rows or labels:
+            for attempt in range(3):
+                try:
+                    self._db.execute("begin")
+                    if rows:
+                        self._db.executemany(_INSERT, rows)
+                    if labels:
+                        self._db.executemany(_LABEL_UPSERT, labels)
+                    self._db.execute("commit")
+                    self.written += len(rows)
+                    break
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("rollback")
+                    if attempt == 2:
+                        self.failures += len(rows) + len(labels)
+                        log.error(json.dumps({"event": "predlog_write_failed", "rows": len(rows),
+                                              "labels": len(labels), "error": str(exc)}))
+                    else:
+                        time.sleep(0.05 * (attempt + 1))
+        for i in items:
+            if i[0] == "f":
+                i[1].set()
+
+
+def _prediction_row(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    features = record.get("features")
+    score = record.get("score")
+    return (
+        str(record["request_id"]),
+        int(record.get("item", 0)),
+        iso(record.get("time")) or iso(datetime.now(UTC)),
+        iso(record.get("event_time")),
+        None if record.get("event_id") is None else str(record["event_id"]),
+        str(record.get("endpoint", "predict")),
+        _json(record.get("inputs", {})),
+        None if features is None else _json(features),
+        None if score is None or not math.isfinite(float(score)) else float(score),
+        str(record["decision"]),
+        record.get("model_version"),
+        int(bool(record.get("fallback", False))),
+        record.get("fallback_reason"),
+        int(bool(record.get("stale", False))),
+        float(record.get("latency_ms", 0.0)),
+    )
+
+
+# --- readers ---------------------------------------------------------------------------------------------
+def _open_read(path: str | Path) -> sqlite3.Connection:
+    p = Path(path)
+    if not p.is_file():
+        raise MonitorError(f"No prediction log at {p}.",
+                           hint="Serve some traffic first (`keel serve`), or check serving.prediction_log.")
+    return sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+
+
+def iter_predictions(
+    path: str | Path,
+    start: datetime | str | None = None,
+    end: datetime | str | None = None,
+    batch_rows: int = 50_000,
+    *,
+    on: str = "event_time",
+    expand_features: bool = True,
+) -> Iterator[pd.DataFrame]:
+    """Stream logged predictions with ``start <= on < end`` in log order, ``batch_rows`` rows per frame.
+
+    ``on`` is ``"event_time"`` (the event's own time; what replays and drift windows use) or ``"time"`` (when
+    the service answered). Each frame has the base columns (``time``/``event_time`` as datetimes, ``fallback``
+    and ``stale`` as bool, ``inputs`` as dicts) and, with ``expand_features``, one float column per feature
+    (a feature whose name clashes with a base column is prefixed ``feature_``). Memory stays at one batch.
+    """
+    if on not in ("event_time", "time"):
+        raise MonitorError(f"iter_predictions(on=...) must be 'event_time' or 'time'. Got {on!r} instead.")
+    if batch_rows < 1:
+        raise MonitorError(f"iter_predictions(batch_rows=...) must be at least 1. Got {batch_rows} instead.")
+    db = _open_read(path)
+    try:
+        where, params = [], []
+        if start is not None:
+            where.append(f"{on} >= ?")
+            params.append(iso(pd.Timestamp(start)))
+        if end is not None:
+            where.append(f"{on} < ?")
+            params.append(iso(pd.Timestamp(end)))
+        last = 0
+        columns = ["seq", *PREDICTION_COLUMNS]
+        while True:
+            # Keyset pagination on seq: constant cost per page, safe while the service keeps appending.
+            clause = " and ".join(["seq > ?", *where])
+            rows = db.execute(
+                f"select {', '.join(columns)} from predictions where {clause} order by seq limit ?",
+                (last, *params, batch_rows),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield _frame(rows, columns, expand_features)
+            if len(rows) < batch_rows:
+                return
+    finally:
+        db.close()
+
+
+def _frame(rows: list[tuple[Any, ...]], columns: list[str], expand: bool) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    frame["time"] = pd.to_datetime(frame["time"])
+    frame["event_time"] = pd.to_datetime(frame["event_time"])
+    frame["fallback"] = frame["fallback"].astype(bool)
+    frame["stale"] = frame["stale"].astype(bool)
+    frame["score"] = frame["score"].astype("float64")
+    frame["inputs"] = [json.loads(v) for v in frame["inputs"]]
+    if expand:
+        decoded = [json.loads(v) if v else {} for v in frame["features"]]
+        feats = pd.DataFrame.from_records(decoded, index=frame.index).astype("float64")
+        feats.columns = [f"feature_{c}" if c in frame.columns else c for c in feats.columns]
+        frame = pd.concat([frame.drop(columns=["features"]), feats], axis=1)
+    return frame
+
+
+def read_predictions(path: str | Path, start: datetime | str | None = None, end: datetime | str | None = None,
+                     *, on: str = "event_time") -> pd.DataFrame:
+    """All matching predictions in one frame (small logs; use :func:`iter_predictions` for large ones)."""
+    frames = list(iter_predictions(path, start, end, on=on))
+    if not frames:
+        return pd.DataFrame(columns=["seq", *PREDICTION_COLUMNS])
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_labels(path: str | Path) -> pd.DataFrame:
+    """Every label received: ``event_id`` (text), ``label`` (float), ``at`` and ``received`` (datetimes)."""
+    db = _open_read(path)
+    try:
+        rows = db.execute("select event_id, label, at, received from labels order by at").fetchall()
+    finally:
+        db.close()
+    frame = pd.DataFrame.from_records(rows, columns=["event_id", "label", "at", "received"])
+    frame["label"] = frame["label"].astype("float64")
+    frame["at"] = pd.to_datetime(frame["at"])
+    frame["received"] = pd.to_datetime(frame["received"])
+    return frame
+
+
+__all__ = ["PREDICTION_COLUMNS", "PredictionLog", "iter_predictions", "read_labels", "read_predictions"]

@@ -1,0 +1,379 @@
+"""The serving core, apart from HTTP: model holder with atomic swap, online features, scoring with a time budget,
+fallback, prediction log and metrics. :mod:`keel.serve.app` wires it into FastAPI.
+
+Per event: ``features = store.features(event)``, ``store.update(event)`` (before any ``await``, so concurrent
+requests for the same entity see each other in arrival order, as the offline table does), then the model scores
+within ``serving.timeout_ms`` in a worker thread; the fallback rule answers when there is no model, it raises,
+runs out of time, abstains, or (``features.stale_action = "fallback"``) an entity's state is stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keel.artifact import DecisionModel
+from keel.errors import ServingError
+from keel.features.definitions import feature_names, resolve_definitions
+from keel.serve import fallback as fb
+from keel.serve.metrics import ServiceMetrics
+from keel.serve.predlog import PredictionLog
+from keel.serve.provider import ModelProvider
+from keel.serve.schemas import event_fields
+
+log = logging.getLogger("keel.serve")
+
+# Rows per extra timeout_ms a batch gets: scoring 10,000 rows may take longer than one event's budget.
+BATCH_ROWS_PER_BUDGET = 1000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What one swap installs: replaced as a whole, never mutated."""
+
+    version: str
+    model: DecisionModel
+    loaded_at: str
+    source: dict[str, Any]
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _jsonline(**fields: Any) -> str:
+    return json.dumps(fields, default=str, separators=(",", ":"))
+
+
+class Service:
+    """One service instance: call :meth:`start` (async, in the app lifespan) and :meth:`stop` around use."""
+
+    def __init__(
+        self,
+        spec: Any,
+        provider: ModelProvider | None,
+        *,
+        store: Any = None,
+        prediction_log: str | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.spec = spec
+        self.provider = provider
+        self.alias = getattr(provider, "alias", spec.serving.alias) if provider is not None else spec.serving.alias
+        self.metrics = metrics or ServiceMetrics()
+        self.timeout = spec.serving.timeout_ms / 1000.0
+        self.stale_fallback = spec.features.stale_action == "fallback"
+        self.id_column = spec.data.id_column
+        self.timestamp = spec.data.timestamp
+        self.feature_names = feature_names(resolve_definitions(spec.features, spec.data))
+        self.fields = event_fields(spec)
+        self.fallback = fb.FallbackRule(spec.fallback_rule, positive_action=spec.decision.positive_action,
+                                        negative_action=spec.decision.negative_action)
+        self.fallback.check_columns([*self.fields, *self.feature_names])
+        self.log_path = spec.store_path(prediction_log or spec.serving.prediction_log)
+        self._store = store
+        self._owns_store = store is None
+        self._store_error: str | None = None
+        self._loaded: LoadedModel | None = None
+        self._load_error: str | None = None if provider is not None else "no model provider configured"
+        self._model_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-score")
+        self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-reload")
+        self._poller: asyncio.Task[None] | None = None
+        self.predlog: PredictionLog | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the store and the prediction log, load the model, start the alias poller. Never raises for a
+        model or store problem: the service starts degraded and the fallback answers."""
+        loop = asyncio.get_running_loop()
+        if self._store is None:
+            try:
+                from keel.features.online import OnlineStore
+
+                self._store = await loop.run_in_executor(self._admin, OnlineStore.from_spec, self.spec)
+            except Exception as exc:  # the service still answers with the fallback
+                self._store_error = f"online store unavailable: {exc}"
+                log.error(_jsonline(event="store_open_failed", error=str(exc)))
+        self.predlog = PredictionLog(self.log_path, flush_rows=self.spec.serving.log_flush_rows,
+                                     flush_ms=self.spec.serving.log_flush_ms).start()
+        if self.provider is not None:
+            try:
+                await loop.run_in_executor(self._admin, self.reload)
+            except Exception as exc:
+                log.error(_jsonline(event="model_load_failed", error=str(exc)))
+            interval = self.spec.serving.reload_interval_seconds
+            if interval > 0:
+                self._poller = asyncio.create_task(self._poll(interval), name="keel-model-poller")
+
+    async def stop(self) -> None:
+        """Stop polling, flush the prediction log (nothing queued is lost), close what the service opened."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+            self._poller = None
+        if self.predlog is not None:
+            self.predlog.close()
+        if self._owns_store and self._store is not None:
+            with contextlib.suppress(Exception):  # closing a broken store must not block shutdown
+                self._store.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._admin.shutdown(wait=False, cancel_futures=True)
+
+    async def _poll(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(self._admin, self.reload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(_jsonline(event="model_poll_failed", alias=self.alias, error=str(exc)))
+
+    # --- model -----------------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def _check_model(self, model: DecisionModel) -> None:
+        missing = [n for n in model.feature_names if n not in self.feature_names]
+        if missing:
+            raise ServingError(
+                f"The model reads features {missing} that this spec's [features] does not define.",
+                hint="Serve it with the spec it was trained with, or retrain on the current features.",
+            )
+        # A model that cannot score one row is refused before it replaces a working one.
+        row = np.zeros((1, len(model.feature_names)))
+        warm = model.scores(pd.DataFrame(row, columns=model.feature_names) if model.categories else row)
+        if warm.shape != (1,):
+            raise ServingError(f"The model returned {warm.shape} scores for one row.")
+
+    def reload(self, force: bool = False) -> tuple[str | None, str | None, bool]:
+        """Follow the provider: load the current version fully, then swap one reference. Returns
+        ``(previous, current, changed)``. Raises (and keeps serving the old model) when the new one fails."""
+        if self.provider is None:
+            raise ServingError("This service has no model provider to reload from.")
+        with self._reload_lock:
+            previous = self._loaded.version if self._loaded else None
+            try:
+                label = self.provider.resolve()
+                if label is None:
+                    raise ServingError(f"The model source {self.provider!r} points at no model version.",
+                                       hint="Promote a version to the alias, or check --model PATH.")
+                if label == previous and not force:
+                    self.metrics.reloads.labels("unchanged").inc()
+                    return previous, previous, False
+                model = self.provider.load(label)
+                self._check_model(model)
+                source = self.provider.describe(label)
+            except Exception as exc:
+                self.metrics.reloads.labels("failed").inc()
+                if self._loaded is None:
+                    self._load_error = f"model could not be loaded: {exc}"
+                log.error(_jsonline(event="model_reload_failed", alias=self.alias, previous=previous,
+                                    error=str(exc)))
+                raise
+            self._loaded = LoadedModel(label, model, _now_iso(), source)  # the swap: one reference
+            self._load_error = None
+            self._model_error = None
+            self.metrics.reloads.labels("swapped").inc()
+            if previous is not None:
+                self.metrics.model_info.remove(previous)
+            self.metrics.model_info.labels(label).set(1)
+            log.info(_jsonline(event="model_swapped", alias=self.alias, previous=previous, version=label))
+            return previous, label, label != previous
+
+    # --- health ----------------------------------------------------------------------------------------------
+    def readiness(self) -> list[str]:
+        """Reasons the service is degraded (empty: ready)."""
+        reasons = []
+        if self._loaded is None:
+            reasons.append(self._load_error or "no model loaded")
+        elif self._model_error:
+            reasons.append(self._model_error)
+        if self._store is None or self._store_error:
+            reasons.append(self._store_error or "online store not open")
+        return reasons
+
+    # --- scoring ---------------------------------------------------------------------------------------------
+    def _features(self, event: Mapping[str, Any]) -> tuple[dict[str, float] | None, bool]:
+        store = self._store
+        if store is None:
+            return None, False
+        try:
+            row = store.features(event)
+        except Exception as exc:
+            self._store_failed("features", exc)
+            return None, False
+        try:
+            store.update(event)
+        except Exception as exc:
+            self._store_failed("update", exc)
+        else:
+            self._store_error = None
+        return dict(row), bool(getattr(row, "stale", False))
+
+    def _store_failed(self, op: str, exc: Exception) -> None:
+        self.metrics.store_errors.labels(op).inc()
+        self._store_error = f"online store {op} failed: {exc}"
+        log.error(_jsonline(event="store_failed", op=op, error=str(exc)))
+
+    @staticmethod
+    def _matrix(model: DecisionModel, rows: Sequence[Mapping[str, float]]) -> Any:
+        names = model.feature_names
+        if model.categories:
+            return pd.DataFrame([{n: r.get(n, math.nan) for n in names} for r in rows], columns=names)
+        return np.array([[r.get(n, math.nan) for n in names] for r in rows], dtype=np.float64)
+
+    async def _score(self, model: DecisionModel, rows: Sequence[Mapping[str, float]]) -> tuple[Any, str | None]:
+        matrix = self._matrix(model, rows)
+        budget = self.timeout * max(1, math.ceil(len(rows) / BATCH_ROWS_PER_BUDGET))
+        loop = asyncio.get_running_loop()
+        try:
+            scores = await asyncio.wait_for(loop.run_in_executor(self._pool, model.scores, matrix), budget)
+            scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+            if scores.shape[0] != len(rows):
+                raise ServingError(f"The model returned {scores.shape[0]} scores for {len(rows)} rows.")
+        except TimeoutError:
+            self._model_error = f"model exceeded serving.timeout_ms ({self.spec.serving.timeout_ms:g} ms)"
+            log.warning(_jsonline(event="model_timeout", budget_ms=budget * 1000, rows=len(rows)))
+            return None, fb.MODEL_TIMEOUT
+        except Exception as exc:
+            self._model_error = f"model failed: {type(exc).__name__}: {exc}"
+            log.error(_jsonline(event="model_error", error=f"{type(exc).__name__}: {exc}", rows=len(rows)))
+            return None, fb.MODEL_ERROR
+        self._model_error = None
+        return scores, None
+
+    async def answer(self, events: Sequence[Mapping[str, Any]], request_id: str, *, endpoint: str,
+                     started: float) -> list[dict[str, Any]]:
+        """Decisions for events, in order; never raises for a valid event (the fallback answers instead)."""
+        n = len(events)
+        feats: list[dict[str, float] | None] = []
+        stale: list[bool] = []
+        for event in events:
+            f, s = self._features(event)
+            feats.append(f)
+            stale.append(s)
+        loaded = self._loaded  # one read: the whole request uses one model even if a swap happens meanwhile
+        scores: list[float | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        decisions: list[str | None] = [None] * n
+        if loaded is None:
+            reasons = [fb.MODEL_UNAVAILABLE] * n
+        else:
+            ok = [i for i in range(n) if feats[i] is not None]
+            for i in range(n):
+                if feats[i] is None:
+                    reasons[i] = fb.FEATURES_UNAVAILABLE
+            if ok:
+                result, reason = await self._score(loaded.model, [feats[i] for i in ok])  # type: ignore[misc]
+                if result is None:
+                    for i in ok:
+                        reasons[i] = reason
+                else:
+                    actions = loaded.model.decide(result)
+                    for j, i in enumerate(ok):
+                        value = float(result[j])
+                        if not math.isfinite(value):
+                            reasons[i] = fb.MODEL_ERROR
+                            continue
+                        scores[i] = value
+                        decisions[i] = str(actions[j])
+                        if decisions[i] == "abstain" and self.fallback.expression:
+                            reasons[i] = fb.ABSTAIN
+        if self.stale_fallback:
+            for i in range(n):
+                if stale[i] and reasons[i] is None:
+                    reasons[i] = fb.STALE_FEATURES
+        need = [i for i in range(n) if reasons[i] is not None]
+        if need:
+            answers = self.fallback.decide([{**events[i], **(feats[i] or {})} for i in need])
+            for i, action in zip(need, answers, strict=True):
+                decisions[i] = action
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        version = loaded.version if loaded else None
+        now = datetime.now(UTC)
+        out = []
+        m = self.metrics
+        m.events.inc(n)
+        for i, event in enumerate(events):
+            rid = request_id if endpoint == "predict" else f"{request_id}.{i}"
+            event_id = event.get(self.id_column) if self.id_column else None
+            item = {
+                "request_id": rid, "event_id": event_id, "score": scores[i], "decision": decisions[i],
+                "model_version": version, "fallback": reasons[i] is not None, "fallback_reason": reasons[i],
+                "stale": stale[i], "latency_ms": round(latency_ms, 3),
+            }
+            out.append(item)
+            if scores[i] is not None:
+                m.scores.observe(scores[i])
+            if reasons[i] is not None:
+                m.fallbacks.labels(reasons[i]).inc()
+            if stale[i]:
+                m.stale.inc()
+            m.decisions.labels(decisions[i]).inc()
+        if self.predlog is not None:
+            for i, item in enumerate(out):
+                self.predlog.append({
+                    **item, "item": i, "time": now, "endpoint": endpoint,
+                    "event_time": events[i].get(self.timestamp) if self.timestamp else None,
+                    "inputs": events[i], "features": feats[i],
+                })
+            m.log_pending.set(self.predlog.pending)
+            m.log_dropped.set(self.predlog.dropped)
+        return out
+
+    def add_labels(self, labels: Sequence[tuple[Any, float, datetime | None]]) -> tuple[int, int]:
+        """Feed late labels to the online store (label features) and the prediction log (monitoring)."""
+        now = datetime.now(UTC).replace(tzinfo=None)
+        rows = [(event_id, label, at or now) for event_id, label, at in labels]
+        known = 0
+        if self._store is not None:
+            for event_id, label, at in rows:
+                try:
+                    known += bool(self._store.add_label(event_id, label, at))
+                except Exception as exc:
+                    self._store_failed("add_label", exc)
+                    break
+        if self.predlog is not None:
+            self.predlog.add_labels(rows)
+        self.metrics.labels.inc(len(rows))
+        return len(rows), known
+
+    def model_description(self) -> dict[str, Any]:
+        loaded = self._loaded
+        base: dict[str, Any] = {"version": None, "alias": self.alias, "fallback_rule": self.fallback.expression}
+        if loaded is None:
+            return base
+        model = loaded.model
+        meta = model.metadata or {}
+        training = {k: meta[k] for k in ("data_source", "data_fingerprint", "windows", "definitions_hash",
+                                          "spec_hash", "project", "protocol") if k in meta}
+        metrics = meta.get("test_metrics", meta.get("metrics", {}))
+        return {
+            **base, "version": loaded.version, "kind": model.kind, "threshold": model.threshold,
+            "abstain_band": model.abstain_band, "positive_action": model.positive_action,
+            "negative_action": model.negative_action, "feature_names": list(model.feature_names),
+            "training_data": training, "metrics": metrics if isinstance(metrics, dict) else {},
+            "source": loaded.source, "loaded_at": loaded.loaded_at,
+        }
+
+
+__all__ = ["LoadedModel", "Service"]
