@@ -218,25 +218,18 @@ def run_training(s: Any, *, reports_dir: Path | None = None, register: bool = Tr
         outcome = run_train(s, progress=lambda m: (status.update(m), out.print(f"   · {m}")))
     _print_comparison(outcome)
     run_dir = (reports_dir or s.resolve("reports")) / time.strftime("%Y%m%d-%H%M%S")
-    written: dict[str, Path] = {}
-    try:
-        from keel.evaluate.report import write_report
-    except ImportError:  # pragma: no cover - report module lands with the evaluation issue
-        write_report = None
-    if write_report is not None:
-        written = write_report(outcome, run_dir)
-        out.print(f"Report: [bold]{written.get('html', run_dir)}[/] and {written.get('markdown', '')}")
+    from keel.evaluate.report import write_report
+
+    written = write_report(outcome, run_dir)
+    out.print(f"Report: [bold]{written.get('html', run_dir)}[/] and {written.get('markdown', '')}")
     if register:
-        try:
-            from keel.registry import Registry
-        except ImportError:  # pragma: no cover
-            Registry = None
-        if Registry is not None:
-            registry = Registry(s)
-            info = registry.log_training(outcome, artifacts=written)
-            out.print(f"Tracked run [bold]{info.run_id}[/]; registered version [bold]{info.version}[/] as "
-                      f"{', '.join(info.aliases) or 'no alias'}")
-            outcome.registered = info
+        from keel.registry import Registry
+        from keel.train import record
+
+        artifacts = {f"report/{p.name}": p for p in written.values()}
+        info = record(outcome, Registry(s), artifacts=artifacts)
+        out.print(f"Tracked run [bold]{info.run_id}[/]; model version [bold]{info.version}[/] {info.note}.")
+        outcome.registered = info
     return outcome
 
 
@@ -275,6 +268,205 @@ def _print_comparison(outcome: Any) -> None:
     th = outcome.threshold_choice
     out.print(f"Threshold {th.threshold:.4f} (bound by {th.bound}); expected cost per event at it on validation "
               f"{th.expected_cost:.4f}. Took {outcome.seconds.get('total', 0):.1f} s.")
+
+
+# ----------------------------------------------------------------------------------- runs, models, ui
+runs_app = typer.Typer(help="Tracked training runs (MLflow).", no_args_is_help=True)
+models_app = typer.Typer(help="Registered model versions: list, promote, rollback, history.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(models_app, name="models")
+
+
+def _registry(spec_path: Path, tracking_uri: str | None = None) -> Any:
+    from keel.registry import Registry
+
+    return Registry.from_spec(_load(spec_path), tracking_uri=tracking_uri)
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@runs_app.command("list")
+@handles_errors
+def runs_list(
+    spec: SpecOpt = Path("keel.toml"),
+    limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 20,
+) -> None:
+    """Summarise the latest training runs without opening the MLflow UI.
+
+    Example: [bold]keel runs list -s examples/card-fraud/keel.toml[/]
+    """
+    runs = _registry(spec).runs(limit=limit)
+    if not runs:
+        out.print("No runs yet. Train one with `keel train`.")
+        return
+    grid = Table(show_header=True)
+    for col in ("run", "started", "status", "headline", "value", "data", "git"):
+        grid.add_column(col)
+    for r in runs:
+        grid.add_row(r.run_id, _when(r.start_time), r.status, r.headline_metric, _fmt(r.headline_value, 4),
+                     r.data_fingerprint[:12], r.git_commit[:10])
+    out.print(grid)
+
+
+@runs_app.command("show")
+@handles_errors
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="The run id (from `keel runs list`).")],
+    spec: SpecOpt = Path("keel.toml"),
+) -> None:
+    """Everything a run recorded: parameters, metrics, tags and artifacts.
+
+    Example: [bold]keel runs show 3f2a... -s examples/card-fraud/keel.toml[/]
+    """
+    d = _registry(spec).run(run_id)
+    out.print(f"[bold]Run {d.summary.run_id}[/] ({d.summary.status}, started {_when(d.summary.start_time)})")
+    for title, values in (("parameters", d.params), ("metrics", d.metrics), ("tags", d.tags)):
+        grid = Table(title=title, show_header=False)
+        grid.add_column("name")
+        grid.add_column("value", overflow="fold")
+        for k in sorted(values):
+            v = values[k]
+            grid.add_row(k, _fmt(v, 6) if isinstance(v, float) else str(v))
+        out.print(grid)
+    out.print("artifacts: " + ", ".join(d.artifacts))
+    out.print(f"artifact store: {d.artifact_uri}")
+
+
+@models_app.command("list")
+@handles_errors
+def models_list(spec: SpecOpt = Path("keel.toml")) -> None:
+    """Registered versions with their aliases, headline metric and data reference.
+
+    Example: [bold]keel models list[/]
+    """
+    versions = _registry(spec).list_versions()
+    if not versions:
+        out.print("No registered versions yet. `keel train` registers one.")
+        return
+    grid = Table(show_header=True)
+    for col in ("version", "aliases", "headline", "value", "data", "run", "created"):
+        grid.add_column(col)
+    for v in versions:
+        grid.add_row(str(v.version), ", ".join(v.aliases) or "-", v.headline_metric, _fmt(v.headline_value, 4),
+                     v.data_fingerprint[:12], v.run_id[:12], _when(v.created))
+    out.print(grid)
+
+
+@models_app.command("promote")
+@handles_errors
+def models_promote(
+    version: Annotated[int, typer.Argument(help="The version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit log).")],
+    spec: SpecOpt = Path("keel.toml"),
+    actor: Annotated[str | None, typer.Option(help="Who (default: $KEEL_ACTOR or your login).")] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if it does not beat the champion.")] = False,
+) -> None:
+    """Make a version champion; refused when it does not beat the current champion on the headline metric.
+
+    Example: [bold]keel models promote 3 --reason "wins on the last 4 weeks"[/]
+    """
+    from keel.registry import default_actor
+
+    event = _registry(spec).promote(version, actor=actor or default_actor(), reason=reason, force=force)
+    out.print(f"Champion: version {event.from_version or '-'} → [bold]{event.to_version}[/] "
+              f"({'forced, ' if event.forced else ''}by {event.actor}: {event.reason})")
+
+
+@models_app.command("rollback")
+@handles_errors
+def models_rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded in the audit log).")],
+    spec: SpecOpt = Path("keel.toml"),
+    actor: Annotated[str | None, typer.Option(help="Who (default: $KEEL_ACTOR or your login).")] = None,
+) -> None:
+    """Put the previous champion back, in one atomic alias change.
+
+    Example: [bold]keel models rollback --reason "alert rate doubled after promote"[/]
+    """
+    from keel.registry import default_actor
+
+    event = _registry(spec).rollback(actor=actor or default_actor(), reason=reason)
+    out.print(f"Rolled back: champion version {event.from_version} → [bold]{event.to_version}[/] "
+              f"(by {event.actor}: {event.reason})")
+
+
+@models_app.command("history")
+@handles_errors
+def models_history(
+    spec: SpecOpt = Path("keel.toml"),
+    at: Annotated[str | None, typer.Option(help="Answer: which version was champion at this UTC time?")] = None,
+) -> None:
+    """The audit log of alias changes; with --at, the champion at that time.
+
+    Example: [bold]keel models history --at "2026-11-29 14:00"[/]
+    """
+    registry = _registry(spec)
+    if at:
+        from datetime import datetime
+
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise KeelError(f"--at must be an ISO time such as '2026-11-29 14:00'. Got {at!r} instead.") from None
+        version = registry.champion_at(when)
+        out.print(f"Champion at {when}: {'version ' + str(version) if version else 'none'}")
+        return
+    grid = Table(show_header=True)
+    for col in ("time (UTC)", "alias", "from", "to", "action", "actor", "reason", "status"):
+        grid.add_column(col, overflow="fold")
+    for e in registry.history():
+        grid.add_row(_when(e.time), e.alias, str(e.from_version or "-"), str(e.to_version or "-"),
+                     e.action + (" (forced)" if e.forced else ""), e.actor, e.reason, e.status)
+    out.print(grid)
+
+
+@app.command()
+@handles_errors
+def ui(
+    spec: SpecOpt = Path("keel.toml"),
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the project's local tracking store.
+
+    Example: [bold]keel ui --port 5000[/]
+    """
+    import subprocess
+
+    argv = _registry(spec).ui_command(port=port, host=host)
+    out.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop): {' '.join(argv)}")
+    raise typer.Exit(subprocess.call(argv))
+
+
+@app.command()
+@handles_errors
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="The run to re-train (from `keel runs list`).")],
+    spec: SpecOpt = Path("keel.toml"),
+) -> None:
+    """Re-train a recorded run from its spec and data reference and say whether its metrics match.
+
+    Exit 0 when every recorded metric is reproduced (within 1e-9), 1 otherwise.
+
+    Example: [bold]keel reproduce 3f2a...[/]
+    """
+    from keel.train import reproduce as run_reproduce
+
+    with out.status("Re-training the recorded run..."):
+        _outcome, rows = run_reproduce(_registry(spec), run_id)
+    grid = Table(title=f"Reproduction of run {run_id}", show_header=True)
+    for col in ("metric", "recorded", "now", "match"):
+        grid.add_column(col)
+    for name, old, new, ok in rows:
+        grid.add_row(name, _fmt(old, 9), _fmt(new, 9), "[green]✓[/]" if ok else "[red]✗[/]")
+    out.print(grid)
+    bad = [r for r in rows if not r[3]]
+    if bad:
+        out.print(f"[red]{len(bad)} of {len(rows)} metrics differ.[/]")
+        raise typer.Exit(1)
+    out.print(f"[green]All {len(rows)} recorded metrics reproduced.[/]")
 
 
 # --------------------------------------------------------------------------------------------------- demo

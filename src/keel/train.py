@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -431,8 +432,12 @@ def _baseline_makers(spec: Spec, ds: Dataset) -> list[tuple[str, str, Callable[[
 
 
 def train(spec: Spec, *, source: Source | None = None, progress: Progress | None = None,
-          dataset: Dataset | None = None) -> TrainOutcome:
-    """Train and evaluate under the spec; returns the outcome (artifact not yet registered)."""
+          dataset: Dataset | None = None, trials: dict[str, int] | None = None) -> TrainOutcome:
+    """Train and evaluate under the spec; returns the outcome (artifact not yet registered).
+
+    ``trials`` fixes the number of search trials per model family (ignoring the time budget), which is how
+    ``keel reproduce`` replays a timeboxed search exactly.
+    """
     say = progress or (lambda _m: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -459,7 +464,7 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
                             label_delay=spec.data.label_delay, per=per, seed=models.seed)
     prequential_table = None
     if isinstance(split, PrequentialSplit):
-        return _train_prequential(spec, ds, split, say, seconds)
+        return _train_prequential(spec, ds, split, say, seconds, trials)
     assert isinstance(split, TimeSplit)
     tr, va, te = split.train, split.validation, split.test
     for name, mask in (("train", tr), ("validation", va), ("test", te)):
@@ -503,8 +508,8 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
     for family in models.candidates:
         t_family = time.perf_counter()
         best_params, best_score, best_model, tried = None, None, None, 0
-        for trial in range(models.search_trials):
-            if trial > 0 and time.perf_counter() - t_family > budget_per_family:
+        for trial in range(trials.get(family, models.search_trials) if trials else models.search_trials):
+            if trials is None and trial > 0 and time.perf_counter() - t_family > budget_per_family:
                 break
             params = DEFAULTS[family] if trial == 0 else _draw_params(SEARCH_SPACES[family], rng)
             model = fit_candidate(family, params, X_tr, y_tr, seed=models.seed,
@@ -669,7 +674,7 @@ def _error_analysis(spec: Spec, ds: Dataset, te: np.ndarray, scores: np.ndarray,
 
 
 def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Progress,
-                       seconds: dict[str, float]) -> TrainOutcome:
+                       seconds: dict[str, float], trials: dict[str, int] | None = None) -> TrainOutcome:
     """Rolling evaluation (handbook protocol): parameters chosen on validation folds, assessed on test folds.
 
     Every model family's hyper-parameters are chosen by its mean headline metric over the validation folds;
@@ -724,8 +729,8 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
         t_family = time.perf_counter()
         best: tuple[float, dict[str, Any]] | None = None
         tried = 0
-        for trial in range(models.search_trials):
-            if trial > 0 and time.perf_counter() - t_family > budget_per_family:
+        for trial in range(trials.get(family, models.search_trials) if trials else models.search_trials):
+            if trials is None and trial > 0 and time.perf_counter() - t_family > budget_per_family:
                 break
             params = DEFAULTS[family] if trial == 0 else _draw_params(SEARCH_SPACES[family], rng)
             mean = float(np.mean([fold_score(family, params, f)[0] for f in split.validation]))
@@ -821,4 +826,79 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     )
 
 
-__all__ = ["Dataset", "Evaluated", "TrainOutcome", "fit_candidate", "load_dataset", "train"]
+# ------------------------------------------------------------------------------------ registry hand-off
+@dataclass(frozen=True)
+class Registered:
+    run_id: str
+    version: int
+    aliases: list[str]
+    note: str
+
+
+def record(outcome: TrainOutcome, registry: Any, *, artifacts: dict[str, Path] | None = None,
+           actor: str = "keel train") -> Registered:
+    """Log the run, register the model as challenger, and make it champion when there is none yet.
+
+    The first model becomes champion only if it beats every baseline on the headline metric; otherwise it stays
+    challenger and the note says why. Later models are promoted by `keel models promote` (which refuses a model
+    that does not beat the champion).
+    """
+    spec = outcome.spec
+    best = outcome.best
+    params = {"model": best.kind, **{f"model.{k}": v for k, v in best.params.items()},
+              "protocol": spec.split.protocol, "threshold": outcome.model.threshold,
+              "calibration": outcome.model.calibrator.method if outcome.model.calibrator else "none",
+              "search": {f: v["trials"] for f, v in outcome.search_budget["families"].items()},
+              "search_seconds_per_family": outcome.search_budget["seconds_per_family"]}
+    info = registry.log_run(
+        spec=spec, model=outcome.model, metrics=outcome.metrics(), params=params,
+        data_source=outcome.dataset.source.describe(), data_fingerprint=outcome.dataset.fingerprint,
+        windows={k: (w.start, w.end) for k, w in outcome.windows.items()}, artifacts=artifacts or {},
+        tags={"definitions_hash": outcome.dataset.definitions_hash or "", "deployment": spec.project.deployment},
+    )
+    version = registry.register(info.run_id, alias="challenger", actor=actor, reason="trained by keel train")
+    aliases = ["challenger"]
+    note = "registered as challenger"
+    if registry.resolve("champion") is None:
+        metric = scorer_for(spec).name
+        mine = best.test.get(metric)
+        lower = metric in LOWER_IS_BETTER
+        losing = [b.name for b in outcome.baselines if mine is None or b.test.get(metric) is None
+                  or (mine >= b.test[metric] if lower else mine <= b.test[metric])]
+        if losing:
+            note = f"left as challenger: it does not beat {', '.join(losing)} on {metric}"
+        else:
+            registry.promote(version.version, actor=actor, reason="first model; beats every baseline")
+            aliases.append("champion")
+            note = "promoted to champion (first model; beats every baseline)"
+    return Registered(run_id=info.run_id, version=version.version, aliases=aliases, note=note)
+
+
+def reproduce(registry: Any, run_id: str, *, progress: Progress | None = None,
+              tolerance: float = 1e-9) -> tuple[TrainOutcome, list[tuple[str, float, float | None, bool]]]:
+    """Re-train a recorded run from its spec and data reference; compare every recorded test metric."""
+    from keel.errors import DataError
+
+    rec = registry.recorded_inputs(run_id)
+    spec = rec.spec()
+    ds = load_dataset(spec, progress=progress)
+    if ds.fingerprint != rec.data_fingerprint:
+        raise DataError(
+            f"The data at {ds.source.describe()} changed since run {run_id}: fingerprint {ds.fingerprint[:12]}, "
+            f"recorded {rec.data_fingerprint[:12]}.",
+            hint="Restore the recorded data to reproduce the run; a different table gives different numbers.",
+        )
+    recorded_trials = {k.removeprefix("search."): int(v) for k, v in rec.params.items()
+                       if k.startswith("search.") and k != "search_seconds_per_family"}
+    outcome = train(spec, dataset=ds, progress=progress, trials=recorded_trials or None)
+    fresh = outcome.metrics()
+    rows = []
+    for name, old in sorted(rec.metrics.items()):
+        key = name if name in fresh else None
+        new = fresh.get(key) if key else None
+        rows.append((name, old, new, new is not None and abs(new - old) <= tolerance * max(1.0, abs(old))))
+    return outcome, rows
+
+
+__all__ = ["Dataset", "Evaluated", "Registered", "TrainOutcome", "fit_candidate", "load_dataset", "record",
+           "reproduce", "train"]
