@@ -270,6 +270,60 @@ def _print_comparison(outcome: Any) -> None:
               f"{th.expected_cost:.4f}. Took {outcome.seconds.get('total', 0):.1f} s.")
 
 
+# ----------------------------------------------------------------------------------------------- features
+features_app = typer.Typer(help="Point-in-time feature tables: build (incremental) and status.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("build")
+@handles_errors
+def features_build(
+    spec: SpecOpt = Path("keel.toml"),
+    table: Annotated[Path | None, typer.Option(help="Feature table folder (default: under the state dir).")] = None,
+    full: Annotated[bool, typer.Option(help="Recompute everything instead of adding new days.")] = False,
+) -> None:
+    """Materialise the spec's features, point in time correct; adds only new days unless --full.
+
+    Example: [bold]keel features build -s examples/card-fraud/keel.toml[/]
+    """
+    from keel.features.offline import build_features
+
+    t0 = time.perf_counter()
+    with out.status("Building features..."):
+        result = build_features(_load(spec), table=table, full=full)
+    took = time.perf_counter() - t0
+    out.print(f"{'Rebuilt' if result.full_rebuild else 'Updated'} [bold]{result.path}[/]: "
+              f"{result.rows_added:,} rows added, {result.rows_total:,} in all, events up to "
+              f"{result.max_event_time} ({result.reason}; {took:.1f} s)")
+
+
+@features_app.command("status")
+@handles_errors
+def features_status(
+    spec: SpecOpt = Path("keel.toml"),
+    table: Annotated[Path | None, typer.Option(help="Feature table folder (default: under the state dir).")] = None,
+) -> None:
+    """Say whether the feature table is fresh: definitions, source and new events since it was built.
+
+    Exit 0 when fresh, 1 when stale or missing.
+
+    Example: [bold]keel features status[/]
+    """
+    from keel.features.offline import features_status as status_of
+
+    st = status_of(_load(spec), table=table)
+    if not st.exists:
+        out.print(f"[yellow]No feature table at {st.path}[/]; run `keel features build`.")
+        raise typer.Exit(1)
+    out.print(f"Feature table {st.path}: {st.rows:,} rows, events up to {st.max_event_time}, "
+              f"computed {st.computed_at}")
+    if st.stale:
+        for reason in st.reasons:
+            out.print(f"  [yellow]stale:[/] {reason}")
+        raise typer.Exit(1)
+    out.print("[green]✓ fresh[/]")
+
+
 # ----------------------------------------------------------------------------------- runs, models, ui
 runs_app = typer.Typer(help="Tracked training runs (MLflow).", no_args_is_help=True)
 models_app = typer.Typer(help="Registered model versions: list, promote, rollback, history.", no_args_is_help=True)
