@@ -122,13 +122,13 @@ def build_request_models(spec: Any) -> RequestModels:
     label_type = Annotated[float, Field(strict=True, allow_inf_nan=False,
                                         ge=label_bounds.min if label_bounds else None,
                                         le=label_bounds.max if label_bounds else None)]
+    at_type: Any = Annotated[datetime | None, BeforeValidator(_timestamp_text),
+                             AfterValidator(lambda v: _future_check(data.max_future_skew, "at")(v) if v else v)]
     item = create_model(
         "LabelItem", __config__=_FORBID, __doc__="A label that became known after the event.",
         event_id=(id_type, Field(..., description=f"The {data.id_column or 'event id'} of the labelled event.")),
         label=(label_type, Field(..., description=f"The {data.label} value (positive: {data.positive_label!r}).")),
-        at=(Annotated[datetime | None, BeforeValidator(_timestamp_text),
-                      AfterValidator(lambda v: _future_check(data.max_future_skew, "at")(v) if v else v)],
-            Field(None, description="When the label became known; default: now.")),
+        at=(at_type, Field(None, description="When the label became known; default: now.")),
     )
     labels = create_model(
         "LabelRequest", __config__=_FORBID,

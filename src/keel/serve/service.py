@@ -322,8 +322,9 @@ class Service:
                 "stale": stale[i], "latency_ms": round(latency_ms, 3),
             }
             out.append(item)
-            if scores[i] is not None:
-                m.scores.observe(scores[i])
+            score = scores[i]
+            if score is not None:
+                m.scores.observe(score)
             if reasons[i] is not None:
                 m.fallbacks.labels(reasons[i]).inc()
             if stale[i]:
