@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,6 +55,7 @@ from keel.features.definitions import (
 )
 
 _NS_PER_S = 1_000_000_000
+_PARALLEL_ROWS = 200_000
 
 
 # --- shared numeric code (offline and online) ------------------------------------------------------------
@@ -133,6 +135,24 @@ def _finish_scalar(
 def row_feature(d: RowDefinition, values: Any) -> np.ndarray:
     """A row transform on a column (a pandas Series or array of timestamps / numbers)."""
     if d.kind in ("is_weekend", "is_night", "hour", "weekday"):
+        dtype = getattr(values, "dtype", None)
+        if dtype is not None and np.issubdtype(dtype, np.datetime64) and not values.isna().any():
+            # Naive timestamps: calendar fields by integer arithmetic (1970-01-01 was a Thursday, weekday 3).
+            ns = np.asarray(values, dtype="datetime64[ns]").view(np.int64)
+            days, rest = np.divmod(ns, 86_400 * _NS_PER_S)
+            if d.kind in ("is_weekend", "weekday"):
+                weekday = (days + 3) % 7
+                return (
+                    (weekday >= 5).astype(np.float64)
+                    if d.kind == "is_weekend"
+                    else weekday.astype(np.float64)
+                )
+            hour = rest // (3600 * _NS_PER_S)
+            return (
+                (hour <= d.night_end_hour).astype(np.float64)
+                if d.kind == "is_night"
+                else hour.astype(np.float64)
+            )
         ts = pd.DatetimeIndex(pd.to_datetime(values))
         if d.kind == "is_weekend":
             out = ts.weekday >= 5
@@ -466,9 +486,17 @@ def compute_features(
         codes = {e: _entity_codes(frame[e]) for e in entities(defs)}
         clock = _Clock.of(t, offsets, max(int(c.max(initial=0)) + 1 for c in codes.values()))
         labels = _labels(frame, label, any(d.reads_label for d in windows))
-        for entity in entities(defs):
-            block = [d for d in windows if d.entity == entity]
-            computed.update(_window_block(frame, block, codes[entity], t, clock, labels))
+        blocks = [
+            (frame, [d for d in windows if d.entity == e], codes[e], t, clock, labels) for e in entities(defs)
+        ]
+        if len(blocks) > 1 and len(frame) >= _PARALLEL_ROWS:
+            # NumPy releases the GIL in sorts, searches and gathers: entities run side by side on 2+ cores.
+            with ThreadPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1)) as pool:
+                for result in pool.map(lambda args: _window_block(*args), blocks):
+                    computed.update(result)
+        else:
+            for args in blocks:
+                computed.update(_window_block(*args))
     for d in defs:
         if isinstance(d, RatioDefinition):
             num = computed[d.numerator] if d.numerator in computed else frame[d.numerator]

@@ -21,11 +21,12 @@ lies in the (delayed) window and the label arrived at or before ``t``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -127,11 +128,14 @@ class _EntityState:
     values: dict[str, list[float]] = field(default_factory=dict)
     labels: list[float] = field(default_factory=list)
     label_at: list[int] = field(default_factory=list)
+    id_set: set[str] = field(default_factory=set)
 
     def insert(self, t: int, event_id: str | None, vals: Mapping[str, float]) -> int:
         i = bisect.bisect_right(self.times, t)
         self.times.insert(i, t)
         self.ids.insert(i, event_id)
+        if event_id is not None:
+            self.id_set.add(event_id)
         for c, column in self.values.items():
             column.insert(i, vals.get(c, math.nan))
         self.labels.insert(i, 0.0)
@@ -142,54 +146,62 @@ class _EntityState:
         """Drop events with time <= before; return how many."""
         k = bisect.bisect_right(self.times, before)
         if k:
+            self.id_set.difference_update(self.ids[:k])
             del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k]
             for column in self.values.values():
                 del column[:k]
         return k
 
 
-def _window_stats(
-    state: _EntityState | None,
-    d: WindowDefinition,
+def _window_group(
+    state: _EntityState,
+    defs: Sequence[WindowDefinition],
     t: int,
     current: Mapping[str, float] | None,
     own: int | None,
-) -> float:
-    """One window feature for an event at ``t`` from an entity's state; ``current`` = the event if not stored."""
-    start, end = window_edges(t, d)
-    count = 0
-    vals: list[float] = []
-    label_total = 0.0
-    if state is not None:
-        if d.delay == timedelta(0) and own is not None:
-            hi = own + 1 if d.include_current else own
-        else:
-            hi = bisect.bisect_right(state.times, end)
-        lo = min(bisect.bisect_right(state.times, start), hi)
-        count = hi - lo
+    out: dict[str, float],
+) -> None:
+    """Window features sharing one window (same delay, length, include_current) for an event at ``t``.
+
+    ``current`` is the event itself when it is not stored yet; ``own`` its index when it is.
+    """
+    first = defs[0]
+    start, end = window_edges(t, first)
+    if first.delay == timedelta(0) and own is not None:
+        hi = own + 1 if first.include_current else own
+    else:
+        hi = bisect.bisect_right(state.times, end)
+    lo = min(bisect.bisect_right(state.times, start), hi)
+    with_current = current is not None and first.delay == timedelta(0) and first.include_current
+    count = hi - lo + (1 if with_current else 0)
+    values: dict[str, list[float]] = {}
+    label_total: float | None = None
+    for d in defs:
+        vals: list[float] = []
         if d.column:
-            vals = [v for v in state.values[d.column][lo:hi] if not math.isnan(v)]
-        if d.reads_label:
+            if d.column not in values:
+                window = [v for v in state.values[d.column][lo:hi] if v == v]  # v == v drops NaN
+                if with_current:
+                    v = current.get(d.column, math.nan)  # type: ignore[union-attr]
+                    if v == v:
+                        window.append(v)
+                values[d.column] = window
+            vals = values[d.column]
+        if d.reads_label and label_total is None:
             label_total = math.fsum(
                 y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
             )
-    if current is not None and d.delay == timedelta(0) and d.include_current:
-        count += 1
-        if d.column:
-            v = current.get(d.column, math.nan)
-            if not math.isnan(v):
-                vals.append(v)
-    valid = len(vals)
-    total = math.fsum(vals)
-    m2 = mn = mx = 0.0
-    if d.aggregate == "std" and valid:
-        mean = total / valid
-        m2 = math.fsum((v - mean) ** 2 for v in vals)
-    elif d.aggregate == "min" and valid:
-        mn = min(vals)
-    elif d.aggregate == "max" and valid:
-        mx = max(vals)
-    return float(finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, label_total))
+        valid = len(vals)
+        total = math.fsum(vals) if d.aggregate in ("sum", "mean") else 0.0
+        m2 = mn = mx = 0.0
+        if d.aggregate == "std" and valid:
+            mean = math.fsum(vals) / valid
+            m2 = math.fsum((v - mean) ** 2 for v in vals)
+        elif d.aggregate == "min" and valid:
+            mn = min(vals)
+        elif d.aggregate == "max" and valid:
+            mx = max(vals)
+        out[d.name] = finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
 
 
 class OnlineStore:
@@ -222,6 +234,16 @@ class OnlineStore:
         self._columns = {
             e: sorted({d.column for d in self._windows if d.entity == e and d.column}) for e in self._entities
         }
+        self._groups: dict[str, list[list[WindowDefinition]]] = {}
+        for d in self._windows:
+            groups = self._groups.setdefault(d.entity, [])
+            for group in groups:
+                g = group[0]
+                if (g.delay, g.window, g.include_current) == (d.delay, d.window, d.include_current):
+                    group.append(d)
+                    break
+            else:
+                groups.append([d])
         self._horizon = {
             e: max(to_ns(d.horizon) for d in self._windows if d.entity == e) for e in self._entities
         }
@@ -230,6 +252,7 @@ class OnlineStore:
         self._cache: dict[tuple[str, str], _EntityState] = {}
         self._owners: dict[str, list[tuple[str, str]]] = {}
         self._lock = threading.RLock()
+        self._depth = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("pragma journal_mode=wal")
@@ -288,6 +311,8 @@ class OnlineStore:
         for event_id, t, vals, label, at in rows:
             state.times.append(t)
             state.ids.append(event_id)
+            if event_id is not None:
+                state.id_set.add(event_id)
             decoded = json.loads(vals)
             for c in state.values:
                 state.values[c].append(_number(decoded.get(c)))
@@ -321,21 +346,41 @@ class OnlineStore:
         """Add an event to its entities' state (write-through to SQLite, one transaction)."""
         self.update_many([event])
 
-    def update_many(self, events: Iterable[Mapping[str, Any]]) -> int:
-        """Add events in order, in one transaction; return how many were added."""
-        added = 0
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[OnlineStore]:
+        """Group updates and labels into one SQLite transaction (nested calls join the outer one).
+
+        On an error everything since the outermost ``transaction()`` is rolled back and the in-memory cache is
+        dropped, so memory and disk never disagree.
+        """
         with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
             self._db.execute("begin")
+            self._depth = 1
             try:
-                for event in events:
-                    self._add(event)
-                    added += 1
+                yield self
                 self._db.execute("commit")
             except BaseException:
                 self._db.execute("rollback")
                 self._cache.clear()
                 self._owners.clear()
                 raise
+            finally:
+                self._depth = 0
+
+    def update_many(self, events: Iterable[Mapping[str, Any]]) -> int:
+        """Add events in order, in one transaction; return how many were added."""
+        added = 0
+        with self.transaction():
+            for event in events:
+                self._add(event)
+                added += 1
         return added
 
     def _add(self, event: Mapping[str, Any]) -> None:
@@ -346,7 +391,7 @@ class OnlineStore:
         for entity in self._entities:
             key = self._entity_key(event, entity)
             state = self._state(entity, key)
-            if event_id is not None and event_id in state.ids:
+            if event_id is not None and event_id in state.id_set:
                 continue  # idempotent: the same event twice counts once
             vals = {c: _number(event.get(c)) for c in self._columns[entity]}
             i = state.insert(t, event_id, vals)
@@ -392,7 +437,7 @@ class OnlineStore:
         key = _key(event_id)
         at_ns = _time_ns(at, "at")
         value = float(label)
-        with self._lock:
+        with self.transaction():
             self._db.execute(
                 "insert into labels (event_id, label, at) values (?, ?, ?) on conflict(event_id)"
                 " do update set label = excluded.label, at = excluded.at",
@@ -428,17 +473,16 @@ class OnlineStore:
                     state = self._state(entity, key)
                     if not state.times:
                         unknown.append(entity)
-                    elif self.freshness is not None and t - max(state.times) > to_ns(self.freshness):
+                    elif self.freshness is not None and t - state.times[-1] > to_ns(self.freshness):
                         stale.append(entity)
                     own = None
-                    if event_id is not None and event_id in state.ids:
+                    if event_id is not None and event_id in state.id_set:
                         own = state.ids.index(event_id)
                     current = None
                     if own is None:
                         current = {c: _number(event.get(c)) for c in self._columns[entity]}
-                    for d in self._windows:
-                        if d.entity == entity:
-                            out[d.name] = _window_stats(state, d, t, current, own)
+                    for group in self._groups[entity]:
+                        _window_group(state, group, t, current, own, out)
             for d in self.definitions:
                 if isinstance(d, RatioDefinition):
                     num = out[d.numerator] if d.numerator in out else _number(event.get(d.numerator))
