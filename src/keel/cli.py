@@ -270,6 +270,29 @@ def _print_comparison(outcome: Any) -> None:
               f"{th.expected_cost:.4f}. Took {outcome.seconds.get('total', 0):.1f} s.")
 
 
+# -------------------------------------------------------------------------------------------------- serve
+@app.command()
+@handles_errors
+def serve(
+    spec: SpecOpt = Path("keel.toml"),
+    host: Annotated[str | None, typer.Option(help="Interface (default: serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serving.port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: serving.workers).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Serve this artifact folder instead of the registry alias.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve decisions over HTTP: raw event in, online features, calibrated score, decision, fallback, logging.
+
+    The service follows the registry alias (serving.alias, polled every serving.reload_interval_seconds), so
+    `keel models promote` / `rollback` take effect without a restart. Admin calls need $KEEL_API_KEY.
+
+    Example: [bold]keel serve -s examples/card-fraud/keel.toml --port 8000[/]
+    """
+    from keel.serve.app import run
+
+    run(_load(spec), host=host, port=port, workers=workers, model_path=model, log_level=log_level)
+
+
 # ----------------------------------------------------------------------------------------------- features
 features_app = typer.Typer(help="Point-in-time feature tables: build (incremental) and status.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
@@ -569,8 +592,34 @@ def demo(
             raise KeelError("The simulated data breaks its contract; this is a bug in the simulator or the spec.")
         steps.done(f"contract holds on {report.rows:,} rows; fingerprint {fingerprint_source(src)[:12]}", spec_path)
 
+    with steps("3. features", "point-in-time window features, materialised with lineage"):
+        from keel.features.definitions import feature_names, resolve_definitions
+        from keel.features.offline import build_features
+
+        built = build_features(s)
+        n_features = len(feature_names(resolve_definitions(s.features, s.data)))
+        steps.done(f"{built.rows_total:,} rows × {n_features} features, events up to "
+                   f"{built.max_event_time}", built.path)
+
+    with steps("4. train", "baselines vs candidates on a time split with a 7-day label-delay gap"):
+        outcome = run_training(s, register=True)
+        steps.done(f"chosen {outcome.best.name}: test AP {outcome.best.test['average_precision']:.3f}, "
+                   f"Card Precision@100 {outcome.best.test.get('card_precision_at_k', float('nan')):.3f}",
+                   s.state_dir)
+
+    with steps("5. registry", "champion/challenger aliases on the local MLflow store"):
+        from keel.registry import Registry
+
+        registry = Registry.from_spec(s)
+        if registry.resolve("champion") is None:
+            registry.promote(outcome.registered.version, actor="keel demo", force=True,
+                             reason="demo: first model made champion so the service has one to load")
+        champion = registry.resolve("champion")
+        steps.done(f"champion is version {champion}; `keel models list -s {spec_path}` shows all",
+                   s.state_dir / "mlflow.db")
+
     out.print(f"\n[bold green]Demo finished[/] in {steps.total:.1f} s. Project folder: [bold]{out_dir}[/]")
-    out.print(f"Next: `keel validate -s {spec_path}`")
+    out.print(f"Next: `keel runs list -s {spec_path}`, `keel ui -s {spec_path}`")
 
 
 class _Steps:
