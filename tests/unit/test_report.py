@@ -217,3 +217,15 @@ def test_the_folder_is_replaced_whole_or_not_at_all(outcome: TrainOutcome, tmp_p
 def test_an_outcome_without_test_scores_is_refused(outcome: TrainOutcome):
     with pytest.raises(TrainingError, match="no test scores"):
         R.build_report(dataclasses.replace(outcome, test_scores=None), figures=False)
+
+
+def test_verdicts_agree_with_the_training_outcome(outcome: TrainOutcome, markdown: str):
+    vs = R.verdicts(outcome)
+    for baseline, results in outcome.beats_baselines.items():
+        for metric, beaten in results.items():
+            v = next(v for v in vs if v.baseline == baseline and v.metric == metric)
+            assert v.beats == beaten, (baseline, metric)
+    everything = all(all(r.values()) for r in outcome.beats_baselines.values())
+    assert R.beats_every_baseline(outcome) == everything
+    verdict = "beats every baseline" if everything else "does not beat every baseline"
+    assert f"**Verdict: {outcome.best.name} {verdict}" in markdown

@@ -330,10 +330,24 @@ def _spread(o: TrainOutcome, e: Evaluated, metric: str) -> tuple[float, float] |
 
 
 def compared_metrics(o: TrainOutcome) -> list[str]:
-    """The metrics the baselines are judged on: the headline first, then average precision, CP@k, cost."""
+    """The metrics the baselines are compared on: the headline first, then average precision, CP@k, cost."""
     head = o.spec.decision.headline_metric
     order = [head, "average_precision", "card_precision_at_k", "expected_cost"]
     return [m for m in dict.fromkeys(order) if not _missing(o.best.test.get(m))]
+
+
+def verdict_metrics(o: TrainOutcome) -> list[str]:
+    """The metrics "beats every baseline" is judged on: the headline, average precision and CP@k (as the
+    CLI's summary line); expected cost is compared too, but a threshold effect alone does not decide."""
+    head = o.spec.decision.headline_metric
+    return [m for m in compared_metrics(o) if m in (head, "average_precision", "card_precision_at_k")]
+
+
+def beats_every_baseline(o: TrainOutcome, vs: list[Verdict] | None = None) -> bool:
+    """True when the chosen model beats every baseline on every verdict metric with separated intervals."""
+    vs = verdicts(o) if vs is None else vs
+    judged = [v for v in vs if v.metric in verdict_metrics(o)]
+    return bool(judged) and all(v.beats for v in judged)
 
 
 def verdicts(o: TrainOutcome) -> list[Verdict]:
@@ -575,9 +589,11 @@ def _section_baselines(doc: Document, o: TrainOutcome, vs: list[Verdict]) -> Non
 
     if vs:
         doc.bullets([_sentence(o, v, k) for v in vs])
-    beaten = [b.name for b in o.baselines if all(v.beats for v in vs if v.baseline == b.name)]
+    judged = verdict_metrics(o)
+    beaten = [b.name for b in o.baselines
+              if all(v.beats for v in vs if v.baseline == b.name and v.metric in judged)]
     not_beaten = [b.name for b in o.baselines if b.name not in beaten]
-    names = ", ".join(metric_label(m, k) for m in compared_metrics(o))
+    names = ", ".join(metric_label(m, k) for m in judged)
     if not_beaten:
         doc.text(f"**Verdict: {o.best.name} does not beat every baseline.** It does not beat "
                  f"{', '.join(not_beaten)} on every one of {names} with non-overlapping "
@@ -905,7 +921,7 @@ def report_metrics(o: TrainOutcome) -> dict[str, Any]:
         "verdicts": [{"baseline": v.baseline, "metric": v.metric, "chosen": v.mine, "baseline_value": v.theirs,
                       "difference": v.difference, "better": v.better, "separated": v.separated,
                       "beats": v.beats} for v in vs],
-        "beats_every_baseline": all(v.beats for v in vs) if vs else False,
+        "beats_every_baseline": beats_every_baseline(o, vs),
         "threshold": {"threshold": th.threshold, "bound": th.bound, "expected_cost": th.expected_cost,
                       "cost_optimal_threshold": th.cost_optimal_threshold,
                       "cost_optimal_expected_cost": th.cost_optimal_expected_cost,
@@ -937,10 +953,10 @@ def build_report(o: TrainOutcome, *, figures: bool = True) -> Document:
     vs = verdicts(o)
     doc = Document(draw=figures)
     doc.heading(f"Training report: {o.spec.project.name}", level=1)
-    beaten = all(v.beats for v in vs) if vs else False
+    beaten = beats_every_baseline(o, vs)
     doc.text(f"Chosen model **{o.best.name}** ({o.best.kind}), threshold {_num(t.threshold, 4)}; "
              f"{'beats every baseline' if beaten else 'does not beat every baseline'} on "
-             f"{', '.join(metric_label(m, _k(o)) for m in compared_metrics(o))}. Spec hash "
+             f"{', '.join(metric_label(m, _k(o)) for m in verdict_metrics(o))}. Spec hash "
              f"{_code(o.spec.spec_hash()[:12])}, data fingerprint {_code(o.dataset.fingerprint[:12])}, "
              f"{'prequential' if o.prequential is not None else 'single'} protocol.")
     if o.split_warning:
@@ -987,5 +1003,19 @@ def write_report(outcome: TrainOutcome, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["HEADINGS", "Document", "Verdict", "build_report", "collect_next", "compared_metrics", "metric_label",
-           "render_html", "render_markdown", "report_metrics", "verdicts", "write_report"]
+__all__ = [
+    "HEADINGS",
+    "Document",
+    "Verdict",
+    "beats_every_baseline",
+    "build_report",
+    "collect_next",
+    "compared_metrics",
+    "metric_label",
+    "render_html",
+    "render_markdown",
+    "report_metrics",
+    "verdict_metrics",
+    "verdicts",
+    "write_report",
+]
