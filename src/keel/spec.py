@@ -245,12 +245,16 @@ class Models(_Section):
     calibration: list[Literal["none", "sigmoid", "isotonic"]] = Field(
         default_factory=lambda: ["none", "sigmoid", "isotonic"]
     )
-    class_weight: Literal["balanced", "none"] = "balanced"
+    class_weight: Literal["balanced", "sqrt", "none", "auto"] = Field(
+        "balanced", description="Weight of positives: n_neg/n_pos, its square root, 1, or 'auto' (searched)."
+    )
     abstain_band: tuple[float, float] | None = Field(None, description="Scores in [low, high) abstain.")
     allow_leakage: bool = False
     leakage_auc: float = Field(0.98, gt=0.5, le=1.0, description="One feature alone above this AUC is leakage.")
     bootstrap: int = Field(200, ge=0, description="Bootstrap resamples for intervals.")
-    threads: int = Field(0, ge=0, description="Model threads; 0 = all cores.")
+    threads: int = Field(
+        1, ge=0, description="Model threads; 0 = all cores (OpenMP spin-waits badly on a busy machine)."
+    )
 
     @field_validator("abstain_band")
     @classmethod

@@ -187,17 +187,25 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+WEIGHT_MODES = ["none", "sqrt", "balanced"]
+
+
 def _positive_weight(y: np.ndarray, mode: str) -> float:
-    if mode != "balanced":
-        return 1.0
+    """Weight of a positive row: 1 ('none'), sqrt(n_neg/n_pos) ('sqrt') or n_neg/n_pos ('balanced')."""
     pos = max(int(y.sum()), 1)
-    return float((len(y) - pos) / pos)
+    ratio = float((len(y) - pos) / pos)
+    return {"none": 1.0, "sqrt": float(np.sqrt(ratio)), "balanced": ratio}[mode]
 
 
 def fit_candidate(kind: str, params: dict[str, Any], X: np.ndarray, y: np.ndarray, *, seed: int,
                   class_weight: str, threads: int, feature_names: list[str] | None = None) -> Any:
-    """Fit one model family with ``params``; class imbalance handled by weighting, never by resampling."""
-    w_pos = _positive_weight(y, class_weight)
+    """Fit one model family with ``params``; class imbalance handled by weighting, never by resampling.
+
+    A ``class_weight`` entry in ``params`` (searched when models.class_weight = 'auto') overrides the spec's.
+    """
+    params = dict(params)
+    mode = params.pop("class_weight", class_weight)
+    w_pos = _positive_weight(y, "balanced" if mode == "auto" else mode)
     if kind == "lightgbm":
         import lightgbm as lgb
 
@@ -226,13 +234,13 @@ def fit_candidate(kind: str, params: dict[str, Any], X: np.ndarray, y: np.ndarra
         from keel.evaluate.baselines import LogisticBaseline
 
         names = feature_names or [f"f{i}" for i in range(X.shape[1])]
-        return LogisticBaseline(names, C=params["C"], class_weight=_sk_weight(class_weight)).fit(
+        return LogisticBaseline(names, C=params["C"], class_weight=_sk_weight(mode)).fit(
             pd.DataFrame(X, columns=names), y)
     raise TrainingError(f"Unknown model family {kind!r}.")
 
 
 def _sk_weight(mode: str) -> str | None:
-    return "balanced" if mode == "balanced" else None
+    return "balanced" if mode in ("balanced", "auto") else None
 
 
 def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.ndarray:
@@ -243,7 +251,16 @@ def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.nda
     return np.asarray(model.predict_proba(X)[:, 1], dtype=float)
 
 
-def _draw_params(space: dict[str, list[Any]], rng: np.random.Generator) -> dict[str, Any]:
+def _trial_params(family: str, trial: int, class_weight: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Trial 0 is the family's sensible default; later trials draw from its search space."""
+    space = dict(SEARCH_SPACES[family])
+    if class_weight == "auto":
+        space["class_weight"] = WEIGHT_MODES
+    if trial == 0:
+        params = dict(DEFAULTS[family])
+        if class_weight == "auto":
+            params["class_weight"] = "none"
+        return params
     return {k: v[int(rng.integers(len(v)))] for k, v in space.items()}
 
 
@@ -468,14 +485,8 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
     assert isinstance(split, TimeSplit)
     tr, va, te = split.train, split.validation, split.test
     for name, mask in (("train", tr), ("validation", va), ("test", te)):
-        n_pos = int(ds.y[mask].sum())
-        if mask.sum() == 0 or n_pos == 0 or n_pos == mask.sum():
-            window = split.windows.get(name)
-            raise TrainingError(
-                f"The {name} window {window.label() if window else ''} has {int(mask.sum()):,} rows and "
-                f"{n_pos} positives: it needs both classes.",
-                hint="Widen the windows in [split] (train/validation/test) or check the label.",
-            )
+        _require_classes(f"The {name} window {split.windows[name].label() if name in split.windows else ''}",
+                         ds.y[mask])
     say(f"split by {split.strategy}: train {int(tr.sum()):,} / validation {int(va.sum()):,} / test "
         f"{int(te.sum()):,} rows (gap {split.gap})")
 
@@ -511,7 +522,7 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
         for trial in range(trials.get(family, models.search_trials) if trials else models.search_trials):
             if trials is None and trial > 0 and time.perf_counter() - t_family > budget_per_family:
                 break
-            params = DEFAULTS[family] if trial == 0 else _draw_params(SEARCH_SPACES[family], rng)
+            params = _trial_params(family, trial, models.class_weight, rng)
             model = fit_candidate(family, params, X_tr, y_tr, seed=models.seed,
                                   class_weight=models.class_weight, threads=threads,
                                   feature_names=ds.feature_names)
@@ -607,6 +618,21 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
     )
 
 
+MIN_CLASS_ROWS = 5
+
+
+def _require_classes(what: str, y: np.ndarray) -> None:
+    """Each window needs a few rows of each class: calibration cross-fits and every ranking metric need them."""
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if min(pos, neg) < MIN_CLASS_ROWS:
+        raise TrainingError(
+            f"{what} has {len(y):,} rows with {pos} positives and {neg} negatives; too few to train and evaluate "
+            f"honestly (at least {MIN_CLASS_ROWS} of each class per window).",
+            hint="Collect more data, widen the windows in [split], or check data.label and data.positive_label.",
+        )
+
+
 def f_is(fitted: tuple[Any, ...], name: str) -> bool:
     return fitted[0] == name
 
@@ -624,7 +650,14 @@ def _beats(best: Evaluated, baselines: list[Evaluated]) -> dict[str, dict[str, b
     return out
 
 
-def _leakage(spec: Spec, ds: Dataset, split: TimeSplit) -> list[Any]:
+@dataclass(frozen=True)
+class _Masks:
+    train: np.ndarray
+    test: np.ndarray
+    strategy: str
+
+
+def _leakage(spec: Spec, ds: Dataset, split: TimeSplit | _Masks) -> list[Any]:
     """Leakage findings on the model inputs, plus (as warnings) what the excluded columns would have leaked."""
     from dataclasses import replace
 
@@ -696,13 +729,7 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     for name, folds in (("validation", split.validation), ("test", split.test)):
         for i, fold in enumerate(folds):
             for part, mask in (("training", fold.train), ("assessment", fold.assess)):
-                n_pos = int(ds.y[mask].sum())
-                if mask.sum() == 0 or n_pos in (0, int(mask.sum())):
-                    raise TrainingError(
-                        f"Prequential {name} fold {i} has a {part} window with {int(mask.sum()):,} rows and "
-                        f"{n_pos} positives; every window needs both classes.",
-                        hint="Use fewer split.folds, a shorter split.fold_step, or more history.",
-                    )
+                _require_classes(f"Prequential {name} fold {i}'s {part} window", ds.y[mask])
 
     def fold_score(kind: str, params: dict[str, Any], fold: Any, baseline: Any = None) -> tuple[float, Any]:
         X_tr, y_tr, X_te, y_te, tr, te = fold_arrays(fold)
@@ -732,7 +759,7 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
         for trial in range(trials.get(family, models.search_trials) if trials else models.search_trials):
             if trials is None and trial > 0 and time.perf_counter() - t_family > budget_per_family:
                 break
-            params = DEFAULTS[family] if trial == 0 else _draw_params(SEARCH_SPACES[family], rng)
+            params = _trial_params(family, trial, models.class_weight, rng)
             mean = float(np.mean([fold_score(family, params, f)[0] for f in split.validation]))
             tried += 1
             if best is None or (mean < best[0] if scorer.lower_is_better else mean > best[0]):
@@ -748,7 +775,6 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     k_spec = spec.decision.precision_at_k
     k, per = (k_spec.k, k_spec.per) if k_spec else (100, timedelta(days=1))
     rows: list[dict[str, Any]] = []
-    per_model_scores: dict[str, tuple[Any, np.ndarray]] = {}
     entries: list[tuple[str, str, str, Any]] = [(n, "baseline", kind, mk) for n, kind, mk in baseline_makers]
     entries += [(family, "candidate", family, None) for family in models.candidates]
     for name, role, kind, maker in entries:
@@ -767,23 +793,34 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
                 row["card_precision_at_k"] = M.card_precision_at_k(
                     p, y_te, entity=ds.entity[te], period=M.period_index(ds.times[te], per), k=k).mean
             rows.append(row)
-            if i == 0:
-                per_model_scores[name] = (model, s)
     table = pd.DataFrame(rows)
     seconds["assessment"] = time.perf_counter() - t0 - seconds["search"]
 
     chosen_family = (min if scorer.lower_is_better else max)(models.candidates, key=lambda f: validation_means[f])
-    latest = split.test[0]
-    te = latest.assess
-    model, raw_te = per_model_scores[chosen_family]
-    y_te = ds.y[te]
-    choice = choose_calibration(y_te, raw_te, models.calibration, seed=models.seed)
-    s_te = choice.calibrator.transform(raw_te)
+    # The deployed model: the chosen family fitted on the latest validation fold's training window, calibrated
+    # and thresholded on that fold's block, then assessed on the earliest test block (train | gap | validation |
+    # gap | test, as in the single protocol), so no number below is in-sample.
+    vfold, tfold = split.validation[0], split.test[-1]
+    va, te = vfold.assess, tfold.assess
+    model = fit_candidate(chosen_family, chosen_params[chosen_family], Xall[vfold.train], ds.y[vfold.train],
+                          seed=models.seed, class_weight=models.class_weight, threads=threads,
+                          feature_names=ds.feature_names)
+    raw_va = raw_scores(chosen_family, model, Xall[va], threads)
+    choice = choose_calibration(ds.y[va], raw_va, models.calibration, seed=models.seed)
     capacity = spec.decision.capacity
-    period = M.period_index(ds.times[te], capacity.per) if capacity and ds.times is not None else None
-    te_costs = ds.costs.take(te)
-    th = choose_threshold(y_te, s_te, te_costs, capacity=capacity.max_positives if capacity and period is not None
-                          else None, period=period)
+    period = M.period_index(ds.times[va], capacity.per) if capacity and ds.times is not None else None
+    th = choose_threshold(ds.y[va], choice.calibrator.transform(raw_va), ds.costs.take(va),
+                          capacity=capacity.max_positives if capacity and period is not None else None,
+                          period=period)
+    s_te = choice.calibrator.transform(raw_scores(chosen_family, model, Xall[te], threads))
+    y_te = ds.y[te]
+    deployed_test, _intervals = evaluate_window(
+        y_te, s_te, threshold=th.threshold, costs=ds.costs.take(te),
+        times=ds.times[te] if ds.times is not None else None,
+        entity=ds.entity[te] if ds.entity is not None else None, k=k, per=per, bootstrap=models.bootstrap,
+        seed=models.seed)
+    leakage = _leakage(spec, ds, _Masks(train=vfold.train, test=te, strategy="time"))
+    raise_on_severe(leakage, allow=models.allow_leakage)
 
     metric_names = [c for c in ("roc_auc", "average_precision", "card_precision_at_k") if c in table.columns]
     evaluated: list[Evaluated] = []
@@ -796,11 +833,15 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
                                    trials=search_budget["families"].get(kind, {}).get("trials", 1)))
     best_eval = next(e for e in evaluated if e.name == chosen_family)
     best_eval.threshold = th.threshold
+    # Threshold-dependent figures of the deployed model (earliest test block); rank metrics stay prequential means.
+    for key2, value in deployed_test.items():
+        best_eval.test.setdefault(key2, value)
+    best_eval.test_scores = s_te
     beats = {e.name: {m: best_eval.test[m] - best_eval.test[f"{m}_std"] > e.test[m] + e.test[f"{m}_std"]
                       for m in ("average_precision", "card_precision_at_k") if m in e.test}
              for e in evaluated if e.role == "baseline"}
     slices = _error_analysis(spec, ds, te, s_te, th.threshold)
-    windows = {"train": latest.train_window, "test": latest.assess_window}
+    windows = {"train": vfold.train_window, "validation": vfold.assess_window, "test": tfold.assess_window}
     metadata = {
         "spec_hash": spec.spec_hash(), "project": spec.project.name, "data_source": ds.source.describe(),
         "data_fingerprint": ds.fingerprint, "definitions_hash": ds.definitions_hash, "protocol": "prequential",
@@ -819,8 +860,8 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     removed = {f"test fold {i}": f.removed_known_positives for i, f in enumerate(split.test)}
     return TrainOutcome(
         spec=spec, model=artifact, best=best_eval, evaluated=evaluated, windows=windows, split_warning=None,
-        removed_known_positives=removed, calibration_table=choice.table, threshold_choice=th, leakage=[],
-        slices=slices, dataset=ds, test_mask=te, validation_mask=latest.train,
+        removed_known_positives=removed, calibration_table=choice.table, threshold_choice=th, leakage=leakage,
+        slices=slices, dataset=ds, test_mask=te, validation_mask=va,
         test_scores=s_te, seconds=seconds, search_budget=search_budget, beats_baselines=beats,
         prequential=table,
     )

@@ -181,10 +181,6 @@ def test_twenty_rows_is_a_training_error_not_a_result(table: pd.DataFrame, folde
         train(_spec(_twenty_rows(table), folder, "twenty"))
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: 20 rows pass the `len(y) < 20` guard and every window has both "
-                   "classes, so the failure surfaces inside calibration cross-fitting as 'No calibration method "
-                   "applies to these scores: ... (1 rows)'. Fix: require a minimum of rows and of positives per "
-                   "window before fitting, with a 'too few' message.")
 def test_twenty_rows_says_too_few(table: pd.DataFrame, folder: Path):
     with pytest.raises(TrainingError, match=r"(?i)too few"):
         train(_spec(_twenty_rows(table), folder, "twenty_clear"))
