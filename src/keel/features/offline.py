@@ -416,11 +416,17 @@ def _window_block(
         label_prefix = _Prefix.of(labels[order])
 
     out: dict[str, np.ndarray] = {}
+    after_self = position + 1
+    counts: dict[tuple[int, int, bool], np.ndarray] = {}
     for d in defs:
         delay_ns, window_ns = to_ns(d.delay), to_ns(d.window)
-        hi = (position + 1 if d.include_current else position) if delay_ns == 0 else first_after(delay_ns)
-        lo = np.minimum(first_after(delay_ns + window_ns), hi)
-        count = hi - lo
+        hi = (after_self if d.include_current else position) if delay_ns == 0 else first_after(delay_ns)
+        # lo <= hi always: the start bound is earlier than the end bound (and than the event itself).
+        lo = first_after(delay_ns + window_ns)
+        shape = (delay_ns, window_ns, d.include_current)
+        if shape not in counts:
+            counts[shape] = hi - lo
+        count = counts[shape]
         valid = total = m2 = mn = mx = lab = None
         if d.column:
             v = values[d.column]
