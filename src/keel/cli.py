@@ -553,20 +553,28 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo project (created).")] = Path("demo-out"),
     customers: Annotated[int, typer.Option(help="Customers to simulate.")] = 5000,
     terminals: Annotated[int, typer.Option(help="Terminals to simulate.")] = 10000,
-    days: Annotated[int, typer.Option(help="Days to simulate.")] = 183,
+    days: Annotated[int, typer.Option(help="Days to simulate (history + live).")] = 183,
+    live_days: Annotated[int, typer.Option(help="Last days served through the API, with a drift injected.")] = 21,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    fresh: Annotated[bool, typer.Option(help="Delete the folder first.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Delete the folder first.")] = True,
 ) -> None:
     """Run the whole lifecycle on the embedded simulator with the flagship card-fraud spec.
 
-    Example: [bold]keel demo -o demo-out[/] (smaller and faster: [bold]--customers 500 --terminals 1000 --days 90[/])
+    History (all but the last --live-days) trains the model; the live days, with a price inflation and a new
+    fraud pattern injected, are served through the API with labels arriving 7 days late.
+
+    Example: [bold]keel demo -o demo-out[/] (smaller and faster: [bold]--customers 1000 --terminals 2000 --days 120[/])
     """
     from keel.data.contracts import check_contract
     from keel.data.fingerprint import fingerprint_source
+    from keel.data.simulate import make_shift, write_simulation
     from keel.data.simulate import simulate as run_simulation
-    from keel.data.simulate import write_simulation
     from keel.data.sources import source_from_spec
+    from keel.io import atomic_path
 
+    if live_days < 1 or live_days >= days - 35:
+        raise KeelError(f"--live-days must be between 1 and days - 35 ({days - 35}) so that training has history. "
+                        f"Got {live_days} instead.")
     flagship = Path(__file__).parent / "examples" / "card-fraud.toml"
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -574,14 +582,22 @@ def demo(
     spec_path = out_dir / "keel.toml"
     shutil.copyfile(flagship, spec_path)
     steps = _Steps()
+    shift_day = days - live_days
 
-    with steps("1. simulate", "transactions with the handbook's generative process"):
-        sim = run_simulation(n_customers=customers, n_terminals=terminals, n_days=days, seed=seed)
+    with steps("1. simulate", f"{days} days with the handbook's process; a drift injected from day {shift_day}"):
+        sim = run_simulation(n_customers=customers, n_terminals=terminals, n_days=days, seed=seed,
+                             shift=make_shift(shift_day, amount_factor=1.3, new_fraud=True))
         paths = write_simulation(sim, out_dir / "data")
-        summary = sim.summary()
-        steps.done(f"{summary.get('transactions', len(sim.transactions)):,} transactions, "
-                   f"fraud rate {summary.get('fraud_rate', float(sim.transactions['tx_fraud'].mean())):.3%}",
-                   paths["transactions"])
+        tx = sim.transactions
+        live_start = tx["tx_datetime"].min().normalize() + pd_timedelta(days=shift_day)
+        history, live = tx[tx["tx_datetime"] < live_start], tx[tx["tx_datetime"] >= live_start]
+        with atomic_path(paths["transactions"]) as tmp:
+            history.to_parquet(tmp, index=False)
+        with atomic_path(out_dir / "data" / "live.parquet") as tmp:
+            live.to_parquet(tmp, index=False)
+        steps.done(f"{len(history):,} history transactions (fraud {history['tx_fraud'].mean():.3%}); "
+                   f"{len(live):,} live ones from {live_start:%Y-%m-%d} (fraud {live['tx_fraud'].mean():.3%}, "
+                   "prices ×1.3, a new card-testing pattern)", paths["transactions"])
 
     s = _load(spec_path)
     with steps("2. validate", "the data contract declared in keel.toml"):
@@ -598,8 +614,8 @@ def demo(
 
         built = build_features(s)
         n_features = len(feature_names(resolve_definitions(s.features, s.data)))
-        steps.done(f"{built.rows_total:,} rows × {n_features} features, events up to "
-                   f"{built.max_event_time}", built.path)
+        steps.done(f"{built.rows_total:,} rows × {n_features} features, events up to {built.max_event_time}",
+                   built.path)
 
     with steps("4. train", "baselines vs candidates on a time split with a 7-day label-delay gap"):
         outcome = run_training(s, register=True)
@@ -614,12 +630,94 @@ def demo(
         if registry.resolve("champion") is None:
             registry.promote(outcome.registered.version, actor="keel demo", force=True,
                              reason="demo: first model made champion so the service has one to load")
-        champion = registry.resolve("champion")
-        steps.done(f"champion is version {champion}; `keel models list -s {spec_path}` shows all",
+        steps.done(f"champion is version {registry.resolve('champion')}; `keel models list -s {spec_path}`",
                    s.state_dir / "mlflow.db")
 
+    with steps("6. serve", "the live days through the API (online features, labels 7 days late)"):
+        served = _demo_serve(s, history, live)
+        steps.done(served, s.store_path(s.serving.prediction_log))
+
     out.print(f"\n[bold green]Demo finished[/] in {steps.total:.1f} s. Project folder: [bold]{out_dir}[/]")
-    out.print(f"Next: `keel runs list -s {spec_path}`, `keel ui -s {spec_path}`")
+    out.print(f"Next: `keel serve -s {spec_path}` and the curl example in the README; `keel ui -s {spec_path}`")
+
+
+def pd_timedelta(**kwargs: Any) -> Any:
+    import pandas as pd
+
+    return pd.Timedelta(**kwargs)
+
+
+def _demo_serve(s: Any, history: Any, live: Any) -> str:
+    """Replay live days through the API in-process: batches per day, labels posted once they are due."""
+    import logging
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette's TestClient asks for httpx2; irrelevant in-process
+        from fastapi.testclient import TestClient
+
+    from keel.serve.app import JsonFormatter
+
+    from keel.features.materialize import warm_online_store
+    from keel.features.online import OnlineStore
+    from keel.serve.app import create_app
+
+    data = s.data
+    handler = logging.FileHandler(s.state_dir / "serve.log")  # the service's JSON lines go to a file, not the demo
+    handler.setFormatter(JsonFormatter())
+    service_log = logging.getLogger("keel.serve")
+    service_log.handlers[:], service_log.propagate = [handler], False
+    store = OnlineStore.from_spec(s)
+    warmed = warm_online_store(s, store)
+    store.close()
+    fields = [data.id_column, data.timestamp, *data.entity_keys, *s.features.raw]
+    recent = history[history[data.timestamp] > history[data.timestamp].max() - data.label_delay]
+    pending = pd.concat([recent, live])[[data.id_column, data.timestamp, data.label]]
+    pending = pending.assign(at=pending[data.timestamp] + data.label_delay).sort_values("at")
+    decisions: dict[str, int] = {}
+    fallbacks = labels_posted = 0
+    days = live[data.timestamp].dt.normalize()
+    with TestClient(create_app(s)) as client, out_progress() as bar:
+        task = bar.add_task("serving live days", total=len(live))
+        for day in sorted(days.unique()):
+            todays = live[days == day]
+            for chunk in range(0, len(todays), s.serving.max_batch):
+                part = todays.iloc[chunk:chunk + s.serving.max_batch]
+                events = [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in rec.items()}
+                          for rec in part[fields].to_dict("records")]
+                resp = client.post("/v1/predict/batch", json={"events": events})
+                if resp.status_code != 200:
+                    raise KeelError(f"The demo's batch request failed with {resp.status_code}: {resp.text[:300]}")
+                for item in resp.json()["data"]:
+                    decisions[item["decision"]] = decisions.get(item["decision"], 0) + 1
+                    fallbacks += bool(item["fallback"])
+                bar.advance(task, len(part))
+            due = pending[(pending["at"] > day) & (pending["at"] <= day + pd.Timedelta(days=1))]
+            for chunk in range(0, len(due), s.serving.max_batch):
+                part = due.iloc[chunk:chunk + s.serving.max_batch]
+                body = [{"event_id": int(r[data.id_column]), "label": float(r[data.label]),
+                         "at": r["at"].isoformat()} for r in part.to_dict("records")]
+                client.post("/v1/labels", json={"labels": body}).raise_for_status()
+                labels_posted += len(body)
+        one = live.iloc[-1]
+        single = client.post("/v1/predict", json={k: (one[k].isoformat() if hasattr(one[k], "isoformat") else
+                                                      one[k].item() if hasattr(one[k], "item") else one[k])
+                                                  for k in fields}).json()
+        ready = client.get("/ready").json()
+    per_day = decisions.get(s.decision.positive_action, 0) / max(days.nunique(), 1)
+    return (f"warmed the online store with {warmed.events:,} events; served {len(live):,} events "
+            f"({', '.join(f'{k}: {v:,}' for k, v in sorted(decisions.items()))}; {per_day:.0f} "
+            f"{s.decision.positive_action}s/day; fallback {fallbacks:,}); {labels_posted:,} labels posted; "
+            f"/ready: {ready['status']}; last event scored {single['score']:.4f} → {single['decision']}")
+
+
+def out_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=out, transient=True)
 
 
 class _Steps:
