@@ -658,11 +658,9 @@ def _demo_serve(s: Any, history: Any, live: Any) -> str:
         warnings.simplefilter("ignore")  # starlette's TestClient asks for httpx2; irrelevant in-process
         from fastapi.testclient import TestClient
 
-    from keel.serve.app import JsonFormatter
-
     from keel.features.materialize import warm_online_store
     from keel.features.online import OnlineStore
-    from keel.serve.app import create_app
+    from keel.serve.app import JsonFormatter, create_app
 
     data = s.data
     handler = logging.FileHandler(s.state_dir / "serve.log")  # the service's JSON lines go to a file, not the demo
