@@ -320,6 +320,40 @@ def features_build(
               f"{result.max_event_time} ({result.reason}; {took:.1f} s)")
 
 
+@features_app.command("online")
+@handles_errors
+def features_online(
+    spec: SpecOpt = Path("keel.toml"),
+    until: Annotated[str | None, typer.Option(help="Load state as of this time (default: the last event).")] = None,
+) -> None:
+    """Warm the online store from the source: recent events and the labels known by then.
+
+    Run it before the first `keel serve` (and after restoring a store); re-running is safe.
+
+    Example: [bold]keel features online -s examples/card-fraud/keel.toml[/]
+    """
+    from datetime import datetime
+
+    from keel.features.materialize import warm_online_store
+    from keel.features.online import OnlineStore
+
+    s = _load(spec)
+    when = None
+    if until:
+        try:
+            when = datetime.fromisoformat(until)
+        except ValueError:
+            raise KeelError(f"--until must be an ISO time such as '2018-09-01 00:00'. Got {until!r} instead.") from None
+    store = OnlineStore.from_spec(s)
+    try:
+        with out.status("Loading the online store..."):
+            result = warm_online_store(s, store, until=when)
+    finally:
+        store.close()
+    out.print(f"Online store {s.store_path(s.features.store)}: {result.events:,} events in "
+              f"({result.since}, {result.until}], {result.labels:,} labels known by then.")
+
+
 @features_app.command("status")
 @handles_errors
 def features_status(
