@@ -137,7 +137,8 @@ def numeric_profile(name: str, values: Any, bins: int = 10, sketch_points: int =
     finite = np.sort(finite)
     lo, hi = float(finite[0]), float(finite[-1])
     if edges is None:
-        inner = np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]) if bins > 1 else np.array([])
+        inner = (np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf") if bins > 1
+                 else np.array([]))
         # Edges at or above the max would leave the top reference bin empty; values above the max are out of
         # range and reported apart.
         edges = np.unique(inner)
