@@ -243,18 +243,17 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
 
     mon = spec.monitoring
     path = Path(log_path) if log_path is not None else spec.store_path(spec.serving.prediction_log)
-    model = None
+    first, _, _ = log_time_range(path)  # before loading any model: a missing or empty log is the usual cause
+    if first is None:
+        raise MonitorError(f"The prediction log {path} is empty.",
+                           hint="Serve some traffic first (`keel serve`), then run `keel monitor`.")
+    when = pd.Timestamp(as_of).to_pydatetime() if as_of is not None else default_as_of(path)
+    if pd.Timestamp(when).tzinfo is not None:
+        when = pd.Timestamp(when).tz_convert("UTC").tz_localize(None).to_pydatetime()
     version = profile.version if profile is not None else None
     if profile is None:
         model, version = _champion(spec, registry)
         profile = ensure_profile(spec, model, version)
-    when = pd.Timestamp(as_of).to_pydatetime() if as_of is not None else default_as_of(path)
-    if pd.Timestamp(when).tzinfo is not None:
-        when = pd.Timestamp(when).tz_convert("UTC").tz_localize(None).to_pydatetime()
-    first, _, _ = log_time_range(path)
-    if first is None:
-        raise MonitorError(f"The prediction log {path} is empty.",
-                           hint="Serve some traffic first (`keel serve`), then run `keel monitor`.")
     origin = pd.Timestamp(first).normalize().to_pydatetime()
     drift_acc = DriftAccumulator(profile, mon.window, origin=origin)
     ops_acc = OperationalAccumulator(mon.window, origin, positive_action=spec.decision.positive_action,
