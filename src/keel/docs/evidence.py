@@ -21,8 +21,8 @@ def baseline_story(doc: Document, spec: Spec, records: ProjectRecords, ref: Vers
     label = metric_label(head, spec)
     models = ref.models()
     names = ref.baseline_names()
-    scored = [(shown, models.get(f"baseline.{ml}", {}).get(head), ml) for ml, shown in names.items()]
-    scored = [s for s in scored if s[1] is not None]
+    scored = [(shown, value, ml) for ml, shown in names.items()
+              if (value := models.get(f"baseline.{ml}", {}).get(head)) is not None]
     mine = ref.metric(f"test.{head}")
     doc.heading("1. Baseline story")
     if not scored or mine is None:
