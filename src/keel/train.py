@@ -408,7 +408,7 @@ class TrainOutcome:
         """Flat metric dict for tracking: test.<metric> of the chosen model, baselines namespaced."""
         out: dict[str, float] = {}
         for e in self.evaluated:
-            prefix = "test" if e is self.best else f"{e.role}.{e.name}"
+            prefix = "test" if e is self.best else f"{e.role}.{e.kind}"  # kinds are slugs; names are prose
             for k, v in e.test.items():
                 if v is not None and np.isfinite(v):
                     out[f"{prefix}.{k}"] = float(v)
