@@ -14,6 +14,8 @@ help:
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks side by side with their anchors; writes bench/RESULTS.md"
+	@echo "make docs   - regenerate the flagship's docs (examples/card-fraud/docs)"
+	@echo "make test-reliability - the slow reliability suite (load, soak, crashes)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Keel needs Python 3.11 or newer; set PYTHON=/path/to/python3.11"'
@@ -33,6 +35,17 @@ test-reliability: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+FLAGSHIP := examples/card-fraud
+
+# Regenerates the flagship's committed docs from a fresh simulated dataset and training run.
+docs: $(STAMP)
+	rm -rf $(FLAGSHIP)/.keel $(FLAGSHIP)/reports $(FLAGSHIP)/data
+	$(BIN)/keel simulate -o $(FLAGSHIP)/data --seed 0
+	$(BIN)/keel train -s $(FLAGSHIP)/keel.toml
+	$(BIN)/keel models promote 1 --force --reason "make docs: first model" -s $(FLAGSHIP)/keel.toml || true
+	$(BIN)/keel docs -s $(FLAGSHIP)/keel.toml
+	$(BIN)/keel docs --check -s $(FLAGSHIP)/keel.toml
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -580,6 +580,40 @@ def reproduce(
     out.print(f"[green]All {len(rows)} recorded metrics reproduced.[/]")
 
 
+# --------------------------------------------------------------------------------------------------- docs
+@app.command()
+@handles_errors
+def docs(
+    spec: SpecOpt = Path("keel.toml"),
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Docs folder (default: docs/ beside the spec).")] = None,
+    check: Annotated[bool, typer.Option(help="Only check: fail while human parts are empty or docs are stale.")] = False,
+) -> None:
+    """Render the design doc, model cards, operating note and evidence pack from the spec and recorded runs.
+
+    The human parts live in docs/human/*.md (created with questions, never overwritten). With --check, exit 1
+    and name what is missing while any is empty, the spec lacks owner/goals, or the docs are out of date.
+
+    Example: [bold]keel docs -s examples/card-fraud/keel.toml[/] then open docs/site/index.html
+    """
+    from keel.docs import check_docs, write_docs
+
+    s = _load(spec)
+    if check:
+        problems = check_docs(s, out_dir)
+        for problem in problems:
+            out.print(f"[yellow]✗[/] {problem}", soft_wrap=True)
+        if problems:
+            raise typer.Exit(1)
+        out.print("[green]Docs complete and current.[/]")
+        return
+    result = write_docs(s, out_dir)
+    for created in result.human_created:
+        out.print(f"Created {created} — answer its questions.")
+    for problem in result.problems:
+        out.print(f"[yellow]to do:[/] {problem}", soft_wrap=True)
+    out.print(f"Docs: [bold]{result.index}[/] ({len(result.markdown)} Markdown files, {len(result.html)} pages)")
+
+
 # --------------------------------------------------------------------------------------------------- demo
 @app.command()
 @handles_errors
@@ -671,8 +705,15 @@ def demo(
         served = _demo_serve(s, history, live)
         steps.done(served, s.store_path(s.serving.prediction_log))
 
+    with steps("9. docs", "design doc, model cards, operating note, evidence pack, static site"):
+        from keel.docs import write_docs
+
+        site = write_docs(s)
+        steps.done(f"{len(site.markdown)} documents; {len(site.problems)} human parts still to write", site.index)
+
     out.print(f"\n[bold green]Demo finished[/] in {steps.total:.1f} s. Project folder: [bold]{out_dir}[/]")
-    out.print(f"Next: `keel serve -s {spec_path}` and the curl example in the README; `keel ui -s {spec_path}`")
+    out.print(f"Open [bold]{site.index}[/] (offline). Next: `keel serve -s {spec_path}` and the README's curl "
+              f"example; `keel ui -s {spec_path}`")
 
 
 def pd_timedelta(**kwargs: Any) -> Any:
