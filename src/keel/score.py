@@ -55,6 +55,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -569,23 +570,22 @@ def _score_local(
                     summary.history_rows = len(carry)
             sql = _select_sql(plan, plan.columns, f"({plan.reason_sql}) IS NULL", order=True)
             schema: pa.Schema | None = None
-            for chunk in _chunks(_stream(con, sql, min(chunk_rows, 1_000_000), source.describe()), chunk_rows):
-                new = chunk.to_pandas()
-                frame = new if carry is None or carry.empty else pd.concat([carry, new], ignore_index=True)
-                features = features_for_scoring(frame, plan)
-                n_old = len(frame) - len(new)
-                features = features.iloc[n_old:] if n_old else features
-                scores, decisions = score_features(features, model)
-                table = output_table(new[plan.key_columns], scores, decisions, model_version)
-                schema = table.schema
-                outputs.write(table)
-                stats.add(scores, decisions)
-                if plan.horizon_ns > 0:
-                    t = frame[plan.timestamp]
-                    carry = frame.loc[t > t.iloc[-1] - pd.Timedelta(plan.horizon_ns, unit="ns")].reset_index(drop=True)
-                done += len(new)
-                if progress is not None:
-                    progress(done, total)
+            chunks = _chunks(_stream(con, sql, min(chunk_rows, 1_000_000), source.describe()), chunk_rows)
+            # Features of the next chunk are computed in a second thread while this one predicts and writes
+            # (LightGBM and most NumPy work release the GIL), so the stages overlap instead of adding up.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-score") as pool:
+                pending = pool.submit(_prepare, chunks, carry, plan)
+                while (ready := pending.result()) is not None:
+                    new, features, carry = ready
+                    pending = pool.submit(_prepare, chunks, carry, plan)
+                    scores, decisions = score_features(features, model)
+                    table = output_table(new[plan.key_columns], scores, decisions, model_version)
+                    schema = table.schema
+                    outputs.write(table)
+                    stats.add(scores, decisions)
+                    done += len(new)
+                    if progress is not None:
+                        progress(done, total)
             if schema is None:
                 schema = output_table(
                     _empty_keys(con, plan), np.zeros(0), np.zeros(0, dtype=object), model_version
@@ -601,6 +601,28 @@ def _score_local(
         if rejects_tmp is not None:
             rejects_tmp.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
+
+
+def _prepare(
+    chunks: Iterator[pa.Table], carry: pd.DataFrame | None, plan: ScorePlan
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None] | None:
+    """Read the next chunk and compute its features over carry + chunk; None when the input is exhausted.
+
+    Returns the chunk's rows, their features, and the carry for the next chunk: every row newer than the
+    chunk's last time minus the horizon (the oldest event a later row's window can reach).
+    """
+    chunk = next(chunks, None)
+    if chunk is None:
+        return None
+    new = chunk.to_pandas()
+    frame = new if carry is None or carry.empty else pd.concat([carry, new], ignore_index=True)
+    features = features_for_scoring(frame, plan)
+    n_old = len(frame) - len(new)
+    features = features.iloc[n_old:] if n_old else features
+    if plan.horizon_ns > 0:
+        t = frame[plan.timestamp]
+        carry = frame.loc[t > t.iloc[-1] - pd.Timedelta(plan.horizon_ns, unit="ns")].reset_index(drop=True)
+    return new, features, carry
 
 
 def _empty_keys(con: Any, plan: ScorePlan) -> pd.DataFrame:
