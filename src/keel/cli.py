@@ -580,6 +580,37 @@ def reproduce(
     out.print(f"[green]All {len(rows)} recorded metrics reproduced.[/]")
 
 
+# ----------------------------------------------------------------------------------------------- pipeline
+pipeline_app = typer.Typer(help="The lifecycle as a cached DAG: validate, features, train, score, monitor.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("run")
+@handles_errors
+def pipeline_run(
+    spec: SpecOpt = Path("keel.toml"),
+    from_step: Annotated[str | None, typer.Option("--from", help="Re-run from this step on (validate, features, "
+                                                             "train, score, monitor).")] = None,
+) -> None:
+    """Run validate → features → train (+register) → score → monitor, skipping steps whose inputs did not change.
+
+    Prints a crontab line to schedule it. Exit codes follow the monitor step (0 ok, 1 warn, 2 act).
+
+    Example: [bold]keel pipeline run -s keel.toml --from train[/]
+    """
+    from keel.pipeline import cron_line, run_pipeline
+
+    s = _load(spec)
+    marks = {"running": "[cyan]…[/]", "ran": "[green]✓[/]", "cached": "[dim]=[/]", "skipped": "[yellow]-[/]"}
+
+    def show(step: str, status: str, message: str) -> None:
+        out.print(f"{marks.get(status, '?')} {step:<9} {status:<8} {message}", soft_wrap=True)
+
+    run_pipeline(s, start=from_step, on_event=show)
+    out.print(f"Schedule it: [bold]{cron_line(s, spec if spec.suffix == '.toml' else spec / 'keel.toml')}[/]")
+
+
 # --------------------------------------------------------------------------------------------------- docs
 @app.command()
 @handles_errors
