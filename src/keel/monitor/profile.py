@@ -137,7 +137,7 @@ def numeric_profile(name: str, values: Any, bins: int = 10, sketch_points: int =
     finite = np.sort(finite)
     lo, hi = float(finite[0]), float(finite[-1])
     if edges is None:
-        inner = (np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf") if bins > 1
+        inner = (np.quantile(finite, np.arange(1, bins) / bins, method="inverted_cdf") if bins > 1
                  else np.array([]))
         # Edges at or above the max would leave the top reference bin empty; values above the max are out of
         # range and reported apart.
@@ -147,8 +147,10 @@ def numeric_profile(name: str, values: Any, bins: int = 10, sketch_points: int =
         edges = np.unique(np.asarray(edges, dtype=np.float64))
     counts = bin_counts(finite, edges)
     distinct = np.unique(finite)
+    # Sketch points are reference values (inverted-CDF quantiles), a superset of the quantile bin edges, so a
+    # window's bin counts follow from its sketch counts (one search per value, not two).
     qs = distinct if len(distinct) <= sketch_points else np.unique(
-        np.quantile(finite, np.linspace(0, 1, sketch_points + 1)[1:]))
+        np.quantile(finite, np.arange(1, sketch_points + 1) / sketch_points, method="inverted_cdf"))
     cdf = np.searchsorted(finite, qs, side="right") / len(finite)
     return FeatureProfile(name=name, kind="numeric", n=n, missing=missing, edges=edges.tolist(),
                           counts=counts.tolist(), sketch=qs.tolist(), sketch_cdf=cdf.tolist(), min=lo, max=hi,
