@@ -143,7 +143,13 @@ def main() -> None:
         f"Scoring stage = {stage / bare:.0%} of bare predict (goal >= 70 %); whole job {e2e:,.0f} rows/s "
         f"(goal >= 300,000); whole job vs MLflow pyfunc predict alone: {e2e / pyf:.1f}x, scoring stage vs "
         f"pyfunc: {stage / pyf:.1f}x (goal >= 3x).",
+        f"By CPU time (less disturbed by other jobs): scoring stage {cpu_of(rows, 2) / cpu_of(rows, 1):.0%} of bare"
+        f" predict; whole job {n / cpu_of(rows, 0):,.0f} rows per CPU second.",
         *spark_lines,
+        "",
+        "MLflow's LightGBM `pyfunc` calls `Booster.predict` on the frame, i.e. the same compute as the floor: "
+        "a 3x margin over it is not reachable by any scorer that runs the same trees; the row compares our "
+        "whole job (features included) with pyfunc's predict alone.",
         "",
         "The end-to-end figure includes reading and sorting the Parquet input in DuckDB, the contract checks "
         "(rejects), every point-in-time feature (with the trailing history carried between chunks), scoring, "
@@ -156,6 +162,10 @@ def main() -> None:
     if not args.no_write:
         write_section("score", body)
         print("Updated bench/RESULTS.md")
+
+
+def cpu_of(rows: list[tuple[str, float, float]], index: int) -> float:
+    return rows[index][2]
 
 
 def bench_spark(
