@@ -223,11 +223,11 @@ def render_html(result: Any, *, spec: Any = None, title: str | None = None) -> s
         charts += 1
         last = np.nan_to_num(grid[:, -1], nan=-1)
         top = [names[i] for i in np.argsort(-last)[:5] if names[i] != SCORE]
-        series = {n: [w.columns[n].psi for w in drift] for n in [SCORE, *top] if n in drift[0].columns}
+        series: dict[str, Sequence[float | None]] = {n: [w.columns[n].psi for w in drift] for n in [SCORE, *top] if n in drift[0].columns}
         body.append(line_chart("chart-drift-lines", labels, series, y_label="PSI", hlines={"psi_act": act},
                                caption="PSI over time: the score and the most drifted features."))
         charts += 1
-        ks_series = {n: [w.columns[n].ks for w in drift] for n in [SCORE, *top] if n in drift[0].columns}
+        ks_series: dict[str, Sequence[float | None]] = {n: [w.columns[n].ks for w in drift] for n in [SCORE, *top] if n in drift[0].columns}
         body.append(line_chart("chart-drift-ks", labels, ks_series, y_label="KS statistic",
                                caption="Kolmogorov–Smirnov statistic over time (same columns)."))
         charts += 1

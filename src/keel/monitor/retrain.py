@@ -146,7 +146,7 @@ def retrain(spec: Any, *, dry_run: bool = False, as_of: datetime | str | None = 
     result.challenger_metrics = chal_metrics
     result.challenger_value = chal_metrics.get(metric)
     result.evaluation_rows = int(te.sum())
-    tt = ds.times[te]
+    tt = ds.times[te] if ds.times is not None else np.array([])
     result.evaluation_window = (str(pd.Timestamp(tt.min())), str(pd.Timestamp(tt.max()))) if len(tt) else None
     if champion is not None:
         missing = [c for c in champion.feature_names if c not in ds.frame.columns]

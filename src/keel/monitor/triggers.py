@@ -78,10 +78,10 @@ def _drift_value(w: WindowDrift, metric: str, feature: str | None) -> tuple[floa
             if np.isfinite(v) and (best[0] is None or v > best[0]):
                 best = (v, name)
         return best
-    col = w.columns.get(feature)
-    if col is None:
+    found = w.columns.get(feature)
+    if found is None:
         return None, feature
-    v = get(col)
+    v = get(found)
     return (v if np.isfinite(v) else None), feature
 
 
