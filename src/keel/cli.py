@@ -619,6 +619,52 @@ def score(
     out.print(f"Output {summary.output}; summary {summary.summary_path}")
 
 
+# ------------------------------------------------------------------------------------------ monitor, retrain
+@app.command()
+@handles_errors
+def monitor(
+    spec: SpecOpt = Path("keel.toml"),
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Evaluate as of this time (default: the log's newest).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default: .keel/monitor).")] = None,
+) -> None:
+    """Drift, delayed-label performance, training–serving skew and operations over the prediction log.
+
+    Writes monitor.json and a self-contained monitor.html; exits 0 (ok), 1 (warn) or 2 (act) so a scheduler can
+    retrain or roll back.
+
+    Example: [bold]keel monitor -s keel.toml || keel retrain -s keel.toml[/]
+    """
+    from keel.monitor.triggers import run_monitor
+
+    s = _load(spec)
+    with out.status("Monitoring the prediction log..."):
+        result = run_monitor(s, as_of=as_of, out_dir=out_dir or s.state_dir / "monitor")
+    out.print(result.summary(), soft_wrap=True)
+    if result.paths:
+        out.print(f"Report: [bold]{result.paths.get('html', next(iter(result.paths.values())))}[/]")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@handles_errors
+def retrain(
+    spec: SpecOpt = Path("keel.toml"),
+    dry_run: Annotated[bool, typer.Option(help="Show the plan (windows, rows) without training.")] = False,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Labels known by this time (default: now).")] = None,
+) -> None:
+    """Train a challenger on the latest labelled window; promote it only if it beats the champion on the same rows.
+
+    Example: [bold]keel retrain -s keel.toml --dry-run[/]
+    """
+    from keel.monitor.retrain import retrain as run_retrain
+
+    s = _load(spec)
+    with out.status("Retraining...") as status:
+        result = run_retrain(s, dry_run=dry_run, as_of=as_of,
+                             progress=lambda m: (status.update(m), out.print(f"   · {m}")))
+    out.print(result.summary(), soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 pipeline_app = typer.Typer(help="The lifecycle as a cached DAG: validate, features, train, score, monitor.",
                            no_args_is_help=True)

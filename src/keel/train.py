@@ -898,6 +898,10 @@ def record(outcome: TrainOutcome, registry: Any, *, artifacts: dict[str, Path] |
         tags={"definitions_hash": outcome.dataset.definitions_hash or "", "deployment": spec.project.deployment},
     )
     version = registry.register(info.run_id, alias="challenger", actor=actor, reason="trained by keel train")
+    from keel.monitor.profile import ensure_profile
+
+    # The reference profile monitoring compares against, computed once from the frame already in memory.
+    ensure_profile(spec, outcome.model, version.version, frame=outcome.dataset.frame)
     aliases = ["challenger"]
     note = "registered as challenger"
     if registry.resolve("champion") is None:

@@ -3,7 +3,8 @@
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keel.serve.routes.deps import ServiceDep
@@ -31,6 +32,13 @@ def ops_router() -> APIRouter:
     async def model(service: ServiceDep) -> Any:
         """The model being served: version, alias, threshold, training data reference and test metrics."""
         return service.model_description()
+
+    @router.get("/dashboard", include_in_schema=False, response_class=HTMLResponse)
+    async def dashboard(service: ServiceDep) -> Any:
+        """The monitoring report over this service's prediction log (self-contained HTML; computed on request)."""
+        from keel.monitor.report import dashboard_html
+
+        return HTMLResponse(await run_in_threadpool(dashboard_html, service.spec))
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics(service: ServiceDep) -> Response:
