@@ -88,7 +88,10 @@ def _time_ns(value: Any, column: str) -> int:
         raise FeatureError(f"The event's {column!r} value {value!r} is not a timestamp: {exc}.") from None
     if ts.tzinfo is not None:
         ts = ts.tz_convert("UTC").tz_localize(None)
-    return int(ts.as_unit("ns").value)
+    try:
+        return int(ts.as_unit("ns").value)
+    except (OverflowError, ValueError) as exc:  # outside 1677..2262: nanoseconds do not fit in 64 bits
+        raise FeatureError(f"The event's {column!r} value {value!r} is out of range: {exc}.") from None
 
 
 def _number(value: Any) -> float:

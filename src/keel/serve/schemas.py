@@ -41,10 +41,16 @@ def _timestamp_text(value: Any) -> Any:
     return value
 
 
+EARLIEST = datetime(1970, 1, 1)
+
+
 def _future_check(skew: timedelta, column: str) -> Any:
     def check(value: datetime) -> datetime:
         if value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
+        if value < EARLIEST:
+            # Times before the epoch are typos (0001-01-01) and would overflow the stores' nanosecond clocks.
+            raise ValueError(f"{column} {value.isoformat()} is before 1970-01-01; check the value")
         limit = datetime.now(UTC).replace(tzinfo=None) + skew
         if value > limit:
             raise ValueError(
@@ -182,7 +188,7 @@ class ModelResponse(BaseModel):
     alias: str
     kind: str | None = None
     threshold: float | None = None
-    abstain_band: tuple[float, float] | None = None
+    abstain_band: list[float] | None = Field(None, min_length=2, max_length=2)
     positive_action: str | None = None
     negative_action: str | None = None
     feature_names: list[str] = Field(default_factory=list)

@@ -26,7 +26,8 @@ def admin_router() -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"])
 
     @router.post("/reload", response_model=ReloadResponse,
-                 responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+                 responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                            503: {"model": ErrorResponse}})
     async def reload(request: Request, service: ServiceDep,
                      x_api_key: Annotated[str | None, Header(description=f"Equal to env {API_KEY_ENV}.")] = None,
                      force: bool = False) -> Any:
