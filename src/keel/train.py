@@ -222,9 +222,11 @@ def fit_candidate(kind: str, params: dict[str, Any], X: np.ndarray, y: np.ndarra
     weights = np.where(y == 1, w_pos, 1.0)
     if kind == "hist_gradient_boosting":
         from sklearn.ensemble import HistGradientBoostingClassifier
+        from threadpoolctl import threadpool_limits
 
         model = HistGradientBoostingClassifier(random_state=seed, early_stopping=False, **params)
-        return model.fit(X, y, sample_weight=weights)
+        with threadpool_limits(limits=threads or None, user_api="openmp"):  # OpenMP spins on a busy machine
+            return model.fit(X, y, sample_weight=weights)
     if kind == "random_forest":
         from sklearn.ensemble import RandomForestClassifier
 
@@ -248,7 +250,10 @@ def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.nda
         return np.asarray(model.predict(X, num_threads=threads), dtype=float)
     if hasattr(model, "features_"):  # Keel baselines read named columns
         X = pd.DataFrame(X, columns=model.features_)
-    return np.asarray(model.predict_proba(X)[:, 1], dtype=float)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads or None, user_api="openmp"):
+        return np.asarray(model.predict_proba(X)[:, 1], dtype=float)
 
 
 def _trial_params(family: str, trial: int, class_weight: str, rng: np.random.Generator) -> dict[str, Any]:
