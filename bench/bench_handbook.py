@@ -1,0 +1,89 @@
+"""The handbook's protocol on its published data, beside the handbook's published results.
+
+Runs `keel train --protocol prequential` with bench/handbook/keel.toml (a plain spec: the handbook's 15
+features, 7-day train / 7-day delay / 7-day test blocks, 4 folds shifted by 7 days, known-compromised cards
+removed from test, hyper-parameters chosen on the validation folds only) and writes the `handbook` section of
+bench/RESULTS.md.
+
+    python bench/bench_handbook.py            # about 10-20 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from results import HERE, machine, reference_dir, write_section
+
+# Handbook ch. 6 (prequential test results at the best validation parameters): AUC, AP, CP@100.
+PUBLISHED = {
+    "decision tree": (0.797, 0.579, 0.284),
+    "logistic regression": (0.868, 0.623, 0.297),
+    "random forest": (0.870, 0.678, 0.299),
+    "XGBoost": (0.869, 0.687, 0.303),
+    "balanced bagging": (0.879, 0.680, 0.305),
+    "feed-forward net": (0.876, 0.675, 0.303),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--trials", type=int, default=None, help="override models.search_trials")
+    args = parser.parse_args()
+    ref = reference_dir()
+    if ref is None:
+        print("Handbook data not found (../shared/data/fraud-handbook or $KEEL_REFERENCE_DIR); nothing measured.")
+        return
+    from keel.spec import load_spec
+    from keel.train import train
+
+    spec = load_spec(HERE / "handbook" / "keel.toml")
+    data = spec.data.model_copy(update={"source": str(ref / "simulated_raw_2018-04-01_2018-09-30.parquet")})
+    models = spec.models if args.trials is None else spec.models.model_copy(update={"search_trials": args.trials})
+    spec = spec.model_copy(update={"data": data, "models": models})
+    t0 = time.perf_counter()
+    outcome = train(spec, progress=lambda m: print("  ·", m, flush=True))
+    seconds = time.perf_counter() - t0
+
+    def fmt(e, m):  # type: ignore[no-untyped-def]
+        return f"{e.test[m]:.3f} ± {e.test[m + '_std']:.3f}"
+
+    lines = [
+        "## Handbook protocol on the published data",
+        "",
+        f"{machine()} {len(outcome.dataset.y):,} transactions; train {seconds / 60:.1f} min in all "
+        f"(search: {outcome.search_budget['families']}).",
+        "Reproduce: `python bench/bench_handbook.py` (spec: `bench/handbook/keel.toml`, "
+        "`keel train --protocol prequential`).",
+        "",
+        "Keel (mean ± std over the 4 prequential test folds; hyper-parameters chosen on the 4 validation folds):",
+        "",
+        "| model | role | ROC AUC | average precision | Card Precision@100 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for e in outcome.evaluated:
+        chosen = " (chosen on validation)" if e is outcome.best else ""
+        lines.append(f"| {e.name}{chosen} | {e.role} | {fmt(e, 'roc_auc')} | {fmt(e, 'average_precision')} | "
+                     f"{fmt(e, 'card_precision_at_k')} |")
+    lines += ["", "Published (handbook ch. 6, same protocol, prequential test at best validation parameters):", "",
+              "| model | ROC AUC | average precision | Card Precision@100 |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {auc:.3f} | {ap:.3f} | {cp:.3f} |" for name, (auc, ap, cp) in PUBLISHED.items()]
+    best = outcome.best
+    ap, cp = best.test["average_precision"], best.test["card_precision_at_k"]
+    beaten_ap = [n for n, v in PUBLISHED.items() if ap > v[1]]
+    beaten_cp = [n for n, v in PUBLISHED.items() if cp > v[2]]
+    verdict = ("beats every published row on both AP and CP@100" if len(beaten_ap) == len(beaten_cp) == len(PUBLISHED)
+               else f"beats {len(beaten_ap)}/{len(PUBLISHED)} published rows on AP and "
+                    f"{len(beaten_cp)}/{len(PUBLISHED)} on CP@100")
+    lines += ["", f"Chosen model **{best.name}** ({best.params}): {verdict} "
+              f"(AP {ap:.3f} vs best published {max(v[1] for v in PUBLISHED.values()):.3f}; "
+              f"CP@100 {cp:.3f} vs {max(v[2] for v in PUBLISHED.values()):.3f})."]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("handbook", text)
+
+
+if __name__ == "__main__":
+    main()
