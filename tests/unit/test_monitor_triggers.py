@@ -167,3 +167,30 @@ def test_warn_level_and_missing_log(tmp_path: Path) -> None:
     assert any(f.feature == "tx_amount" for f in result.fired)
     with pytest.raises(MonitorError, match="No prediction log"):
         run_monitor(spec, log_path=tmp_path / "missing.sqlite", profile=_profile())
+
+
+def test_calendar_features_do_not_raise_implicit_drift_warnings_in_short_windows() -> None:
+    from pathlib import Path
+
+    from keel.monitor.triggers import calendar_features
+    from keel.spec import load_spec
+
+    flagship = load_spec(Path(__file__).resolve().parents[2] / "examples" / "card-fraud" / "keel.toml")
+    assert calendar_features(flagship) == {"tx_during_weekend"}  # daily windows: weekend share is the calendar
+    weekly = flagship.model_copy(update={"monitoring": flagship.monitoring.model_copy(
+        update={"window": __import__("datetime").timedelta(days=7)})})
+    assert calendar_features(weekly) == set()
+
+
+def test_implicit_psi_warnings_skip_only_the_named_calendar_features() -> None:
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from keel.monitor.triggers import implicit_drift_findings
+
+    window = SimpleNamespace(start=datetime(2018, 9, 1), columns={
+        "tx_during_weekend": SimpleNamespace(psi=2.3), "tx_amount": SimpleNamespace(psi=0.5),
+        "score": SimpleNamespace(psi=0.05)})
+    names = {f.feature for f in implicit_drift_findings([window], 0.2, skip={"tx_during_weekend"})}
+    assert names == {"tx_amount"}
+    assert {f.feature for f in implicit_drift_findings([window], 0.2)} == {"tx_amount", "tx_during_weekend"}

@@ -18,9 +18,9 @@ that fired: ``ok`` (exit 0), ``warn`` (1), ``act`` (2).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +142,26 @@ def evaluate_triggers(triggers: Sequence[Any], rows: Sequence[Mapping[str, Any]]
     return out
 
 
-def implicit_drift_findings(drift: Sequence[WindowDrift], psi_act: float) -> list[Firing]:
-    """A ``warn`` for each column whose PSI in the latest window reaches ``psi_act``."""
+def calendar_features(spec: Any) -> set[str]:
+    """Row features whose distribution within one monitoring window is set by the calendar, not by the data:
+    weekday/weekend in windows shorter than a week, hour/night in windows shorter than a day."""
+    window = spec.monitoring.window
+    weekly = {"is_weekend", "weekday"} if window < timedelta(days=7) else set()
+    daily = {"is_night", "hour"} if window < timedelta(days=1) else set()
+    return {r.name for r in spec.features.row if r.kind in weekly | daily}
+
+
+def implicit_drift_findings(drift: Sequence[WindowDrift], psi_act: float, skip: Iterable[str] = ()) -> list[Firing]:
+    """A ``warn`` for each column whose PSI in the latest window reaches ``psi_act`` (``skip``: calendar features,
+    whose PSI in a short window measures the calendar — a Saturday is all weekend — not a drift)."""
     if not drift:
         return []
     last = drift[-1]
     out = []
+    skipped = set(skip)
     for name, col in last.columns.items():
+        if name in skipped:
+            continue
         if np.isfinite(col.psi) and col.psi >= psi_act:
             out.append(Firing(name=f"psi {name}", metric="psi", feature=name, level="warn", above=psi_act, windows=1,
                               fired=True, streak=1, values=[{"window": last.start.isoformat(), "value": col.psi}],
@@ -275,7 +288,7 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
         skew_report = check_skew(spec, path, sample=mon.skew_sample, end=when)
     firings = evaluate_triggers(mon.triggers, window_metrics(drift, ops, perf),
                                 skew_rate=skew_report.max_rate if skew_report is not None else None)
-    firings += implicit_drift_findings(drift, mon.psi_act)
+    firings += implicit_drift_findings(drift, mon.psi_act, skip=calendar_features(spec))
     level = max((f.level for f in firings if f.fired), key=lambda lv: LEVELS[lv], default="ok")
     result = MonitorResult(level=level, as_of=when, model=spec.project.name, version=version, drift=drift,
                            performance=perf, operations=ops, firings=firings, skew=skew_report, profile=profile,
