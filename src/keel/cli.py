@@ -735,10 +735,11 @@ def docs(
 @handles_errors
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo project (created).")] = Path("demo-out"),
-    customers: Annotated[int, typer.Option(help="Customers to simulate.")] = 5000,
-    terminals: Annotated[int, typer.Option(help="Terminals to simulate.")] = 10000,
-    days: Annotated[int, typer.Option(help="Days to simulate (history + live).")] = 183,
-    live_days: Annotated[int, typer.Option(help="Last days served through the API, with a drift injected.")] = 21,
+    customers: Annotated[int, typer.Option(help="Customers to simulate.")] = 2000,
+    terminals: Annotated[int, typer.Option(help="Terminals to simulate.")] = 4000,
+    days: Annotated[int, typer.Option(help="Days to simulate (history + live).")] = 150,
+    live_days: Annotated[int, typer.Option(help="Last days served through the API, with a drift injected; "
+                                                "retraining needs about 5 weeks of them.")] = 42,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     fresh: Annotated[bool, typer.Option(help="Delete the folder first.")] = True,
 ) -> None:
@@ -756,9 +757,9 @@ def demo(
     from keel.data.sources import source_from_spec
     from keel.io import atomic_path
 
-    if live_days < 1 or live_days >= days - 35:
-        raise KeelError(f"--live-days must be between 1 and days - 35 ({days - 35}) so that training has history. "
-                        f"Got {live_days} instead.")
+    if live_days < 1 or live_days > days - 65:
+        raise KeelError(f"--live-days must be between 1 and days - 65 ({days - 65}): training needs 30 days of "
+                        f"feature warm-up and 35 days of windows. Got {live_days} instead.")
     flagship = Path(__file__).parent / "examples" / "card-fraud.toml"
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -770,7 +771,7 @@ def demo(
 
     with steps("1. simulate", f"{days} days with the handbook's process; a drift injected from day {shift_day}"):
         sim = run_simulation(n_customers=customers, n_terminals=terminals, n_days=days, seed=seed,
-                             shift=make_shift(shift_day, amount_factor=1.3, new_fraud=True))
+                             shift=make_shift(shift_day, amount_factor=1.6, new_fraud=True))
         paths = write_simulation(sim, out_dir / "data")
         tx = sim.transactions
         live_start = tx["tx_datetime"].min().normalize() + pd_timedelta(days=shift_day)
@@ -781,7 +782,7 @@ def demo(
             live.to_parquet(tmp, index=False)
         steps.done(f"{len(history):,} history transactions (fraud {history['tx_fraud'].mean():.3%}); "
                    f"{len(live):,} live ones from {live_start:%Y-%m-%d} (fraud {live['tx_fraud'].mean():.3%}, "
-                   "prices ×1.3, a new card-testing pattern)", paths["transactions"])
+                   "prices ×1.6, a new card-testing pattern)", paths["transactions"])
 
     s = _load(spec_path)
     with steps("2. validate", "the data contract declared in keel.toml"):
@@ -830,7 +831,29 @@ def demo(
         steps.done(f"{scored.rows:,} rows ({counts}; {scored.rejected:,} rejected) in "
                    f"{scored.seconds:.1f} s", scored.output)
 
-    with steps("9. docs", "design doc, model cards, operating note, evidence pack, static site"):
+    with steps("8. ingest", "the warehouse catches up: live events join the source table (labels as known)"):
+        with atomic_path(paths["transactions"]) as tmp:
+            pd_concat([history, live]).to_parquet(tmp, index=False)
+        steps.done(f"{len(history) + len(live):,} rows in the source; retraining uses only labels older than "
+                   f"{s.data.label_delay.days} days", paths["transactions"])
+
+    with steps("9. monitor", "drift, delayed-label performance, skew and operations over the prediction log"):
+        from keel.monitor.triggers import run_monitor
+
+        monitored = run_monitor(s, out_dir=s.state_dir / "monitor")
+        fired = [f for f in monitored.firings if f.fired]
+        steps.done(f"level {monitored.level.upper()} (exit code {monitored.exit_code}); fired: "
+                   f"{'; '.join(f'{f.name} ({f.reason})' for f in fired) or 'nothing'}",
+                   monitored.paths.get("html"))
+
+    with steps("10. retrain", "a challenger on the latest labelled window, compared on the same rows"):
+        from keel.monitor.retrain import retrain as run_retrain
+
+        retrained = run_retrain(s, progress=lambda m: out.print(f"   · {m}"))
+        steps.done(retrained.decision or ("promoted" if retrained.promoted else "champion kept"),
+                   s.state_dir / "mlflow.db")
+
+    with steps("11. docs", "design doc, model cards, operating note, evidence pack, static site"):
         from keel.docs import write_docs
 
         site = write_docs(s)
@@ -845,6 +868,12 @@ def pd_timedelta(**kwargs: Any) -> Any:
     import pandas as pd
 
     return pd.Timedelta(**kwargs)
+
+
+def pd_concat(frames: list[Any]) -> Any:
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
 
 
 def _demo_serve(s: Any, history: Any, live: Any) -> str:
