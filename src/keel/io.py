@@ -44,6 +44,22 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         raise
 
 
+def swap_into_place(tmp: str | Path, target: str | Path) -> None:
+    """Rename ``tmp`` (file or folder) to ``target``, replacing a file or folder there with renames only.
+
+    A folder in the way is first renamed aside, then deleted, so readers see the old or the new, never a mix.
+    """
+    tmp, target = Path(tmp), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it takes ``target``'s place as a whole."""
@@ -55,13 +71,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -81,4 +91,4 @@ def atomic_write_json(target: str | Path, value: Any) -> Path:
     return atomic_write_text(target, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "swap_into_place"]

@@ -79,7 +79,7 @@ from keel.features.definitions import (
     window_definitions,
 )
 from keel.features.offline import compute_features, to_ns
-from keel.io import atomic_write_json
+from keel.io import atomic_write_json, swap_into_place
 
 if TYPE_CHECKING:
     from keel.artifact import DecisionModel
@@ -360,17 +360,6 @@ def _output_paths(output: Path, partition_by_day: bool, rejects: Path | None) ->
     return output.with_name(stem + ".summary.json"), rejects or output.with_name(stem + ".rejects.parquet")
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """``os.replace`` a file into place; a folder in the way (an earlier Spark run) is swapped out first."""
-    if target.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / "x")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 class _Outputs:
     """Temporary Parquet files beside their targets; :meth:`commit` renames them all, :meth:`discard` deletes."""
 
@@ -421,7 +410,7 @@ class _Outputs:
         for tmp, target in self.pending:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            _move_into_place(tmp, target)
+            swap_into_place(tmp, target)
             if self.partition_by_day:  # parts an earlier Spark run left in the same day folder
                 for stale in target.parent.glob("part-*"):
                     stale.unlink()
@@ -594,7 +583,7 @@ def _score_local(
         summary.rows = stats.rows
         stats.fill(summary)
         summary.partitions = outputs.commit()
-        _move_into_place(rejects_tmp, rejects_path)
+        swap_into_place(rejects_tmp, rejects_path)
         rejects_tmp = None
     finally:
         outputs.discard()

@@ -59,6 +59,7 @@ from keel.features.definitions import (
     window_definitions,
 )
 from keel.features.offline import compute_features
+from keel.io import swap_into_place
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -251,18 +252,6 @@ def _scoring_fn(plan: ScorePlan, broadcast: Any, digest: str, model_version: str
 
 
 # --------------------------------------------------------------------------------------------- moving into place
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Put the folder ``tmp`` at ``target`` (replacing a file or folder there) with renames only."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / "x")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def _tidy(folder: Path) -> None:
     """Drop Hadoop's checksum files so the folder holds only Parquet parts."""
     for crc in folder.rglob(".*.crc"):
@@ -377,12 +366,12 @@ def score_spark(
         if partition_by_day:
             days = sorted(p.name for p in data_tmp.iterdir() if p.is_dir() and p.name.startswith("date="))
             for day in days:
-                _swap_in(data_tmp / day, output / day)
+                swap_into_place(data_tmp / day, output / day)
             summary.partitions = days
         else:
-            _swap_in(data_tmp, output)
+            swap_into_place(data_tmp, output)
         _tidy(rejects_tmp / "data")
-        _swap_in(rejects_tmp / "data", rejects_path)
+        swap_into_place(rejects_tmp / "data", rejects_path)
     except Exception as exc:
         if type(exc).__module__.startswith(("pyspark", "py4j")):
             raise ScoringError(
