@@ -91,7 +91,7 @@ def test_swapped_manifest_is_refused(tmp_path: Path, data) -> None:
     a = lightgbm_model(x, y).save(tmp_path / "a")
     b = lightgbm_model(x, 1 - y).save(tmp_path / "b")
     (a / "manifest.json").write_text((b / "manifest.json").read_text())
-    with pytest.raises(IntegrityError, match="SHA-256|bytes"):
+    with pytest.raises(IntegrityError, match=r"SHA-256|bytes"):
         DecisionModel.load(a)
 
 
