@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,33 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def sweep_stale_temporaries(target: str | Path, older_than: float) -> list[Path]:
+    """Delete ``.<target name>.*.tmp`` files beside ``target`` last modified before ``older_than`` (epoch seconds).
+
+    Temporary files are named that way by every atomic writer here; one older than the current process's start
+    belongs to a run that was killed before it could clean up.
+    """
+    target = Path(target)
+    removed = []
+    if target.parent.is_dir():
+        for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+            try:
+                if leftover.stat().st_mtime < older_than:
+                    leftover.unlink()
+                    removed.append(leftover)
+            except FileNotFoundError:  # another run swept it first
+                pass
+    return removed
+
+
+def process_start_time() -> float:
+    """When Keel was imported in this process (epoch seconds); temporaries older than that belong to dead runs."""
+    return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def swap_into_place(tmp: str | Path, target: str | Path) -> None:

@@ -79,7 +79,7 @@ from keel.features.definitions import (
     window_definitions,
 )
 from keel.features.offline import compute_features, to_ns
-from keel.io import atomic_write_json, swap_into_place
+from keel.io import atomic_write_json, process_start_time, swap_into_place, sweep_stale_temporaries
 
 if TYPE_CHECKING:
     from keel.artifact import DecisionModel
@@ -671,6 +671,7 @@ def score(
             f"With partition_by_day the output is a folder of date=YYYY-MM-DD partitions, not the file {output}.",
             hint="Name a folder (e.g. scores/) or drop --partition-by-day.",
         )
+    sweep_stale_temporaries(output, older_than=process_start_time())  # litter of runs killed mid-write
     summary = ScoreSummary(
         engine=engine,
         model_version=model_version,

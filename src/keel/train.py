@@ -918,9 +918,10 @@ def record(outcome: TrainOutcome, registry: Any, *, artifacts: dict[str, Path] |
         if losing:
             note = f"left as challenger: it does not beat {', '.join(losing)} on {metric}"
         else:
-            registry.promote(version.version, actor=actor, reason="first model; beats every baseline")
+            registry.promote(version.version, actor=actor,
+                             reason=f"first model; beats every baseline on test {metric} (point estimates)")
             aliases.append("champion")
-            note = "promoted to champion (first model; beats every baseline)"
+            note = f"promoted to champion (first model; beats every baseline on test {metric}, point estimates)"
     return Registered(run_id=info.run_id, version=version.version, aliases=aliases, note=note)
 
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from keel.features.definitions import (
     validate_schema,
     window_definitions,
 )
+from keel.io import process_start_time
 
 _NS_PER_S = 1_000_000_000
 _PARALLEL_ROWS = 200_000
@@ -738,7 +740,11 @@ def build_feature_table(
     new_rows = features.loc[keep].reset_index(drop=True)
     if full_rebuild:
         table.mkdir(parents=True, exist_ok=True)
-    part = f"part-{len(parts):05d}.parquet"
+    for leftover in table.glob(".*.tmp"):  # litter of builds killed mid-write
+        if leftover.stat().st_mtime < process_start_time():
+            leftover.unlink(missing_ok=True)
+    # A name no lineage lists yet: a rebuild killed before its lineage is written leaves the old table whole.
+    part = f"part-{len(parts):05d}-{uuid.uuid4().hex[:8]}.parquet"
     _write_atomic(table / part, lambda tmp: new_rows.to_parquet(tmp, index=False))
     parts.append(part)
     max_event = str(pd.to_datetime(frame[timestamp]).max()) if len(frame) else None

@@ -282,6 +282,12 @@ def run(spec: Any, host: str | None = None, port: int | None = None, workers: in
             " windows would miss events other workers handled.",
             hint="Use one worker per process (scale out with a router keyed by entity), or --workers 1.",
         )
+    if model_path is not None:
+        # An explicit path is a promise: refuse to start on a typo or a tampered folder, rather than serving the
+        # fallback rule alone (a registry alias may legitimately have no model yet; a path may not).
+        from keel.artifact import verify_manifest
+
+        verify_manifest(Path(model_path))
     configure_logging(log_level)
     if workers > 1:
         os.environ[_SPEC_ENV] = json.dumps({"content": spec.content(), "root": str(spec.root), "log_level": log_level})
