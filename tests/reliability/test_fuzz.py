@@ -1,7 +1,9 @@
 """Fuzzing: the API against its own OpenAPI document (schemathesis), the spec loader and the data contract
 (hypothesis). Bounded example counts keep this file in the default suite.
 
-Known defects found here are pinned as strict xfails (they pass once fixed and then must lose the mark).
+Defects this file found (all fixed in e260c22, kept as regression tests): event/label times outside the
+store's clock range degraded /ready; the OpenAPI document of GET /v1/model (abstain_band) and of the admin 422
+body did not match the service.
 """
 
 from __future__ import annotations
@@ -69,9 +71,7 @@ def _has_message(response: Any) -> bool:
     return isinstance(body, dict) and isinstance(body.get("detail"), str) and len(body["detail"]) > 3
 
 
-# Two places where the document disagrees with the service, pinned by the xfail tests below; the fuzz test
-# skips only the response-schema check there so it still checks everything else.
-_KNOWN_SCHEMA_BUGS = {("GET", "/v1/model", 200), ("POST", "/admin/reload", 422)}
+_KNOWN_SCHEMA_BUGS: set[tuple[str, str, int]] = set()  # (method, path, status) to skip the schema check for
 
 
 _OPERATIONS: dict[int, list[Any]] = {}
@@ -125,14 +125,6 @@ def test_every_endpoint_answers_without_5xx_and_every_4xx_has_a_message(
         assert statuses["POST /v1/predict"].get(200, 0) > 0, statuses
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an event or label time outside pandas' nanosecond range (before 1677 or after 2262; e.g. at='0001-01-01')"
-    " passes the request schema, then overflows SQLite INTEGER in OnlineStore (_time_ns has no bounds), so the"
-    " store is marked failed and /ready turns 503 (degraded) until the next good /v1/predict. One bad label"
-    " request can take the instance out of a load balancer. FIX: bound timestamps in serve/schemas.py"
-    " (AfterValidator refusing times before 1970-01-01 or after now + max_future_skew, 422 naming the field) and"
-    " raise FeatureError in online._time_ns for out-of-range times; treat a bad item in add_labels as a 422,"
-    " not a store failure."))
 @pytest.mark.parametrize("route", ["labels", "predict"])
 def test_an_out_of_range_time_is_refused_and_does_not_degrade_the_service(
         app_client: tuple[Any, TestClient], fuzz_project: Project, route: str) -> None:
@@ -152,10 +144,6 @@ def test_an_out_of_range_time_is_refused_and_does_not_degrade_the_service(
     assert ("tx_datetime" if route == "predict" else "labels[0].at") in r.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, raises=schemathesis.core.errors.InvalidSchema, reason=(
-    "BUG: ModelResponse.abstain_band is tuple[float, float] | None, which FastAPI renders as 'items: [..]' (an"
-    " array), invalid in OpenAPI 3.1, so clients generated from /openapi.json break on GET /v1/model. FIX: declare"
-    " it as list[float] | None with Field(min_length=2, max_length=2) in serve/schemas.py."))
 def test_model_description_matches_its_documented_schema(app_client: tuple[Any, TestClient]) -> None:
     app, client = app_client
     op = next(o for o in _operations(app) if o.path == "/v1/model")
@@ -163,10 +151,6 @@ def test_model_description_matches_its_documented_schema(app_client: tuple[Any, 
     case.validate_response(client.get("/v1/model"), checks=[response_schema_conformance])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: POST /admin/reload does not declare its 422 body, so OpenAPI shows FastAPI's default (detail: array)"
-    " while the service answers {'detail': str, 'errors': [...]}. FIX: add 422: {'model': ErrorResponse} to the"
-    " route's responses (or replace HTTPValidationError in the generated document once, in create_app)."))
 def test_admin_422_matches_its_documented_schema(app_client: tuple[Any, TestClient]) -> None:
     app, client = app_client
     op = next(o for o in _operations(app) if o.path == "/admin/reload")

@@ -144,12 +144,6 @@ def test_model_path_outside_any_artifact_is_refused_by_the_service(proj: Project
         _assert_refused(client, proj, f"PathProvider('{model}') points at no model version")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DESIGN GAP: `keel serve --model ../../etc` (a folder with no manifest.json) starts uvicorn and serves the"
-    " fallback rule only, degraded, instead of refusing to start; a typo in --model silently turns the model off."
-    " Degraded start is right for a registry alias (it may be promoted later) but not for an explicit path."
-    " FIX in serve/app.py run(): when model_path is given, call verify_manifest(Path(model_path)) before"
-    " uvicorn.run and let the IntegrityError reach the CLI (exit 2)."))
 def test_keel_serve_with_a_model_path_outside_any_artifact_exits_2(proj: Project,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
