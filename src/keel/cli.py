@@ -909,6 +909,15 @@ def _demo_serve(s: Any, history: Any, live: Any) -> str:
     with TestClient(create_app(s)) as client, out_progress() as bar:
         task = bar.add_task("serving live days", total=len(live))
         for day in sorted(days.unique()):
+            # Labels that become known during the day go in first, each with its own known-at time: the store
+            # counts a label only for events at or after it, exactly as the offline pipeline does.
+            due = pending[(pending["at"] > day) & (pending["at"] <= day + pd.Timedelta(days=1))]
+            for chunk in range(0, len(due), s.serving.max_batch):
+                part = due.iloc[chunk:chunk + s.serving.max_batch]
+                body = [{"event_id": int(r[data.id_column]), "label": float(r[data.label]),
+                         "at": r["at"].isoformat()} for r in part.to_dict("records")]
+                client.post("/v1/labels", json={"labels": body}).raise_for_status()
+                labels_posted += len(body)
             todays = live[days == day]
             for chunk in range(0, len(todays), s.serving.max_batch):
                 part = todays.iloc[chunk:chunk + s.serving.max_batch]
@@ -921,13 +930,6 @@ def _demo_serve(s: Any, history: Any, live: Any) -> str:
                     decisions[item["decision"]] = decisions.get(item["decision"], 0) + 1
                     fallbacks += bool(item["fallback"])
                 bar.advance(task, len(part))
-            due = pending[(pending["at"] > day) & (pending["at"] <= day + pd.Timedelta(days=1))]
-            for chunk in range(0, len(due), s.serving.max_batch):
-                part = due.iloc[chunk:chunk + s.serving.max_batch]
-                body = [{"event_id": int(r[data.id_column]), "label": float(r[data.label]),
-                         "at": r["at"].isoformat()} for r in part.to_dict("records")]
-                client.post("/v1/labels", json={"labels": body}).raise_for_status()
-                labels_posted += len(body)
         one = live.iloc[-1]
         single = client.post("/v1/predict", json={k: (one[k].isoformat() if hasattr(one[k], "isoformat") else
                                                       one[k].item() if hasattr(one[k], "item") else one[k])

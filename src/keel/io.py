@@ -45,22 +45,29 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
         raise
 
 
-def sweep_stale_temporaries(target: str | Path, older_than: float) -> list[Path]:
-    """Delete ``.<target name>.*.tmp`` files beside ``target`` last modified before ``older_than`` (epoch seconds).
+def sweep_stale_temporaries(target: str | Path, older_than: float, patterns: tuple[str, ...] = (".{}.*.tmp",)
+                            ) -> list[Path]:
+    """Delete temporaries beside ``target`` (files or folders matching ``patterns``, ``{}`` = the target's name)
+    last modified before ``older_than`` (epoch seconds).
 
-    Temporary files are named that way by every atomic writer here; one older than the current process's start
-    belongs to a run that was killed before it could clean up.
+    Every atomic writer here names its temporaries ``.<target name>.<random>.tmp``; one older than the current
+    process's start belongs to a run that was killed before it could clean up.
     """
     target = Path(target)
     removed = []
     if target.parent.is_dir():
-        for leftover in target.parent.glob(f".{target.name}.*.tmp"):
-            try:
-                if leftover.stat().st_mtime < older_than:
-                    leftover.unlink()
+        for pattern in patterns:
+            for leftover in target.parent.glob(pattern.format(target.name)):
+                try:
+                    if leftover.stat().st_mtime >= older_than:
+                        continue
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink()
                     removed.append(leftover)
-            except FileNotFoundError:  # another run swept it first
-                pass
+                except FileNotFoundError:  # another run swept it first
+                    pass
     return removed
 
 

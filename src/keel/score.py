@@ -671,7 +671,10 @@ def score(
             f"With partition_by_day the output is a folder of date=YYYY-MM-DD partitions, not the file {output}.",
             hint="Name a folder (e.g. scores/) or drop --partition-by-day.",
         )
-    sweep_stale_temporaries(output, older_than=process_start_time())  # litter of runs killed mid-write
+    # Litter of runs killed mid-write: temporaries of every file this run writes, and DuckDB's spill folder.
+    started = process_start_time()
+    for written in (output, *_output_paths(output, partition_by_day, Path(rejects) if rejects else None)):
+        sweep_stale_temporaries(written, older_than=started, patterns=(".{}.*.tmp", ".{}.spill.*"))
     summary = ScoreSummary(
         engine=engine,
         model_version=model_version,

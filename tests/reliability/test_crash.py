@@ -278,11 +278,6 @@ def test_a_rerun_sweeps_temporary_files_left_by_a_killed_run(build_project: Proj
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor, left from the 0156367 fix): a rerun sweeps '.scores.parquet.*.tmp' left by a SIGKILLed run but"
-    " not the rejects temporary '.scores.rejects.parquet.*.tmp' nor the DuckDB spill folder"
-    " '.scores.parquet.spill.*' written beside it, so those still accumulate (the spill folder can be large)."
-    " FIX in score.py: sweep dead temporaries for every path the run writes (output, rejects, spill folder)."))
 def test_a_rerun_sweeps_the_rejects_temporary_and_spill_folder_of_a_killed_run(build_project: Project, tmp_path: Path) -> None:
     out = tmp_path / "out" / "scores.parquet"
     out.parent.mkdir(parents=True)
