@@ -42,6 +42,7 @@ from scipy.spatial.distance import jensenshannon
 
 from keel.errors import MonitorError
 from keel.monitor.profile import OTHER, SCORE, FeatureProfile, Profile
+from keel.serve.predlog import iso
 
 # --- statistics from counts --------------------------------------------------------------------------------
 
@@ -351,15 +352,6 @@ LOG_COLUMNS = ("seq", "event_time", "time", "event_id", "score", "decision", "mo
                "fallback_reason", "stale", "latency_ms", "request_id")
 
 
-def _iso(value: datetime | str | None) -> str | None:
-    if value is None:
-        return None
-    ts = pd.Timestamp(value)
-    if ts.tzinfo is not None:
-        ts = ts.tz_convert("UTC").tz_localize(None)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
-
-
 def _json_path(name: str) -> str:
     return '$."' + name.replace('"', '\\"') + '"'
 
@@ -391,10 +383,10 @@ def iter_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
         where, wparams = [], []
         if start is not None:
             where.append("event_time >= ?")
-            wparams.append(_iso(start))
+            wparams.append(iso(start))
         if end is not None:
             where.append("event_time < ?")
-            wparams.append(_iso(end))
+            wparams.append(iso(end))
         last = 0
         while True:
             clause = " and ".join(["seq > ?", *where])
