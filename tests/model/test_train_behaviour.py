@@ -118,9 +118,11 @@ def test_direction_a_larger_amount_scores_higher_in_the_flagship_model(tmp_path:
     below, above = X.copy(), X.copy()
     below[:, amount], above[:, amount] = 100.0, 300.0  # the same events, either side of the 220 rule
     low, high = o.model.scores(below), o.model.scores(above)
-    assert (high >= low).all()
-    assert (high > low).mean() > 0.9
+    assert (high >= low).all()  # calibration is monotone: never lower
     assert np.median(high) > 2 * np.median(low)
+    # Strictly higher for most events on the model's own scale (isotonic calibration maps nearby raw scores to one
+    # plateau, so strictness is checked before it).
+    assert (o.model.raw_scores(above) > o.model.raw_scores(below)).mean() > 0.9
 
 
 # ----------------------------------------------------------------------------------------- bad inputs

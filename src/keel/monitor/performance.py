@@ -118,7 +118,8 @@ def needed_inputs(spec: Any) -> list[str]:
 
 
 def _read_window(path: Path, start: datetime, end: datetime, inputs: Sequence[str]) -> pd.DataFrame:
-    from keel.monitor.drift import _iso, _json_path
+    from keel.monitor.drift import _json_path
+    from keel.serve.predlog import iso as _iso
 
     extra = "".join(", json_extract(p.inputs, ?)" for _ in inputs)
     sql = ("select p.event_time, p.score, p.decision, l.label, l.at" + extra +
