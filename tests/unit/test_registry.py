@@ -6,7 +6,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -14,9 +13,6 @@ from test_registry_support import (
     lgb_model,
     log,
     make_spec,
-    small_booster,
-    template_db,
-    train_data,
     version_with,
 )
 
@@ -24,37 +20,6 @@ from keel.artifact import DecisionModel
 from keel.errors import IntegrityError, RegistryError
 from keel.registry import CHAMPION, Registry, resolve_tracking_uri
 from keel.spec import Spec
-
-
-@pytest.fixture(scope="session")
-def mlflow_template(pytestconfig: pytest.Config) -> Path:
-    return template_db(pytestconfig)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-@pytest.fixture
-def spec(tmp_path: Path, mlflow_template: Path) -> Spec:
-    return make_spec(tmp_path / "project", mlflow_template)
-
-
-@pytest.fixture
-def registry(spec: Spec) -> Registry:
-    return Registry(spec)
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[np.ndarray, np.ndarray]:
-    return train_data()
-
-
-@pytest.fixture(scope="module")
-def booster(data) -> lgb.Booster:
-    return small_booster(*data)
 
 
 # ------------------------------------------------------------------------------------------ tracking

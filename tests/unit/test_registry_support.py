@@ -102,5 +102,3 @@ def log(registry: Registry, spec: Spec, model: DecisionModel, value: float, **ex
 
 def version_with(registry: Registry, spec: Spec, booster: lgb.Booster, value: float) -> int:
     return registry.register(log(registry, spec, lgb_model(booster), value)).version
-
-
