@@ -116,7 +116,9 @@ def main() -> None:
     import mlflow.pyfunc
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    with mlflow.start_run():
+    # With a SQLite store MLflow's default artifact root is ./mlruns; keep everything in the bench's folder.
+    experiment = mlflow.create_experiment("bench-score", artifact_location=(work / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.lightgbm.log_model(booster, name="model")
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     wall, used, py_scores = timed(lambda: pyfunc.predict(frame), args.repeat)
