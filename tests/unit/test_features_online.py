@@ -219,3 +219,30 @@ def test_property_online_equals_offline(tmp_path_factory, data, minutes) -> None
     with store_at(tmp_path_factory.mktemp("prop") / "s.sqlite") as store:
         online = replay(store, frame)
     assert_frames_equal(online, compute_features(frame, DEFS, timestamp="ts", label="y"))
+
+
+def test_preload_gives_the_same_features_as_loading_each_entity_on_demand(tmp_path) -> None:
+    """A fresh store that preloads everything answers exactly like one that loads entities as they come."""
+    from keel.data.simulate import simulate
+    from keel.features.definitions import resolve_definitions
+    from keel.features.online import OnlineStore
+    from keel.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "card-fraud" / "keel.toml")
+    tx = simulate(n_customers=80, n_terminals=160, n_days=40, seed=4).transactions
+    defs = resolve_definitions(spec.features, spec.data)
+    kwargs = {"timestamp": "tx_datetime", "label": "tx_fraud", "id_column": "transaction_id"}
+    history, live = tx.iloc[:-200], tx.iloc[-200:]
+    with OnlineStore(tmp_path / "s.sqlite", defs, **kwargs) as store:
+        store.update_many(history.to_dict("records"))
+        for rec in history.iloc[:300].to_dict("records"):
+            store.add_label(rec["transaction_id"], rec["tx_fraud"], at=rec["tx_datetime"] + pd.Timedelta(days=7))
+    lazy = OnlineStore(tmp_path / "s.sqlite", defs, **kwargs)
+    eager = OnlineStore(tmp_path / "s.sqlite", defs, **kwargs)
+    loaded = eager.preload()
+    assert 0 < loaded <= history["customer_id"].nunique() + history["terminal_id"].nunique()
+    assert eager.preload() == 0  # everything is already in memory
+    for rec in live.to_dict("records"):
+        assert dict(eager.features(rec)) == dict(lazy.features(rec))
+    lazy.close()
+    eager.close()

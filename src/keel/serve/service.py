@@ -106,6 +106,8 @@ class Service:
                 from keel.features.online import OnlineStore
 
                 self._store = await loop.run_in_executor(self._admin, OnlineStore.from_spec, self.spec)
+                # Every entity's state in memory now, so first requests do not each pay a load from SQLite.
+                await loop.run_in_executor(self._admin, self._store.preload)
             except Exception as exc:  # the service still answers with the fallback
                 self._store_error = f"online store unavailable: {exc}"
                 log.error(_jsonline(event="store_open_failed", error=str(exc)))
