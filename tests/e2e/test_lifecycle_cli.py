@@ -71,6 +71,13 @@ def test_promote_and_rollback_change_what_the_service_loads(project: Path, monke
         assert client.post("/admin/reload", headers={"X-API-Key": "secret"}).status_code == 200
         assert client.get("/v1/model").json()["version"] == "v1"
 
+    # `keel score` loads the alias too: after the rollback it scores with version 1.
+    scored = project.parent / "scores.parquet"
+    invoke("score", str(project.parent / "data" / "transactions.parquet"), "-o", str(scored), "-s", spec)
+    import pandas as pd
+
+    assert set(pd.read_parquet(scored, columns=["model_version"])["model_version"]) == {"1"}
+
     history = invoke("models", "history", "-s", spec)
     assert "rollback" in history and "alerts doubled" in history and "forced" in history
 
