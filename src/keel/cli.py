@@ -62,6 +62,16 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _iso_time(flag: str, value: str, example: str) -> Any:
+    """A time option's value as a datetime; a clear error naming the flag otherwise."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise KeelError(f"{flag} must be an ISO time such as '{example}'. Got {value!r} instead.") from None
+
+
 def _load(spec_path: Path):
     from keel.spec import load_spec
 
@@ -332,18 +342,12 @@ def features_online(
 
     Example: [bold]keel features online -s examples/card-fraud/keel.toml[/]
     """
-    from datetime import datetime
 
     from keel.features.materialize import warm_online_store
     from keel.features.online import OnlineStore
 
     s = _load(spec)
-    when = None
-    if until:
-        try:
-            when = datetime.fromisoformat(until)
-        except ValueError:
-            raise KeelError(f"--until must be an ISO time such as '2018-09-01 00:00'. Got {until!r} instead.") from None
+    when = _iso_time("--until", until, "2018-09-01 00:00") if until else None
     store = OnlineStore.from_spec(s)
     try:
         with out.status("Loading the online store..."):
@@ -515,12 +519,7 @@ def models_history(
     """
     registry = _registry(spec)
     if at:
-        from datetime import datetime
-
-        try:
-            when = datetime.fromisoformat(at)
-        except ValueError:
-            raise KeelError(f"--at must be an ISO time such as '2026-11-29 14:00'. Got {at!r} instead.") from None
+        when = _iso_time("--at", at, "2026-11-29 14:00")
         version = registry.champion_at(when)
         out.print(f"Champion at {when}: {'version ' + str(version) if version else 'none'}")
         return
@@ -750,6 +749,8 @@ def demo(
 
     Example: [bold]keel demo -o demo-out[/] (smaller and faster: [bold]--customers 1000 --terminals 2000 --days 120[/])
     """
+    import pandas as pd
+
     from keel.data.contracts import check_contract
     from keel.data.fingerprint import fingerprint_source
     from keel.data.simulate import make_shift, write_simulation
@@ -774,7 +775,7 @@ def demo(
                              shift=make_shift(shift_day, amount_factor=1.6, new_fraud=True))
         paths = write_simulation(sim, out_dir / "data")
         tx = sim.transactions
-        live_start = tx["tx_datetime"].min().normalize() + pd_timedelta(days=shift_day)
+        live_start = tx["tx_datetime"].min().normalize() + pd.Timedelta(days=shift_day)
         history, live = tx[tx["tx_datetime"] < live_start], tx[tx["tx_datetime"] >= live_start]
         with atomic_path(paths["transactions"]) as tmp:
             history.to_parquet(tmp, index=False)
@@ -833,7 +834,7 @@ def demo(
 
     with steps("8. ingest", "the warehouse catches up: live events join the source table (labels as known)"):
         with atomic_path(paths["transactions"]) as tmp:
-            pd_concat([history, live]).to_parquet(tmp, index=False)
+            pd.concat([history, live], ignore_index=True).to_parquet(tmp, index=False)
         steps.done(f"{len(history) + len(live):,} rows in the source; retraining uses only labels older than "
                    f"{s.data.label_delay.days} days", paths["transactions"])
 
@@ -862,18 +863,6 @@ def demo(
     out.print(f"\n[bold green]Demo finished[/] in {steps.total:.1f} s. Project folder: [bold]{out_dir}[/]")
     out.print(f"Open [bold]{site.index}[/] (offline). Next: `keel serve -s {spec_path}` and the README's curl "
               f"example; `keel ui -s {spec_path}`")
-
-
-def pd_timedelta(**kwargs: Any) -> Any:
-    import pandas as pd
-
-    return pd.Timedelta(**kwargs)
-
-
-def pd_concat(frames: list[Any]) -> Any:
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
 
 
 def _demo_serve(s: Any, history: Any, live: Any) -> str:

@@ -140,9 +140,10 @@ def load_dataset(spec: Spec, source: Source | None = None, progress: Progress | 
 
 
 def _binary_labels(series: pd.Series, positive: object) -> np.ndarray:
-    if isinstance(positive, bool) or pd.api.types.is_bool_dtype(series):
-        return (series.astype(str).str.lower().isin(["true", "1"]) == bool(positive)).astype(np.int8).to_numpy() \
-            if not pd.api.types.is_bool_dtype(series) else (series == bool(positive)).astype(np.int8).to_numpy()
+    if pd.api.types.is_bool_dtype(series):
+        return (series == bool(positive)).astype(np.int8).to_numpy()
+    if isinstance(positive, bool):
+        return (series.astype(str).str.lower().isin(["true", "1"]) == positive).astype(np.int8).to_numpy()
     if pd.api.types.is_numeric_dtype(series):
         try:
             return (series.astype(float) == float(positive)).astype(np.int8).to_numpy()  # type: ignore[arg-type]
@@ -592,26 +593,8 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
     beats = _beats(best, [e for e in evaluated if e.role == "baseline"])
     slices = _error_analysis(spec, ds, te, test_scores_best, chosen_threshold.threshold)
 
-    metadata = {
-        "spec_hash": spec.spec_hash(),
-        "project": spec.project.name,
-        "data_source": ds.source.describe(),
-        "data_fingerprint": ds.fingerprint,
-        "definitions_hash": ds.definitions_hash,
-        "windows": {k2: {"start": str(w.start), "end": str(w.end), "rows": w.rows, "positives": w.positives}
-                    for k2, w in split.windows.items()},
-        "params": best.params,
-        "headline_metric": spec.decision.headline_metric,
-        "test_metrics": {k2: v for k2, v in best.test.items() if np.isfinite(v)},
-        "categories": ds.categories,
-        "fallback_rule": spec.fallback_rule,
-    }
-    artifact = DecisionModel(
-        kind=best.kind, feature_names=ds.feature_names, estimator=best_model_obj, calibrator=best_calibrator,
-        threshold=chosen_threshold.threshold, abstain_band=models.abstain_band,
-        positive_action=spec.decision.positive_action, negative_action=spec.decision.negative_action,
-        metadata=metadata, categories=ds.categories,
-    )
+    artifact = _artifact(spec, ds, best, best_model_obj, best_calibrator, chosen_threshold.threshold,
+                         split.windows)
     seconds["total"] = time.perf_counter() - t0
     return TrainOutcome(
         spec=spec, model=artifact, best=best, evaluated=evaluated, windows=split.windows,
@@ -620,6 +603,32 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
         slices=slices, dataset=ds, test_mask=te, validation_mask=va,
         test_scores=test_scores_best, seconds=seconds, search_budget=search_budget, beats_baselines=beats,
         prequential=prequential_table,
+    )
+
+
+def _artifact(spec: Spec, ds: Dataset, best: Evaluated, estimator: Any, calibrator: Any, threshold: float,
+              windows: dict[str, Window], protocol: str | None = None) -> DecisionModel:
+    """The deployable artifact of the chosen model, with the lineage the registry, serving and docs read."""
+    metadata: dict[str, Any] = {
+        "spec_hash": spec.spec_hash(),
+        "project": spec.project.name,
+        "data_source": ds.source.describe(),
+        "data_fingerprint": ds.fingerprint,
+        "definitions_hash": ds.definitions_hash,
+        "windows": {k: {"start": str(w.start), "end": str(w.end), "rows": w.rows, "positives": w.positives}
+                    for k, w in windows.items()},
+        "params": best.params,
+        "headline_metric": spec.decision.headline_metric,
+        "test_metrics": {k: v for k, v in best.test.items() if np.isfinite(v)},
+        "categories": ds.categories,
+        "fallback_rule": spec.fallback_rule,
+    }
+    if protocol:
+        metadata["protocol"] = protocol
+    return DecisionModel(
+        kind=best.kind, feature_names=ds.feature_names, estimator=estimator, calibrator=calibrator,
+        threshold=threshold, abstain_band=spec.models.abstain_band, positive_action=spec.decision.positive_action,
+        negative_action=spec.decision.negative_action, metadata=metadata, categories=ds.categories,
     )
 
 
@@ -847,20 +856,8 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
              for e in evaluated if e.role == "baseline"}
     slices = _error_analysis(spec, ds, te, s_te, th.threshold)
     windows = {"train": vfold.train_window, "validation": vfold.assess_window, "test": tfold.assess_window}
-    metadata = {
-        "spec_hash": spec.spec_hash(), "project": spec.project.name, "data_source": ds.source.describe(),
-        "data_fingerprint": ds.fingerprint, "definitions_hash": ds.definitions_hash, "protocol": "prequential",
-        "windows": {k2: {"start": str(w.start), "end": str(w.end), "rows": w.rows, "positives": w.positives}
-                    for k2, w in windows.items()},
-        "params": best_eval.params, "headline_metric": spec.decision.headline_metric,
-        "test_metrics": {k2: v for k2, v in best_eval.test.items() if np.isfinite(v)},
-        "categories": ds.categories, "fallback_rule": spec.fallback_rule,
-    }
-    artifact = DecisionModel(
-        kind=chosen_family, feature_names=ds.feature_names, estimator=model, calibrator=choice.calibrator,
-        threshold=th.threshold, abstain_band=models.abstain_band, positive_action=spec.decision.positive_action,
-        negative_action=spec.decision.negative_action, metadata=metadata, categories=ds.categories,
-    )
+    artifact = _artifact(spec, ds, best_eval, model, choice.calibrator, th.threshold, windows,
+                         protocol="prequential")
     seconds["total"] = time.perf_counter() - t0 + seconds.get("data_and_features", 0.0)
     removed = {f"test fold {i}": f.removed_known_positives for i, f in enumerate(split.test)}
     return TrainOutcome(
