@@ -14,17 +14,18 @@ the ``keel.serve.access`` logger; headers (and so the API key) are never logged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,6 +36,7 @@ from keel.errors import ServingError
 from keel.serve.metrics import ServiceMetrics
 from keel.serve.provider import ModelProvider, PathProvider, RegistryProvider
 from keel.serve.routes import admin_router, ops_router, predict_router
+from keel.serve.routes.predict import request_schemas
 from keel.serve.schemas import build_request_models
 from keel.serve.service import Service
 
@@ -50,8 +52,16 @@ _OUTCOMES = {401: "unauthorized", 404: "not_found", 405: "not_found", 413: "too_
              503: "unavailable"}
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _RequestIds:
+    """Request ids unique across processes and restarts: a random per-process prefix and a counter
+    (``uuid4()`` per request costs an ``os.urandom`` system call)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"  # 32 hex digits, like uuid4().hex
 
 
 class ServiceMiddleware:
@@ -64,6 +74,9 @@ class ServiceMiddleware:
         self.app = app
         self.max_body = max_body_bytes
         self.metrics = metrics
+        self.new_id = _RequestIds()
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,7 +84,7 @@ class ServiceMiddleware:
             return
         started = time.perf_counter()
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if given and _REQUEST_ID.match(given) else self.new_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["started"] = started
@@ -107,12 +120,19 @@ class ServiceMiddleware:
             elapsed = time.perf_counter() - started
             outcome = state.get("outcome") or (
                 "ok" if status < 400 else _OUTCOMES.get(status, "error" if status >= 500 else "invalid"))
-            self.metrics.requests.labels(endpoint, outcome).inc()
-            self.metrics.latency.labels(endpoint).observe(elapsed)
-            line = {"event": "request", "request_id": request_id, "method": scope.get("method"),
-                    "path": scope["path"], "status": status, "outcome": outcome,
-                    "latency_ms": round(elapsed * 1000.0, 3), **state.get("summary", {})}
-            access_log.info(json.dumps(line, default=str, separators=(",", ":")))
+            counter = self._counters.get((endpoint, outcome))
+            if counter is None:  # labelled children cached: .labels() takes a lock and builds a key each time
+                counter = self._counters[(endpoint, outcome)] = self.metrics.requests.labels(endpoint, outcome)
+            counter.inc()
+            histogram = self._histograms.get(endpoint)
+            if histogram is None:
+                histogram = self._histograms[endpoint] = self.metrics.latency.labels(endpoint)
+            histogram.observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                line = {"event": "request", "request_id": request_id, "method": scope.get("method"),
+                        "path": scope["path"], "status": status, "outcome": outcome,
+                        "latency_ms": round(elapsed * 1000.0, 3), **state.get("summary", {})}
+                access_log.info(orjson.dumps(line, default=str).decode())
 
     def _too_large_text(self) -> str:
         return f"Request body is larger than serving.max_body_bytes ({self.max_body} bytes)."
@@ -196,6 +216,7 @@ def create_app(spec: Any, provider: ModelProvider | None = None, *, store: Any =
     app.include_router(predict_router(models))
     app.include_router(ops_router())
     app.include_router(admin_router())
+    _document_request_models(app, models)
     app.add_middleware(ServiceMiddleware, max_body_bytes=spec.serving.max_body_bytes, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
@@ -217,24 +238,42 @@ def create_app(spec: Any, provider: ModelProvider | None = None, *, store: Any =
     return app
 
 
+def _document_request_models(app: FastAPI, models: Any) -> None:
+    """Add the request models to the OpenAPI components (the prediction routes validate their body themselves,
+    so FastAPI does not see the models; their ``requestBody`` refers to these schemas)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, model_schema in request_schemas(models).items():
+                components.setdefault(name, model_schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # --- running ------------------------------------------------------------------------------------------------
 class JsonFormatter(logging.Formatter):
     """Messages that are already JSON pass through; others are wrapped as ``{"level", "logger", "message"}``."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        payload: Any = None
         if message.startswith("{") and message.endswith("}"):
             try:
-                payload = json.loads(message)
-            except ValueError:
-                payload = {"message": message}
-        else:
+                payload = orjson.loads(message)
+            except orjson.JSONDecodeError:
+                payload = None
+        if not isinstance(payload, dict):
             payload = {"message": message}
         payload = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
                    "logger": record.name, **payload}
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str, separators=(",", ":"))
+        return orjson.dumps(payload, default=str).decode()
 
 
 def configure_logging(level: str = "info") -> None:

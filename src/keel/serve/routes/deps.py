@@ -7,7 +7,8 @@ from fastapi import Depends, Request
 from keel.serve.service import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop on every request.
     return request.app.state.service  # type: ignore[no-any-return]
 
 
