@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,8 +40,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from keel.data.sources import Source, open_source, quote_identifier
 from keel.errors import DataError, FeatureError
+from keel.features.chunked import (
+    DEFAULT_CHUNK_ROWS,
+    chunked_features,
+    empty_schema,
+    read_time_ordered,
+    rechunk,
+    time_ordered_batches,
+)
 from keel.features.definitions import (
     Definition,
     RatioDefinition,
@@ -522,14 +534,6 @@ LINEAGE_FILE = "_lineage.json"
 
 
 @dataclass(frozen=True)
-class SourceInfo:
-    """What a feature build needs to know about its source."""
-
-    path: str
-    schema: dict[str, str]
-
-
-@dataclass(frozen=True)
 class BuildResult:
     """Outcome of :func:`build_feature_table`: rows added, total rows, whether it was a full rebuild."""
 
@@ -539,6 +543,7 @@ class BuildResult:
     full_rebuild: bool
     max_event_time: str | None
     reason: str
+    chunks: int = 0
 
 
 @dataclass(frozen=True)
@@ -555,78 +560,43 @@ class FeatureStatus:
     new_rows: int
 
 
-def _connect() -> Any:
-    import duckdb
-
-    return duckdb.connect()
-
-
-def _relation_sql(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith((".csv", ".csv.gz", ".tsv")):
-        return "read_csv_auto(?)"
-    if lower.endswith(".json") or lower.endswith(".jsonl"):
-        return "read_json_auto(?)"
-    return "read_parquet(?)"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def source_schema(path: str | Path) -> dict[str, str]:
-    """Column -> DuckDB type of a Parquet/CSV file or glob (reads only metadata)."""
-    con = _connect()
+def _as_source(source: str | Path | Source | Any) -> Source:
+    """A :class:`Source` for a path (or the spec's ``[data]`` when given a spec), failures named as the build's."""
+    if isinstance(source, Source):
+        return source
     try:
-        rows = con.execute(f"describe select * from {_relation_sql(str(path))}", [str(path)]).fetchall()
-    except Exception as exc:  # duckdb raises several exception types for unreadable sources
-        raise DataError(
-            f"Cannot read the source {path}: {str(exc).splitlines()[0]}.",
-            hint="Check data.source in keel.toml (a Parquet/CSV file or glob).",
-        ) from None
-    finally:
-        con.close()
-    return {str(r[0]): str(r[1]) for r in rows}
+        if isinstance(source, str | Path):
+            return open_source(source)
+        from keel.data.sources import source_from_spec
+
+        return source_from_spec(source)
+    except DataError as exc:
+        raise DataError(f"Cannot read the source: {exc.message}", hint=exc.hint) from exc
 
 
-def read_source(
-    path: str | Path, columns: Sequence[str], *, timestamp: str | None = None, after: Any = None
-) -> pd.DataFrame:
-    """Read ``columns`` of a source in file order, optionally only rows with ``timestamp > after``."""
-    cols = ", ".join(_quote(c) for c in columns)
-    sql = f"select {cols} from {_relation_sql(str(path))}"
-    params: list[Any] = [str(path)]
-    if after is not None and timestamp:
-        sql += f" where {_quote(timestamp)} > cast(? as timestamp_ns)"
-        params.append(pd.Timestamp(after).isoformat())
-    con = _connect()
-    try:
-        return con.execute(sql, params).df()
-    except Exception as exc:
-        raise DataError(f"Cannot read {columns} from {path}: {str(exc).splitlines()[0]}.") from None
-    finally:
-        con.close()
+def _time_literal(value: Any) -> str:
+    return f"CAST('{pd.Timestamp(value).isoformat()}' AS TIMESTAMP_NS)"
 
 
 def source_fingerprint(
-    path: str | Path, columns: Sequence[str], *, timestamp: str | None = None, until: Any = None
+    source: str | Path | Source,
+    columns: Sequence[str],
+    *,
+    timestamp: str | None = None,
+    until: Any = None,
 ) -> dict[str, Any]:
     """Row count, max event time and an order-insensitive content hash of ``columns`` (rows up to ``until``)."""
-    cols = ", ".join(_quote(c) for c in columns)
-    ts = _quote(timestamp) if timestamp else "null"
-    sql = (
-        f"select count(*), cast(max({ts}) as varchar), cast(sum(hash({cols})::hugeint) as varchar)"
-        f" from {_relation_sql(str(path))}"
-    )
-    params: list[Any] = [str(path)]
+    src = _as_source(source)
+    cols = ", ".join(quote_identifier(c) for c in columns)
+    ts = quote_identifier(timestamp) if timestamp else "null"
+    sql = f"select count(*), cast(max({ts}) as varchar), cast(sum(hash({cols})::hugeint) as varchar) from source"
     if until is not None and timestamp:
-        sql += f" where {ts} <= cast(? as timestamp_ns)"
-        params.append(pd.Timestamp(until).isoformat())
-    con = _connect()
-    try:
-        rows, max_time, digest = con.execute(sql, params).fetchone()
-    finally:
-        con.close()
+        sql += f" where {ts} <= {_time_literal(until)}"
+    with src.connect() as con:
+        try:
+            rows, max_time, digest = con.execute(sql).fetchone()
+        except Exception as exc:  # duckdb raises several exception types for unreadable sources
+            raise DataError(f"Cannot fingerprint {src.describe()}: {str(exc).splitlines()[0]}.") from None
     return {"rows": int(rows), "max_event_time": max_time, "hash": digest or "0"}
 
 
@@ -636,6 +606,8 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -670,8 +642,28 @@ def _iter_parts(lineage: Mapping[str, Any]) -> Iterator[str]:
     yield from lineage.get("parts", [])
 
 
+def _sweep_litter(table: Path) -> None:
+    """Temporaries (parts, DuckDB spill folders) of builds killed mid-write; never those of a live build."""
+    for leftover in table.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if leftover.stat().st_mtime >= process_start_time():
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _output_table(chunk: pa.Table, features: pd.DataFrame, keys: list[str], names: list[str]) -> pa.Table:
+    """Key columns exactly as the source typed them, then one float64 column per feature."""
+    out = chunk.select(keys)
+    for name in names:
+        out = out.append_column(name, pa.array(features[name].to_numpy(dtype=np.float64), type=pa.float64()))
+    return out
+
+
 def build_feature_table(
-    source: str | Path,
+    source: str | Path | Source,
     table: str | Path,
     definitions: Sequence[Definition],
     *,
@@ -680,20 +672,39 @@ def build_feature_table(
     id_column: str | None = None,
     expected_schema: Mapping[str, str] | None = None,
     full: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> BuildResult:
     """Materialise features of ``source`` into the folder ``table`` (Parquet parts + ``_lineage.json``).
 
+    ``source`` is a path (CSV, Parquet file or glob, see :func:`keel.data.sources.open_source`) or a
+    :class:`~keel.data.sources.Source`.
+
+    Out-of-core: the source is streamed in event-time order (ties in file order; DuckDB sorts and spills to a
+    temporary folder in ``table`` when it is larger than memory) in chunks of ``chunk_rows``, each computed
+    with the trailing rows of the previous one its windows reach (:func:`keel.features.chunked.chunked_features`),
+    and written to the part's temporary file as it comes. Memory is about ``chunk_rows`` plus the rows of one
+    horizon (longest window + delay); the result equals the one-chunk build.
+
     Incremental and idempotent: when the definitions and the already-covered source rows are unchanged, only
-    rows newer than the covered max event time are computed, reading just the history the longest
-    window + delay needs, and appended as a new part; with nothing new it writes nothing. A changed definition
-    or changed covered rows (or ``full``) rebuild everything. The schema is checked before any write; every
-    file is written atomically and the lineage last, so a crash leaves the previous table intact.
+    rows newer than the covered max event time are computed, with the history the longest window + delay
+    needs as warm-up, and appended as a new part; with nothing new it writes nothing. A changed definition or
+    changed covered rows (or ``full``) rebuild everything. The schema is checked before any write; the part is
+    renamed into place only when complete and the lineage is written last, so an interrupted build leaves the
+    previous table (or no table) intact and no visible file behind.
+
+    Example::
+
+        build_feature_table("events.parquet", ".keel/features", defs, timestamp="ts", label="y",
+                            id_column="id", chunk_rows=500_000)
     """
+    if chunk_rows < 1:
+        raise FeatureError(f"chunk_rows must be a positive number of rows. Got {chunk_rows} instead.")
     defs = list(definitions)
     table = Path(table)
-    schema = source_schema(source)
+    src = _as_source(source)
+    schema = src.schema()
     validate_schema(
-        defs, schema, timestamp=timestamp, label=label, expected=expected_schema, source=str(source)
+        defs, schema, timestamp=timestamp, label=label, expected=expected_schema, source=src.describe()
     )
     needed = required_columns(defs, timestamp=timestamp, label=label)
     columns = list(dict.fromkeys([c for c in [id_column, *needed, timestamp] if c]))
@@ -704,6 +715,12 @@ def build_feature_table(
         and any(isinstance(d, WindowDefinition) and d.reads_label for d in defs)
     ):
         columns.append(label)
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise DataError(
+            f"Column {missing[0]!r} (the id column) is missing from {src.describe()}, which has: {', '.join(schema)}.",
+            hint="Fix data.id_column in keel.toml, or add the column to the data.",
+        )
     digest = definitions_hash(defs)
     lineage = None if full else read_lineage(table)
     reason = "full rebuild requested" if full else "no table yet"
@@ -713,48 +730,93 @@ def build_feature_table(
         elif lineage.get("columns") != columns:
             reason, lineage = "source columns changed", None
         else:
-            covered = source_fingerprint(
-                source, columns, timestamp=timestamp, until=lineage["max_event_time"]
-            )
+            covered = source_fingerprint(src, columns, timestamp=timestamp, until=lineage["max_event_time"])
             if covered != lineage.get("source"):
                 reason, lineage = "source rows already covered have changed", None
 
     horizon = max((to_ns(d.horizon) for d in window_definitions(defs)), default=0)
-    if lineage is None:
-        frame = read_source(source, columns)
-        keep = np.ones(len(frame), dtype=bool)
-        parts: list[str] = []
-        full_rebuild = True
-    else:
+    ts = quote_identifier(timestamp)
+    history: pd.DataFrame | None = None
+    where: str | None = None
+    parts: list[str] = []
+    full_rebuild = lineage is None
+    if lineage is not None:
         max_time = pd.Timestamp(lineage["max_event_time"])
-        history_start = max_time - pd.Timedelta(horizon, unit="ns") - pd.Timedelta(1, unit="ns")
-        frame = read_source(source, columns, timestamp=timestamp, after=history_start)
-        keep = (pd.to_datetime(frame[timestamp]) > max_time).to_numpy()
-        parts = list(_iter_parts(lineage))
-        full_rebuild = False
-        if not keep.any():
+        where = f"{ts} > {_time_literal(max_time)}"
+        with src.connect() as con:
+            fresh = int(con.execute(f"select count(*) from source where {where}").fetchone()[0])
+        if not fresh:
             return BuildResult(table, 0, int(lineage["rows"]), False, lineage["max_event_time"], "up to date")
         reason = "new events past the covered max event time"
+        parts = list(_iter_parts(lineage))
+        if horizon > 0:
+            low = max_time - pd.Timedelta(horizon, unit="ns")
+            history = read_time_ordered(
+                src, columns, timestamp=timestamp, where=f"{ts} > {_time_literal(low)} and not ({where})"
+            )
 
-    features = compute_features(frame, defs, timestamp=timestamp, label=label, id_column=id_column)
-    new_rows = features.loc[keep].reset_index(drop=True)
-    if full_rebuild:
-        table.mkdir(parents=True, exist_ok=True)
-    for leftover in table.glob(".*.tmp"):  # litter of builds killed mid-write
-        if leftover.stat().st_mtime < process_start_time():
-            leftover.unlink(missing_ok=True)
+    keys = list(dict.fromkeys(c for c in [id_column, *entities(defs), timestamp] if c))
+    names = feature_names(defs)
+    created = not table.exists()
+    table.mkdir(parents=True, exist_ok=True)
+    _sweep_litter(table)
+    written = {"rows": 0, "chunks": 0, "max": None}
+
+    def compute(frame: pd.DataFrame) -> pd.DataFrame:
+        return compute_features(frame, defs, timestamp=timestamp, label=label, id_column=id_column)
+
+    def write(tmp: str) -> None:
+        spill = tempfile.mkdtemp(prefix=".spill.", suffix=".tmp", dir=table)
+        writer: pq.ParquetWriter | None = None
+        try:
+            batches = time_ordered_batches(
+                src, columns, timestamp=timestamp, batch_rows=chunk_rows, where=where, spill=spill
+            )
+            stream = chunked_features(
+                rechunk(batches, chunk_rows), compute, timestamp=timestamp, horizon_ns=horizon, history=history
+            )
+            for chunk, features in stream:
+                out = _output_table(chunk, features, keys, names)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, out.schema, compression="snappy")
+                writer.write_table(out.cast(writer.schema))
+                latest = pd.to_datetime(features[timestamp]).max()
+                written["rows"] = int(written["rows"]) + len(out)  # type: ignore[call-overload]
+                written["chunks"] = int(written["chunks"]) + 1  # type: ignore[call-overload]
+                written["max"] = latest if written["max"] is None else max(written["max"], latest)
+            if writer is None:  # an empty source: an empty part with the right columns
+                empty = pa.Table.from_batches([], empty_schema(src, keys))
+                for name in names:
+                    empty = empty.append_column(name, pa.array([], type=pa.float64()))
+                writer = pq.ParquetWriter(tmp, empty.schema, compression="snappy")
+                writer.write_table(empty)
+        finally:
+            if writer is not None:
+                writer.close()
+            shutil.rmtree(spill, ignore_errors=True)
+
     # A name no lineage lists yet: a rebuild killed before its lineage is written leaves the old table whole.
     part = f"part-{len(parts):05d}-{uuid.uuid4().hex[:8]}.parquet"
-    _write_atomic(table / part, lambda tmp: new_rows.to_parquet(tmp, index=False))
+    try:
+        _write_atomic(table / part, write)
+    except BaseException:
+        if created:  # a first build that failed leaves no folder behind either
+            with contextlib.suppress(OSError):
+                table.rmdir()
+        raise
     parts.append(part)
-    max_event = str(pd.to_datetime(frame[timestamp]).max()) if len(frame) else None
-    total = (0 if full_rebuild else int(lineage["rows"])) + len(new_rows)  # type: ignore[index]
+    rows_added = int(written["rows"])  # type: ignore[call-overload]
+    if written["max"] is not None:
+        max_event: str | None = str(written["max"])
+    else:
+        max_event = None if full_rebuild else lineage["max_event_time"]  # type: ignore[index]
+    total = (0 if full_rebuild else int(lineage["rows"])) + rows_added  # type: ignore[index]
     record = {
         "definitions_hash": digest,
-        "feature_names": feature_names(defs),
+        "feature_names": names,
         "columns": columns,
-        "source_path": str(source),
-        "source": source_fingerprint(source, columns, timestamp=timestamp, until=max_event),
+        "source_path": src.path,
+        "source": source_fingerprint(src, columns, timestamp=timestamp, until=max_event),
         "max_event_time": max_event,
         "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": total,
@@ -764,11 +826,11 @@ def build_feature_table(
     for stale in table.glob("part-*.parquet"):
         if stale.name not in parts:
             stale.unlink()
-    return BuildResult(table, len(new_rows), total, full_rebuild, max_event, reason)
+    return BuildResult(table, rows_added, total, full_rebuild, max_event, reason, int(written["chunks"]))  # type: ignore[call-overload]
 
 
 def feature_status(
-    source: str | Path,
+    source: str | Path | Source,
     table: str | Path,
     definitions: Sequence[Definition],
     *,
@@ -779,6 +841,7 @@ def feature_status(
     """Say whether the feature table is stale: definitions changed, covered source rows changed, or new data."""
     defs = list(definitions)
     table = Path(table)
+    src = _as_source(source)
     lineage = read_lineage(table)
     if lineage is None:
         return FeatureStatus(table, False, True, ("no feature table yet",), 0, None, None, 0)
@@ -786,10 +849,10 @@ def feature_status(
     if lineage.get("definitions_hash") != definitions_hash(defs):
         reasons.append("feature definitions changed since the table was built")
     columns = lineage.get("columns", [])
-    covered = source_fingerprint(source, columns, timestamp=timestamp, until=lineage["max_event_time"])
+    covered = source_fingerprint(src, columns, timestamp=timestamp, until=lineage["max_event_time"])
     if covered != lineage.get("source"):
         reasons.append("source rows the table covers have changed (or the source moved)")
-    everything = source_fingerprint(source, columns[:1] or [timestamp], timestamp=timestamp)
+    everything = source_fingerprint(src, columns[:1] or [timestamp], timestamp=timestamp)
     new_rows = everything["rows"] - covered["rows"]
     if new_rows > 0:
         reasons.append(f"{new_rows} new events past {lineage['max_event_time']}")
@@ -820,15 +883,21 @@ def default_table_path(spec: Any) -> Path:
     return Path(spec.store_path("features"))
 
 
-def build_features(spec: Any, *, table: str | Path | None = None, full: bool = False) -> BuildResult:
-    """``keel features build``: materialise the spec's features from ``data.source`` (incremental)."""
+def build_features(
+    spec: Any, *, table: str | Path | None = None, full: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> BuildResult:
+    """``keel features build``: materialise the spec's features from ``data.source`` (incremental, out-of-core).
+
+    ``chunk_rows`` bounds memory (rows per chunk, plus one horizon of history); any value gives the same table.
+    """
     defs, kwargs = _spec_args(spec)
     return build_feature_table(
-        spec.resolve(spec.data.source),
+        _as_source(spec),
         table if table is not None else default_table_path(spec),
         defs,
         expected_schema=spec.data.schema_,
         full=full,
+        chunk_rows=chunk_rows,
         **kwargs,
     )
 
@@ -837,7 +906,7 @@ def features_status(spec: Any, *, table: str | Path | None = None) -> FeatureSta
     """``keel features status``: what is stale in the spec's feature table."""
     defs, kwargs = _spec_args(spec)
     return feature_status(
-        spec.resolve(spec.data.source),
+        _as_source(spec),
         table if table is not None else default_table_path(spec),
         defs,
         **kwargs,
@@ -845,6 +914,7 @@ def features_status(spec: Any, *, table: str | Path | None = None) -> FeatureSta
 
 
 __all__ = [
+    "DEFAULT_CHUNK_ROWS",
     "BuildResult",
     "FeatureStatus",
     "build_feature_table",
@@ -857,11 +927,9 @@ __all__ = [
     "finish_aggregate",
     "read_feature_table",
     "read_lineage",
-    "read_source",
     "row_feature",
     "row_value",
     "source_fingerprint",
-    "source_schema",
     "to_ns",
     "window_edges",
 ]
