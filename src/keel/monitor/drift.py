@@ -42,7 +42,6 @@ from scipy.spatial.distance import jensenshannon
 
 from keel.errors import MonitorError
 from keel.monitor.profile import OTHER, SCORE, FeatureProfile, Profile
-from keel.serve.predlog import iso
 
 # --- statistics from counts --------------------------------------------------------------------------------
 
@@ -352,69 +351,19 @@ LOG_COLUMNS = ("seq", "event_time", "time", "event_id", "score", "decision", "mo
                "fallback_reason", "stale", "latency_ms", "request_id")
 
 
-def _json_path(name: str) -> str:
-    return '$."' + name.replace('"', '\\"') + '"'
-
-
 def iter_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence[str] = (),
              start: datetime | str | None = None, end: datetime | str | None = None,
              batch_rows: int = 200_000) -> Iterator[pd.DataFrame]:
     """Stream the prediction log with only the columns monitoring needs, ``batch_rows`` at a time.
 
     Base columns (:data:`LOG_COLUMNS`), one column per requested feature (from the logged ``features``) and per
-    requested raw input field (from ``inputs``, prefixed ``input.``). SQLite extracts the JSON fields, so rows
-    are never decoded in Python: this is what makes a million-row day cheap. ``start <= event_time < end``.
+    requested raw input field (from ``inputs``, prefixed ``input.``); ``start <= event_time < end``. The JSON
+    texts are decoded a batch at a time, not row by row (:func:`keel.monitor.logread.read_log`).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise MonitorError(f"No prediction log at {p}.",
-                           hint="Serve some traffic first (`keel serve`), or check serving.prediction_log.")
-    db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
-    try:
-        select = [*LOG_COLUMNS]
-        params: list[Any] = []
-        for f in features:
-            select.append("json_extract(features, ?)")
-            params.append(_json_path(f))
-        for f in inputs:
-            select.append("json_extract(inputs, ?)")
-            params.append(_json_path(f))
-        names = [*LOG_COLUMNS, *features, *(f"input.{f}" for f in inputs)]
-        where, wparams = [], []
-        if start is not None:
-            where.append("event_time >= ?")
-            wparams.append(iso(start))
-        if end is not None:
-            where.append("event_time < ?")
-            wparams.append(iso(end))
-        last = 0
-        while True:
-            clause = " and ".join(["seq > ?", *where])
-            sql = f"select {', '.join(select)} from predictions where {clause} order by seq limit ?"
-            try:
-                rows = db.execute(sql, (*params, last, *wparams, batch_rows)).fetchall()
-            except sqlite3.Error as exc:
-                raise MonitorError(f"Cannot read the prediction log {p}: {exc}.") from exc
-            if not rows:
-                return
-            last = rows[-1][0]
-            frame = pd.DataFrame.from_records(rows, columns=names)
-            for col in ("event_time", "time"):
-                frame[col] = pd.to_datetime(frame[col], format="ISO8601")
-            frame["fallback"] = frame["fallback"].astype(bool)
-            frame["stale"] = frame["stale"].astype(bool)
-            for col in ("score", "latency_ms", *features):
-                if frame[col].dtype == object:
-                    converted = pd.to_numeric(frame[col], errors="coerce")
-                    if converted.notna().sum() == frame[col].notna().sum():
-                        frame[col] = converted
-                else:
-                    frame[col] = frame[col].astype("float64")
-            yield frame
-            if len(rows) < batch_rows:
-                return
-    finally:
-        db.close()
+    from keel.monitor.logread import read_log
+
+    yield from read_log(path, features=features, inputs=inputs, start=start, end=end, batch_rows=batch_rows,
+                        columns=LOG_COLUMNS)
 
 
 def log_time_range(path: str | Path) -> tuple[datetime | None, datetime | None, datetime | None]:

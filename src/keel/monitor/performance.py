@@ -12,7 +12,6 @@ and :class:`OperationalAccumulator` do the wiring over a prediction log.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from keel import expressions
-from keel.errors import MonitorError
 from keel.evaluate import metrics as M
 
 ERROR_REASONS = ("model_error", "model_unavailable", "features_unavailable")
@@ -118,26 +116,18 @@ def needed_inputs(spec: Any) -> list[str]:
 
 
 def _read_window(path: Path, start: datetime, end: datetime, inputs: Sequence[str]) -> pd.DataFrame:
-    from keel.monitor.drift import _json_path
-    from keel.serve.predlog import iso as _iso
+    """The window's rows with their labels (``label``/``at``, NaN/NaT when none yet) and the raw input fields."""
+    from keel.monitor.logread import read_log
 
-    extra = "".join(", json_extract(p.inputs, ?)" for _ in inputs)
-    sql = ("select p.event_time, p.score, p.decision, l.label, l.at" + extra +
-           " from predictions p left join labels l on l.event_id = p.event_id"
-           " where p.event_time >= ? and p.event_time < ?")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(sql, (*[_json_path(c) for c in inputs], _iso(start), _iso(end))).fetchall()
-    except sqlite3.Error as exc:
-        raise MonitorError(f"Cannot read the prediction log {path}: {exc}.") from exc
-    finally:
-        db.close()
-    frame = pd.DataFrame.from_records(rows, columns=["event_time", "score", "decision", "label", "at", *inputs])
-    frame["event_time"] = pd.to_datetime(frame["event_time"], format="ISO8601")
-    frame["at"] = pd.to_datetime(frame["at"], format="ISO8601")
-    frame["score"] = frame["score"].astype("float64")
-    frame["label"] = frame["label"].astype("float64")
-    return frame
+    frames = list(read_log(path, inputs=inputs, start=start, end=end, labels=True,
+                           columns=("event_time", "score", "decision")))
+    if not frames:
+        frame = pd.DataFrame({"event_time": pd.Series(dtype="datetime64[ns]"), "score": pd.Series(dtype=float),
+                              "decision": pd.Series(dtype=object), "label": pd.Series(dtype=float),
+                              "at": pd.Series(dtype="datetime64[ns]"), **{c: pd.Series(dtype=object) for c in inputs}})
+        return frame
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return frame.rename(columns={f"input.{c}": c for c in inputs})
 
 
 def performance_windows(spec: Any, log_path: str | Path, windows: Sequence[tuple[datetime, datetime]], *,

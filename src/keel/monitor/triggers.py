@@ -29,7 +29,8 @@ import pandas as pd
 
 from keel.errors import MonitorError
 from keel.io import atomic_write_text
-from keel.monitor.drift import DriftAccumulator, WindowDrift, iter_log, log_time_range, window_drift_dict
+from keel.monitor.drift import DriftAccumulator, WindowDrift, log_time_range, window_drift_dict
+from keel.monitor.logread import read_log
 from keel.monitor.performance import (
     OperationalAccumulator,
     WindowOperations,
@@ -272,7 +273,7 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
     ops_acc = OperationalAccumulator(mon.window, origin, positive_action=spec.decision.positive_action,
                                      capacity_per_day=capacity_per_day(spec))
     rows = 0
-    for chunk in iter_log(path, features=list(profile.features), end=when, batch_rows=batch_rows):
+    for chunk in read_log(path, features=list(profile.features), end=when, batch_rows=batch_rows):
         drift_acc.update(chunk)
         ops_acc.update(chunk)
         rows += len(chunk)

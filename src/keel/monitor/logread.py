@@ -1,0 +1,351 @@
+"""Reading the prediction log fast and in bounded memory: what monitoring scans, a batch of rows at a time.
+
+The log stores each row's features as one JSON text (``{"tx_amount":76.65,"tx_during_night":1.0,...}``). Decoding
+a million of them row by row (Python ``json.loads``, or SQLite's ``json_extract`` once per feature) is what made
+monitoring slow. Here SQLite does no JSON parsing on the common path: for a range of ``seq`` it concatenates, in
+C, one CSV line per row, with the base columns (reals printed with 17 significant digits, so they round-trip
+exactly) and the feature text stripped of its braces and with ``:`` turned into ``,``, i.e.
+``"tx_amount",76.65,"tx_during_night",1.0``. Arrow's CSV reader then parses the numbers of the whole batch at
+once, by position. The positions are trusted only when they are right:
+
+* SQLite marks the rows whose text has exactly the expected keys in the expected order (a ``GLOB`` pattern) —
+  the others (no features, another model's features) are decoded one by one from their JSON;
+* the batch's feature text holds exactly two quotes per key per row (so no value is a string, whose content
+  ``:`` -> ``,`` could alter) and every row has the same number of fields (Arrow checks);
+
+otherwise the whole batch is decoded the slow, general way (``json_extract`` per field). Either way the frame is
+the same. A background thread runs the next batch's query while this one is parsed (SQLite releases the GIL
+during the query), and at most two batches wait, so memory is a few batches whatever the size of the log.
+
+Example::
+
+    for frame in read_log(".keel/predictions.sqlite", features=["tx_amount"], end=as_of):
+        frame["event_time"], frame["score"], frame["tx_amount"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import queue
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from keel.errors import MonitorError
+from keel.serve.predlog import iso
+
+# Base columns monitoring reads, and how each is printed into the batch's CSV (every piece is non-NULL).
+_REAL = "case when {c} is null then '' else printf('%!.17g', {c}) end"
+_TEXT = "case when {c} is null then '' else '\"' || replace({c}, '\"', '\"\"') || '\"' end"
+BASE_COLUMNS = {
+    "seq": ("p.seq", pa.int64()),
+    "event_time": ("ifnull(p.event_time, '')", pa.timestamp("ns")),
+    "time": ("p.time", pa.timestamp("ns")),
+    "score": (_REAL.format(c="p.score"), pa.float64()),
+    "latency_ms": (_REAL.format(c="p.latency_ms"), pa.float64()),
+    "fallback": ("p.fallback", pa.int8()),
+    "stale": ("p.stale", pa.int8()),
+    "decision": (_TEXT.format(c="p.decision"), pa.string()),
+    "fallback_reason": (_TEXT.format(c="p.fallback_reason"), pa.string()),
+    "event_id": (_TEXT.format(c="p.event_id"), pa.string()),
+    "model_version": (_TEXT.format(c="p.model_version"), pa.string()),
+    "request_id": (_TEXT.format(c="p.request_id"), pa.string()),
+}
+LABEL_COLUMNS = {"label": (_REAL.format(c="l.label"), pa.float64()), "at": ("ifnull(l.at, '')", pa.timestamp("ns"))}
+MONITOR_COLUMNS = ("seq", "event_time", "score", "decision", "fallback", "fallback_reason", "stale", "latency_ms")
+
+
+def _json_key(name: str) -> str:
+    return json.dumps(name)  # how the service's json.dumps writes the key
+
+
+def _glob_literal(text: str) -> str:
+    return re.sub(r"([*?\[\]])", r"[\1]", text)
+
+
+def _json_path(name: str) -> str:
+    return '$."' + name.replace('"', '\\"') + '"'
+
+
+def features_pattern(features: Sequence[str]) -> str:
+    """GLOB matching a feature text with exactly these keys first-to-last in this order (extra keys are caught
+    by the field count)."""
+    return "{" + ",".join(_glob_literal(_json_key(f)) + ":*" for f in features) + "}"
+
+
+@dataclass
+class _Batch:
+    lo: int
+    hi: int
+    rows: int
+    irregular: int
+    base: bytes
+    feats: bytes | None
+    inputs: bytes | None
+
+
+class _Query:
+    """The SQL of one reader: the rows ``lo <= seq < hi`` (and in the time range) as CSV blobs, in one query."""
+
+    def __init__(self, path: Path, features: Sequence[str], inputs: Sequence[str], columns: Sequence[str],
+                 labels: bool, start: str | None, end: str | None) -> None:
+        self.path, self.features, self.inputs = path, list(features), list(inputs)
+        self.columns = [*columns, *(LABEL_COLUMNS if labels else ())]
+        exprs = {**BASE_COLUMNS, **LABEL_COLUMNS}
+        self.types = {c: exprs[c][1] for c in self.columns}
+        base = " || ',' || ".join(exprs[c][0] for c in self.columns)
+        where = ["p.seq >= :lo", "p.seq < :hi"]
+        self.params: dict[str, Any] = {}
+        if start is not None:
+            where.append("p.event_time >= :start")
+            self.params["start"] = start
+        if end is not None:
+            where.append("p.event_time < :end")
+            self.params["end"] = end
+        self.where = " and ".join(where)
+        join = " left join labels l on l.event_id = p.event_id" if labels else ""
+        k = len(self.features)
+        if k:
+            self.params["fill"] = "{" + "," * (2 * k - 1) + "}"
+            self.params["pattern"] = features_pattern(self.features)
+            ok = "coalesce(p.features glob :pattern, 0)"
+            feat = "case when ok then f else :fill end"
+        else:
+            ok, feat = "1", "''"
+        # json_extract with two or more paths returns a JSON array of the values, from one parse per row.
+        paths = [*self.inputs, *self.inputs[:1]] if len(self.inputs) == 1 else self.inputs
+        for i, c in enumerate(paths):
+            self.params[f"in{i}"] = _json_path(c)
+        inp = ("substr(json_extract(ifnull(p.inputs, '{}'), " + ", ".join(f":in{i}" for i in range(len(paths)))
+               + "), 2)") if self.inputs else "''"
+        self.sql = ("select count(*), sum(ok = 0), cast(group_concat(b, char(10)) as blob),"
+                    f" cast(group_concat({feat}, char(10)) as blob), cast(group_concat(i, char(10)) as blob)"
+                    f" from (select {base} as b, p.features as f, {ok} as ok, {inp} as i"
+                    f" from predictions p{join} where {self.where})")
+
+    def run(self, db: sqlite3.Connection, lo: int, hi: int) -> _Batch:
+        try:
+            n, irregular, base, feats, inputs = db.execute(self.sql, {**self.params, "lo": lo, "hi": hi}).fetchone()
+        except sqlite3.Error as exc:
+            raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
+        return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs)
+
+    def slow(self, lo: int, hi: int, source: str, names: Sequence[str], *, irregular_only: bool = False,
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``seq`` and the named fields of ``source`` (features or inputs) decoded per row by SQLite."""
+        params: dict[str, Any] = {**self.params, "lo": lo, "hi": hi}
+        params.update({f"f{i}": _json_path(c) for i, c in enumerate(names)})
+        sel = ", ".join(f"json_extract(p.{source}, :f{i})" for i in range(len(names)))
+        where = self.where + (" and coalesce(p.features glob :pattern, 0) = 0" if irregular_only else "")
+        with contextlib.closing(_connect(self.path)) as db:
+            try:
+                rows = db.execute(f"select p.seq, {sel} from predictions p where {where} order by p.seq",
+                                  params).fetchall()
+            except sqlite3.Error as exc:
+                raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
+        seqs = np.array([r[0] for r in rows], dtype=np.int64)
+        return seqs, {c: _convert([r[i + 1] for r in rows]) for i, c in enumerate(names)}
+
+
+def _csv(blob: bytes, names: list[str], types: dict[str, pa.DataType], *, include: list[str] | None = None,
+         nullable_quoted: bool = True) -> pa.Table:
+    return pacsv.read_csv(
+        io.BytesIO(blob),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+        convert_options=pacsv.ConvertOptions(column_types=types, include_columns=include or names,
+                                             strings_can_be_null=True, quoted_strings_can_be_null=nullable_quoted),
+    )
+
+
+def _convert(values: list[Any]) -> np.ndarray:
+    """A column decoded from JSON: float64 when every present value is a number, else the values as objects."""
+    s = pd.Series(values, dtype=object)
+    num = pd.to_numeric(s.map(lambda v: int(v) if isinstance(v, bool) else v), errors="coerce")
+    if num.notna().sum() == s.notna().sum():
+        return num.to_numpy(dtype=np.float64)
+    return s.to_numpy()
+
+
+def _place(n: int, pos: np.ndarray, values: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
+    if into is None:
+        into = np.full(n, np.nan) if values.dtype == np.float64 else np.full(n, None, dtype=object)
+    elif values.dtype != np.float64 and into.dtype == np.float64:
+        into = np.where(np.isnan(into), None, into.astype(object))
+    into[pos] = values
+    return into
+
+
+_TO_CSV = bytes.maketrans(b":", b",")
+
+
+def _features(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
+    k, n = len(q.features), len(seqs)
+    assert b.feats is not None
+    regular = b.rows - b.irregular
+    table = None
+    # Positions are trusted only without strings (two quotes per key per row) and escapes in the text.
+    if b.feats.count(b'"') == 2 * k * regular and b.feats.count(b"\\") == 0:
+        names = [f"c{i}" for i in range(2 * k)]
+        with contextlib.suppress(pa.ArrowInvalid):
+            # Braces out, `:` -> `,`: `"tx_amount",76.65,"tx_during_night",1.0` (bytes.translate is C-fast).
+            table = _csv(b.feats.translate(_TO_CSV, b"{}"), names, {c: pa.float64() for c in names[1::2]}, include=names[1::2])
+    if table is None or table.num_rows != n:
+        got, cols = q.slow(b.lo, b.hi, "features", q.features)
+        return {f: _place(n, np.searchsorted(seqs, got), v) for f, v in cols.items()}
+    out = {f: table.column(i).to_numpy() for i, f in enumerate(q.features)}
+    if b.irregular:
+        got, cols = q.slow(b.lo, b.hi, "features", q.features, irregular_only=True)
+        pos = np.searchsorted(seqs, got)
+        out = {f: _place(n, pos, cols[f], np.array(v, dtype=np.float64)) for f, v in out.items()}
+    return out
+
+
+def _inputs(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw input fields: the tails of the JSON arrays SQLite built (``76.65,944]``), or per row when unusual."""
+    n = len(seqs)
+    blob = b.inputs or b""
+    if not any(ch in blob for ch in (b"\\", b"[", b"{")):
+        names = [f"c{i}" for i in range(max(2, len(q.inputs)))]
+        with contextlib.suppress(pa.ArrowInvalid):
+            table = _csv(blob.translate(None, b"]"), names, dict.fromkeys(names, pa.string()), nullable_quoted=False)
+            if table.num_rows == n:
+                return {c: _convert_text(table.column(i)) for i, c in enumerate(q.inputs)}
+    got, cols = q.slow(b.lo, b.hi, "inputs", q.inputs)
+    return {c: _place(n, np.searchsorted(seqs, got), v) for c, v in cols.items()}
+
+
+def _convert_text(col: pa.ChunkedArray) -> np.ndarray:
+    """Text fields as the JSON decoder would give them: floats, integers (as Python ints) or strings."""
+    s = col.to_pandas()
+    num = pd.to_numeric(s, errors="coerce")
+    if num.notna().sum() != s.notna().sum():
+        return s.to_numpy(dtype=object)
+    if s.str.contains(r"[.eE]", regex=True).any():
+        return num.to_numpy(dtype=np.float64)
+    return num.astype("Int64").to_numpy(dtype=object, na_value=None)
+
+
+def _to_frame(q: _Query, b: _Batch) -> pd.DataFrame:
+    frame = _csv(b.base, q.columns, q.types).to_pandas()
+    for c in ("fallback", "stale"):
+        if c in frame:
+            frame[c] = frame[c].astype(bool)
+    seqs = frame["seq"].to_numpy()
+    extra: dict[str, np.ndarray] = {}
+    if q.features:
+        extra.update(_features(q, b, seqs))
+    if q.inputs:
+        extra.update({f"input.{c}": v for c, v in _inputs(q, b, seqs).items()})
+    if extra:
+        frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
+    return frame
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+
+def seq_bounds(path: str | Path, start: str | None = None, end: str | None = None) -> tuple[int, int] | None:
+    """(first, last) ``seq`` of the rows with ``start <= event_time < end`` (the event-time index answers)."""
+    where, params = [], []
+    if start is not None:
+        where.append("event_time >= ?")
+        params.append(start)
+    if end is not None:
+        where.append("event_time < ?")
+        params.append(end)
+    sql = "select min(seq), max(seq) from predictions" + (" where " + " and ".join(where) if where else "")
+    with contextlib.closing(_connect(Path(path))) as db:
+        lo, hi = db.execute(sql, params).fetchone()
+    return None if lo is None else (int(lo), int(hi))
+
+
+def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence[str] = (),
+             start: datetime | str | None = None, end: datetime | str | None = None, batch_rows: int = 200_000,
+             columns: Sequence[str] = MONITOR_COLUMNS, labels: bool = False,
+             prefetch: bool = True) -> Iterator[pd.DataFrame]:
+    """Stream the log's rows with ``start <= event_time < end`` in ``seq`` order, ``batch_rows`` at most per frame.
+
+    Each frame has ``columns`` (of :data:`BASE_COLUMNS`; ``event_time`` as datetimes, ``fallback``/``stale`` as
+    bool), with ``labels`` the joined ``label`` and ``at`` (NaN/NaT when none), one float column per feature (or
+    object, when a feature's values are not all numbers) and one column ``input.<name>`` per raw input field.
+    Memory stays at a few batches. Example::
+
+        for frame in read_log(path, features=list(profile.features), end=as_of):
+            accumulator.update(frame)
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MonitorError(f"No prediction log at {p}.",
+                           hint="Serve some traffic first (`keel serve`), or check serving.prediction_log.")
+    if batch_rows < 1:
+        raise MonitorError(f"read_log(batch_rows=...) must be at least 1. Got {batch_rows} instead.")
+    unknown = sorted(set(columns) - set(BASE_COLUMNS))
+    if unknown:
+        raise MonitorError(f"read_log(columns=...) names unknown log columns {unknown}.",
+                           hint=f"Choose among {sorted(BASE_COLUMNS)}.")
+    cols = list(dict.fromkeys(["seq", *columns]))
+    lo_t = iso(pd.Timestamp(start)) if start is not None else None
+    hi_t = iso(pd.Timestamp(end)) if end is not None else None
+    bounds = seq_bounds(p, lo_t, hi_t)
+    if bounds is None:
+        return
+    q = _Query(p, features, inputs, cols, labels, lo_t, hi_t)
+    ranges = [(a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)]
+    for batch in _batches(p, q, ranges, prefetch):
+        if batch.rows:
+            frame = _to_frame(q, batch)
+            yield frame if "seq" in columns else frame.drop(columns=["seq"])
+
+
+def _batches(path: Path, q: _Query, ranges: list[tuple[int, int]], prefetch: bool) -> Iterator[_Batch]:
+    if not prefetch or len(ranges) < 2:
+        with contextlib.closing(_connect(path)) as db:
+            for lo, hi in ranges:
+                yield q.run(db, lo, hi)
+        return
+    out: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            with contextlib.closing(_connect(path)) as db:
+                for lo, hi in ranges:
+                    if stop.is_set():
+                        return
+                    out.put(q.run(db, lo, hi))
+            out.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            out.put(exc)
+
+    thread = threading.Thread(target=work, name="keel-logread", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.get_nowait()
+        thread.join(timeout=5)
+
+
+__all__ = ["BASE_COLUMNS", "MONITOR_COLUMNS", "features_pattern", "read_log", "seq_bounds"]
