@@ -1,9 +1,10 @@
 """The serving core, apart from HTTP: model holder with atomic swap, online features, scoring with a time budget,
 fallback, prediction log and metrics. :mod:`keel.serve.app` wires it into FastAPI.
 
-Per event: ``features = store.features(event)``, ``store.update(event)`` (before any ``await``, so concurrent
+Per event: ``features = store.features(event)``, ``store.stage(event)`` (before any ``await``, so concurrent
 requests for the same entity see each other in arrival order, as the offline table does), then the model scores
-within ``serving.timeout_ms`` in a worker thread; the fallback rule answers when there is no model, it raises,
+within ``serving.timeout_ms`` in a worker thread while the store's group commit writes the staged events (one
+SQLite transaction for every request staged meanwhile; the answer waits for it, so an answered event is on disk); the fallback rule answers when there is no model, it raises,
 runs out of time, abstains, or (``features.stale_action = "fallback"``) an entity's state is stale.
 """
 
@@ -58,6 +59,46 @@ def _jsonline(**fields: Any) -> str:
     return json.dumps(fields, default=str, separators=(",", ":"))
 
 
+class _GroupCommit:
+    """Group commit: every caller gets a future that completes once a flush that started after its call is done.
+
+    At most one flush runs at a time (in ``executor``); callers arriving meanwhile share the next one.
+    """
+
+    def __init__(self, flush: Any, executor: ThreadPoolExecutor) -> None:
+        self._flush = flush
+        self._executor = executor
+        self._waiting: list[asyncio.Future[None]] = []
+        self._running = False
+
+    def request(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(future)
+        if not self._running:
+            self._start(loop)
+        return future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._running = True
+        batch, self._waiting = self._waiting, []
+        job = loop.run_in_executor(self._executor, self._flush)
+        job.add_done_callback(lambda j: self._done(loop, j, batch))
+
+    def _done(self, loop: asyncio.AbstractEventLoop, job: asyncio.Future[Any],
+              batch: list[asyncio.Future[None]]) -> None:
+        self._running = False
+        error = asyncio.CancelledError() if job.cancelled() else job.exception()
+        for future in batch:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+        if self._waiting:
+            self._start(loop)
+
+
 class Service:
     """One service instance: call :meth:`start` (async, in the app lifespan) and :meth:`stop` around use."""
 
@@ -93,6 +134,8 @@ class Service:
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-score")
         self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-reload")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-store-commit")
+        self._group: _GroupCommit | None = None
         self._poller: asyncio.Task[None] | None = None
         self.predlog: PredictionLog | None = None
 
@@ -131,6 +174,11 @@ class Service:
             self._poller = None
         if self.predlog is not None:
             self.predlog.close()
+        self._committer.shutdown(wait=True)
+        commit = getattr(self._store, "commit_staged", None)
+        if commit is not None:
+            with contextlib.suppress(Exception):  # a failed last write is logged by the request that waited
+                commit()
         if self._owns_store and self._store is not None:
             with contextlib.suppress(Exception):  # closing a broken store must not block shutdown
                 self._store.close()
@@ -214,22 +262,34 @@ class Service:
         return reasons
 
     # --- scoring ---------------------------------------------------------------------------------------------
-    def _features(self, event: Mapping[str, Any]) -> tuple[dict[str, float] | None, bool]:
+    def _features(self, event: Mapping[str, Any]) -> tuple[dict[str, float] | None, bool, bool]:
+        """(features, stale, staged): ``staged`` when the event waits for the store's group commit."""
         store = self._store
         if store is None:
-            return None, False
+            return None, False, False
         try:
             row = store.features(event)
         except Exception as exc:
             self._store_failed("features", exc)
-            return None, False
+            return None, False, False
+        stage = getattr(store, "stage", None)
         try:
-            store.update(event)
+            if stage is not None:
+                stage(event)
+            else:
+                store.update(event)
         except Exception as exc:
             self._store_failed("update", exc)
+            staged = False
         else:
             self._store_error = None
-        return dict(row), bool(getattr(row, "stale", False))
+            staged = stage is not None
+        return dict(row), bool(getattr(row, "stale", False)), staged
+
+    def _commit(self) -> asyncio.Future[None]:
+        if self._group is None:
+            self._group = _GroupCommit(self._store.commit_staged, self._committer)  # type: ignore[union-attr]
+        return self._group.request()
 
     def _store_failed(self, op: str, exc: Exception) -> None:
         self.metrics.store_errors.labels(op).inc()
@@ -269,10 +329,14 @@ class Service:
         n = len(events)
         feats: list[dict[str, float] | None] = []
         stale: list[bool] = []
+        staged = False
         for event in events:
-            f, s = self._features(event)
+            f, s, g = self._features(event)
             feats.append(f)
             stale.append(s)
+            staged = staged or g
+        # The store writes while the model scores; the answer waits for both.
+        commit = self._commit() if staged else None
         loaded = self._loaded  # one read: the whole request uses one model even if a swap happens meanwhile
         scores: list[float | None] = [None] * n
         reasons: list[str | None] = [None] * n
@@ -309,6 +373,11 @@ class Service:
             answers = self.fallback.decide([{**events[i], **(feats[i] or {})} for i in need])
             for i, action in zip(need, answers, strict=True):
                 decisions[i] = action
+        if commit is not None:
+            try:
+                await commit
+            except Exception as exc:
+                self._store_failed("update", exc)
         latency_ms = (time.perf_counter() - started) * 1000.0
         version = loaded.version if loaded else None
         now = datetime.now(UTC)
