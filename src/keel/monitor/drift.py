@@ -112,6 +112,21 @@ def ks_from_sketch(profile: FeatureProfile, sketch_counts: Any) -> tuple[float, 
 
 
 # --- per-window accumulation --------------------------------------------------------------------------------
+def window_groups(widx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(widx, return_inverse=True)`` in linear time: a batch spans few windows, so count, don't sort."""
+    if len(widx) == 0:
+        return widx[:0], np.zeros(0, dtype=np.intp)
+    lo, hi = int(widx.min()), int(widx.max())
+    if hi - lo > 4 * len(widx) + 1024:
+        return np.unique(widx, return_inverse=True)
+    offset = (widx - lo).astype(np.intp)
+    present = np.bincount(offset, minlength=hi - lo + 1) > 0
+    uniq = np.flatnonzero(present) + lo
+    if present.all():
+        return uniq.astype(widx.dtype), offset
+    return uniq.astype(widx.dtype), (np.cumsum(present) - 1)[offset]
+
+
 
 
 @dataclass
@@ -197,7 +212,10 @@ class DriftAccumulator:
                 self._bins_from_sketch[name] = np.append(via, len(p.edges))
 
     def _window_index(self, times: Any) -> np.ndarray:
-        t = pd.to_datetime(pd.Series(np.asarray(times))).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        t = np.asarray(times)
+        if t.dtype != np.dtype("datetime64[ns]"):
+            t = pd.to_datetime(pd.Series(t)).to_numpy(dtype="datetime64[ns]")
+        t = t.astype(np.int64)
         if self.origin is None:
             day = 86_400_000_000_000
             self.origin = pd.Timestamp(int(t.min() // day * day))
@@ -214,8 +232,7 @@ class DriftAccumulator:
         valid = ~pd.isna(times).to_numpy()
         if not valid.all():
             frame, times = frame.loc[valid], times[valid]
-        widx = self._window_index(times)
-        uniq, inv = np.unique(widx, return_inverse=True)
+        uniq, inv = window_groups(self._window_index(times))
         k = len(uniq)
         for w, c in zip(uniq.tolist(), np.bincount(inv, minlength=k).tolist(), strict=True):
             self._rows[w] = self._rows.get(w, 0) + c
@@ -247,9 +264,12 @@ class DriftAccumulator:
         x = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
         k = len(uniq)
         ok = np.isfinite(x)
-        xs, ws = x[ok], inv[ok]
         n_all = np.bincount(inv, minlength=k)
-        n_ok = np.bincount(ws, minlength=k)
+        if ok.all():  # the usual case: no copies
+            xs, ws, n_ok = x, inv, n_all
+        else:
+            xs, ws = x[ok], inv[ok]
+            n_ok = np.bincount(ws, minlength=k)
         nb, ns = len(prof.edges) + 1, len(prof.sketch) + 1
         sketch = np.bincount(ws * ns + np.searchsorted(np.asarray(prof.sketch), xs, side="left"),
                              minlength=k * ns).reshape(k, ns) if prof.sketch else np.zeros((k, 1), np.int64)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from keel import expressions
 from keel.evaluate import metrics as M
+from keel.monitor.drift import window_groups
 
 ERROR_REASONS = ("model_error", "model_unavailable", "features_unavailable")
 
@@ -220,7 +221,7 @@ class OperationalAccumulator:
             return
         t = frame["event_time"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
         widx = (t - int(self.origin.value)) // self._step
-        uniq, inv = np.unique(widx, return_inverse=True)
+        uniq, inv = window_groups(widx)
         k = len(uniq)
         nl = len(_LAT_EDGES)
         lat = np.clip(np.searchsorted(_LAT_EDGES, frame["latency_ms"].to_numpy(dtype=np.float64), side="right") - 1,
