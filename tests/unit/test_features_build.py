@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keel.errors import FeatureError
+from keel.errors import DataError, FeatureError
 from keel.features.definitions import feature_names, resolve_definitions
 from keel.features.offline import (
     build_feature_table,
@@ -334,4 +334,13 @@ def test_chunk_rows_must_be_positive(tmp_path: Path) -> None:
     source = write(tied_events(10), tmp_path / "events.parquet")
     with pytest.raises(FeatureError, match=r"chunk_rows must be a positive number of rows\. Got 0 instead\."):
         build_feature_table(source, tmp_path / "t", DEFS, chunk_rows=0, **KW)
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_missing_id_column_or_source_is_named_before_any_write(tmp_path: Path) -> None:
+    source = write(tied_events(10).drop(columns=["id"]), tmp_path / "events.parquet")
+    with pytest.raises(DataError, match=r"Column 'id' \(the id column\) is missing from .*events\.parquet"):
+        build_feature_table(source, tmp_path / "t", DEFS, **KW)
+    with pytest.raises(DataError, match=r"Cannot read the source: The data source .*nowhere\.parquet does not exist"):
+        build_feature_table(tmp_path / "nowhere.parquet", tmp_path / "t", DEFS, **KW)
     assert not (tmp_path / "t").exists()
