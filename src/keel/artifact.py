@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ PIPELINE = "pipeline.json"
 
 # skops loads only these types; anything else in a .skops file is refused as untrusted.
 _SKOPS_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.sparse.", "collections.")
+_COMPILE_LOCK = threading.Lock()
 
 
 def sha256_file(path: Path) -> str:
@@ -66,6 +68,33 @@ class DecisionModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     threads: int = 0
     categories: dict[str, list[str]] = field(default_factory=dict)
+    # The LightGBM trees compiled to native code (keel.compiled), built once on first use or at load; every
+    # caller (batch and single row) then scores through it, or everyone through Booster.predict when it is None.
+    _forest: Any = field(default=None, init=False, repr=False, compare=False)
+    _forest_built: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_forest"], state["_forest_built"] = None, False  # native code does not travel; rebuilt on use
+        return state
+
+    def compiled(self) -> Any:
+        """The compiled forest scoring this LightGBM model (bit-identical to ``Booster.predict``), or None.
+
+        None for other kinds, without llvmlite, with ``KEEL_COMPILED_TREES=0``, or for a model the compiler does
+        not reproduce exactly; scoring then uses ``Booster.predict``.
+        """
+        if not self._forest_built:
+            with _COMPILE_LOCK:
+                if not self._forest_built:
+                    self._forest = None
+                    if self.kind == "lightgbm":
+                        from keel.compiled import compile_forest
+
+                        booster = getattr(self.estimator, "booster_", self.estimator)
+                        self._forest = compile_forest(booster.model_to_string(), booster)
+                    self._forest_built = True
+        return self._forest
 
     # ------------------------------------------------------------------ scoring
     def _matrix(self, features: pd.DataFrame | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -91,6 +120,9 @@ class DecisionModel:
         x = self._matrix(features)
         est = self.estimator
         if self.kind == "lightgbm":
+            forest = self.compiled()
+            if forest is not None and x.shape[1] == forest.n_features:
+                return forest.predict(x, threads=self.threads)
             kwargs = {"num_threads": self.threads} if self.threads else {}
             return np.asarray(est.predict(x, **kwargs), dtype=np.float64)
         if hasattr(est, "to_dict"):  # Keel baselines read named columns
@@ -154,7 +186,7 @@ class DecisionModel:
 
             calibrator = Calibrator.from_dict(pipeline["calibrator"])
         band = pipeline.get("abstain_band")
-        return cls(
+        model = cls(
             kind=pipeline["kind"],
             feature_names=list(pipeline["feature_names"]),
             estimator=estimator,
@@ -167,6 +199,8 @@ class DecisionModel:
             threads=threads,
             categories={k: list(v) for k, v in (pipeline.get("categories") or {}).items()},
         )
+        model.compiled()  # compile now (or take the cached code) so the first request does not pay for it
+        return model
 
 
 def encode_categories(values: Any, categories: list[str]) -> np.ndarray:
