@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
@@ -227,14 +228,17 @@ def _inputs(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _convert_text(col: pa.ChunkedArray) -> np.ndarray:
-    """Text fields as the JSON decoder would give them: floats, integers (as Python ints) or strings."""
-    s = col.to_pandas()
-    num = pd.to_numeric(s, errors="coerce")
-    if num.notna().sum() != s.notna().sum():
-        return s.to_numpy(dtype=object)
-    if s.str.contains(r"[.eE]", regex=True).any():
-        return num.to_numpy(dtype=np.float64)
-    return num.astype("Int64").to_numpy(dtype=object, na_value=None)
+    """Text fields as the JSON decoder would give them: integers (as Python ints), floats, or strings.
+
+    Arrow's casts do the checking in C++: a field is numeric only when every present value casts.
+    """
+    for target in (pa.int64(), pa.float64()):
+        with contextlib.suppress(pa.ArrowInvalid):
+            cast = pc.cast(col, target)
+            if target == pa.float64():
+                return cast.to_numpy()
+            return cast.to_pandas().astype("Int64").to_numpy(dtype=object, na_value=None)
+    return col.to_pandas().to_numpy(dtype=object)
 
 
 def _to_frame(q: _Query, b: _Batch) -> pd.DataFrame:
