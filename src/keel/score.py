@@ -158,9 +158,8 @@ class _ScoreStats:
             self.high = max(self.high, float(finite.max()))
             idx = np.clip((finite * _BINS).astype(np.int64), 0, _BINS - 1)
             self.hist += np.bincount(idx, minlength=_BINS)
-        values, counts = np.unique(decisions.astype(str), return_counts=True)
-        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
-            self.decisions[v] = self.decisions.get(v, 0) + int(c)
+        for v, c in pd.Series(decisions, dtype=object).value_counts(sort=False).items():
+            self.decisions[str(v)] = self.decisions.get(str(v), 0) + int(c)
 
     def fill(self, summary: ScoreSummary) -> None:
         summary.decisions = dict(sorted(self.decisions.items()))
