@@ -296,6 +296,14 @@ def step_search(server: Server, take: Callable[[int], list[Any]], seconds: float
     return best, steps
 
 
+def _errors(r: Row) -> str:
+    """The count, and what the failures were (statuses other than 200, transport errors)."""
+    if not r.errors or r.result is None:
+        return str(r.errors)
+    what = {**{str(k): v for k, v in r.result.statuses.items() if k != 200}, **r.result.errors}
+    return f"{r.errors} ({', '.join(f'{k}: {v}' for k, v in what.items())})"
+
+
 def _mlflow_bodies(setup: Setup, rows: np.ndarray) -> list[dict[str, Any]]:
     return [{"dataframe_split": {"columns": setup.names, "data": [[None if v != v else float(v) for v in r]]}}
             for r in rows]
@@ -335,7 +343,10 @@ def main() -> None:
             port_m = _free_port()
             mlflow = _start("mlflow", [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(setup.mlflow_dir),
                                        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port_m), "-w", "1"],
-                            port_m, work, health="/ping", env={"OMP_NUM_THREADS": "1"})
+                            port_m, work, health="/ping",
+                            # mlflow execs `uvicorn` by name: the interpreter's bin folder must be on PATH.
+                            env={"OMP_NUM_THREADS": "1",
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
             servers.append(mlflow)
         warm_keel(keel, setup)
 
@@ -388,7 +399,8 @@ def main() -> None:
         rest = take(200_000)
         batches = [{"events": rest[i:i + 1000]} for i in range(0, len(rest), 1000)]
         batch = measured(keel, "keel `/v1/predict/batch`, 1,000 events", "2 connections, closed loop",
-                         lambda: closed_loop(keel.base, batches, connections=2, seconds=seconds), per=1000)
+                         lambda: closed_loop(keel.base, batches, connections=2, seconds=seconds,
+                                             path="/v1/predict/batch"), per=1000)
         rows.append(batch)
     finally:
         for s in servers:
@@ -419,7 +431,7 @@ def main() -> None:
     for r in rows:
         digits = 3 if r.p50 < 1 else 2
         lines.append(f"| {r.target} | {r.load} | {fmt(r.p50, digits)} | {fmt(r.p99, digits)} |"
-                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {r.errors} |")
+                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {_errors(r)} |")
     lines += ["", "Step search, keel `/v1/predict` open loop (stops at the first step whose p99 exceeds 25 ms, that"
               " fails a request or misses its rate by more than 5%):", "",
               "| offered req/s | achieved req/s | p50 ms | p99 ms | server CPU ms | errors |",
