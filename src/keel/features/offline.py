@@ -594,7 +594,7 @@ def source_fingerprint(
         sql += f" where {ts} <= {_time_literal(until)}"
     with src.connect() as con:
         try:
-            rows, max_time, digest = con.execute(sql).fetchone()
+            rows, max_time, digest = con.execute(sql).fetchone() or (0, None, None)
         except Exception as exc:  # duckdb raises several exception types for unreadable sources
             raise DataError(f"Cannot fingerprint {src.describe()}: {str(exc).splitlines()[0]}.") from None
     return {"rows": int(rows), "max_event_time": max_time, "hash": digest or "0"}
@@ -652,6 +652,15 @@ def _sweep_litter(table: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+
+@dataclass
+class _Progress:
+    """What the streaming write has done so far (read after it completes)."""
+
+    rows: int = 0
+    chunks: int = 0
+    max_time: Any = None
 
 
 def _output_table(chunk: pa.Table, features: pd.DataFrame, keys: list[str], names: list[str]) -> pa.Table:
@@ -746,7 +755,7 @@ def build_feature_table(
         max_time = pd.Timestamp(lineage["max_event_time"])
         where = f"{ts} > {_time_literal(max_time)}"
         with src.connect() as con:
-            fresh = int(con.execute(f"select count(*) from source where {where}").fetchone()[0])
+            fresh = int((con.execute(f"select count(*) from source where {where}").fetchone() or (0,))[0])
         if not fresh:
             return BuildResult(table, 0, int(lineage["rows"]), False, lineage["max_event_time"], "up to date")
         reason = "new events past the covered max event time"
@@ -762,7 +771,7 @@ def build_feature_table(
     created = not table.exists()
     table.mkdir(parents=True, exist_ok=True)
     _sweep_litter(table)
-    written = {"rows": 0, "chunks": 0, "max": None}
+    written = _Progress()
 
     def compute(frame: pd.DataFrame) -> pd.DataFrame:
         return compute_features(frame, defs, timestamp=timestamp, label=label, id_column=id_column)
@@ -783,9 +792,9 @@ def build_feature_table(
                     writer = pq.ParquetWriter(tmp, out.schema, compression="snappy")
                 writer.write_table(out.cast(writer.schema))
                 latest = pd.to_datetime(features[timestamp]).max()
-                written["rows"] = int(written["rows"]) + len(out)  # type: ignore[call-overload]
-                written["chunks"] = int(written["chunks"]) + 1  # type: ignore[call-overload]
-                written["max"] = latest if written["max"] is None else max(written["max"], latest)
+                written.rows += len(out)
+                written.chunks += 1
+                written.max_time = latest if written.max_time is None else max(written.max_time, latest)
             if writer is None:  # an empty source: an empty part with the right columns
                 empty = pa.Table.from_batches([], empty_schema(src, keys))
                 for name in names:
@@ -807,9 +816,9 @@ def build_feature_table(
                 table.rmdir()
         raise
     parts.append(part)
-    rows_added = int(written["rows"])  # type: ignore[call-overload]
-    if written["max"] is not None:
-        max_event: str | None = str(written["max"])
+    rows_added = written.rows
+    if written.max_time is not None:
+        max_event: str | None = str(written.max_time)
     else:
         max_event = None if full_rebuild else lineage["max_event_time"]  # type: ignore[index]
     total = (0 if full_rebuild else int(lineage["rows"])) + rows_added  # type: ignore[index]
@@ -828,7 +837,7 @@ def build_feature_table(
     for stale in table.glob("part-*.parquet"):
         if stale.name not in parts:
             stale.unlink()
-    return BuildResult(table, rows_added, total, full_rebuild, max_event, reason, int(written["chunks"]))  # type: ignore[call-overload]
+    return BuildResult(table, rows_added, total, full_rebuild, max_event, reason, written.chunks)
 
 
 def feature_status(
@@ -963,7 +972,7 @@ def compute_features_spark(
         label=label,
     )
     windows = window_definitions(defs)
-    row_defs = [d for d in defs if isinstance(d, RawDefinition | RowDefinition)]
+    row_defs: list[Definition] = [d for d in defs if isinstance(d, RawDefinition | RowDefinition)]
     needed = list(dict.fromkeys([id_column, *required_columns(defs, timestamp=timestamp, label=label)]))
     base = spark_df.select(*needed)
 
