@@ -314,6 +314,9 @@ def features_build(
     spec: SpecOpt = Path("keel.toml"),
     table: Annotated[Path | None, typer.Option(help="Feature table folder (default: under the state dir).")] = None,
     full: Annotated[bool, typer.Option(help="Recompute everything instead of adding new days.")] = False,
+    chunk_rows: Annotated[int, typer.Option(
+        help="Rows per chunk: memory is about this many rows plus one horizon (longest window + delay) of "
+             "history; any value gives the same table.")] = 1_000_000,
 ) -> None:
     """Materialise the spec's features, point in time correct; adds only new days unless --full.
 
@@ -323,10 +326,10 @@ def features_build(
 
     t0 = time.perf_counter()
     with out.status("Building features..."):
-        result = build_features(_load(spec), table=table, full=full)
+        result = build_features(_load(spec), table=table, full=full, chunk_rows=chunk_rows)
     took = time.perf_counter() - t0
     out.print(f"{'Rebuilt' if result.full_rebuild else 'Updated'} [bold]{result.path}[/]: "
-              f"{result.rows_added:,} rows added, {result.rows_total:,} in all, events up to "
+              f"{result.rows_added:,} rows added in {result.chunks} chunk(s), {result.rows_total:,} in all, events up to "
               f"{result.max_event_time} ({result.reason}; {took:.1f} s)")
 
 

@@ -164,3 +164,15 @@ def test_empty_batches_are_refused(client: TestClient) -> None:
     for path, body in [("/v1/predict/batch", {"events": []}), ("/v1/labels", {"labels": []})]:
         r = client.post(path, json=body)
         assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_chunked_build_from_the_cli_equals_the_one_chunk_build(proj: Project) -> None:
+    assert _cli(proj, "features", "build").exit_code == 0
+    whole = read_feature_table(default_table_path(proj.spec))
+    result = _cli(proj, "features", "build", "--full", "--chunk-rows", "97")
+    assert result.exit_code == 0, result.output
+    assert "chunk(s)" in result.output and " 1 chunk(s)" not in result.output
+    pd.testing.assert_frame_equal(read_feature_table(default_table_path(proj.spec)), whole, check_exact=True)
+    result = _cli(proj, "features", "build", "--full", "--chunk-rows", "0")
+    assert result.exit_code == 2 and "chunk_rows" in result.output
+    pd.testing.assert_frame_equal(read_feature_table(default_table_path(proj.spec)), whole, check_exact=True)
