@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import struct
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -10,14 +13,15 @@ import pandas as pd
 import pytest
 
 from keel.errors import MonitorError
+from keel.monitor.logformat import ensure_feature_columns, feature_blob, feature_set_id, has_feature_columns
 from keel.monitor.logread import features_pattern, read_log
-from keel.serve.predlog import PredictionLog, read_predictions
+from keel.serve.predlog import PREDICTION_COLUMNS, PredictionLog, _prediction_row, connect, read_predictions
 
 FEATURES = ["amount", "night", "nb_tx"]
 T0 = datetime(2018, 9, 1)
 
 
-def _write(path: Path, n: int = 120, *, odd: bool = True) -> None:
+def _records(n: int = 120, *, odd: bool = True) -> list[dict]:
     rng = np.random.default_rng(0)
     records = []
     for i in range(n):
@@ -39,9 +43,61 @@ def _write(path: Path, n: int = 120, *, odd: bool = True) -> None:
             "features": feats, "score": score, "fallback": i == 5, "fallback_reason": "model_error" if i == 5 else None,
             "latency_ms": float(rng.gamma(2, 2)),
         })
+    return records
+
+
+def _labels(n: int) -> list[tuple]:
+    return [(str(i), float(i % 5 == 0), T0 + timedelta(hours=i, days=2)) for i in range(0, n, 2)]
+
+
+def _write(path: Path, n: int = 120, *, odd: bool = True) -> None:
     with PredictionLog(path) as log:
-        log.append_many(records)
-        log.add_labels([(str(i), float(i % 5 == 0), T0 + timedelta(hours=i, days=2)) for i in range(0, n, 2)])
+        log.append_many(_records(n, odd=odd))
+        log.add_labels(_labels(n))
+
+
+def _write_with_blobs(path: Path, records: list[dict], *, blob: Callable[[int], bool] = lambda i: True,
+                      junk_json: bool = True) -> None:
+    """The log as the service writes it with the binary feature column (JSON text too); ``blob(i)`` False leaves
+    row i as an old log's row. ``junk_json`` then overwrites the JSON of the rows with a blob, so a reader that
+    gets their values right can only have read the blobs."""
+    db = connect(path)
+    ensure_feature_columns(db)
+    ensure_feature_columns(db)  # idempotent
+    cols = [*PREDICTION_COLUMNS, "features_f64", "feature_set"]
+    sql = f"insert into predictions ({', '.join(cols)}) values ({', '.join('?' * len(cols))})"
+    for i, record in enumerate(records):
+        row = _prediction_row(record)[:len(PREDICTION_COLUMNS)]
+        feats = record["features"]
+        data, fs = None, None
+        if feats is not None and blob(i):
+            data = feature_blob(list(feats), feats)
+            fs = feature_set_id(db, list(feats)) if data is not None else None
+        db.execute(sql, (*row, data, fs))
+    db.close()
+    with PredictionLog(path) as log:
+        log.add_labels(_labels(len(records)))
+    if junk_json:
+        with sqlite3.connect(path) as db:
+            db.execute("""update predictions set features = '{"junk":1}' where features_f64 is not null""")
+        db.close()
+
+
+def _read(path: Path, batch_rows: int, features: list[str] = FEATURES) -> pd.DataFrame:
+    return pd.concat(list(read_log(path, features=features, inputs=["customer_id", "tx_amount", "who"], labels=True,
+                                   batch_rows=batch_rows, columns=("seq", "event_time", "score", "decision"))),
+                     ignore_index=True)
+
+
+def _same(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    assert list(got.columns) == list(want.columns)
+    for c in got.columns:
+        a, b = got[c].to_numpy(), want[c].to_numpy()
+        if a.dtype.kind == "f" or b.dtype.kind == "f":
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), c
+        else:  # object columns (a string feature): missing is missing, whatever its spelling
+            assert a.dtype == b.dtype, c
+            assert [None if v is None or v != v else v for v in a] == [None if v is None or v != v else v for v in b], c
 
 
 def _expected(path: Path, start: datetime | None = None, end: datetime | None = None) -> pd.DataFrame:
@@ -106,3 +162,90 @@ def test_time_range_labels_and_errors(tmp_path: Path) -> None:
 
 def test_features_pattern_escapes_glob_characters() -> None:
     assert features_pattern(["a*", "b"]) == '{"a[*]":*,"b":*}'
+
+
+# --- the binary feature column -------------------------------------------------------------------------------
+def test_feature_blob_contract() -> None:
+    blob = feature_blob(["a", "b", "c", "d"], {"b": True, "a": 1.5, "c": None, "d": np.float32(2)})
+    assert blob == struct.pack("<4d", 1.5, 1.0, float("nan"), 2.0)
+    assert np.frombuffer(feature_blob(["x", "a"], {"a": 3}) or b"", "<f8")[1] == 3.0
+    assert np.isnan(np.frombuffer(feature_blob(["x", "a"], {"a": 3}) or b"", "<f8")[0])  # missing -> NaN
+    assert feature_blob(["a", "b"], {"a": 1.0, "b": "web"}) is None  # a string: the row keeps only its JSON
+    assert feature_blob(["a"], {"a": 10**400}) is None
+    assert feature_blob(["a"], None) is None
+    assert feature_blob([], {}) == b""
+
+
+def test_feature_columns_migrate_an_old_log_and_sets_are_stable(tmp_path: Path) -> None:
+    path = tmp_path / "p.sqlite"
+    _write(path, 20, odd=False)
+    with sqlite3.connect(path) as db:
+        assert not has_feature_columns(db)
+        ensure_feature_columns(db)
+        ensure_feature_columns(db)
+        assert has_feature_columns(db)
+        first = feature_set_id(db, ["a", "b"])
+        assert feature_set_id(db, ["b", "a"]) != first and feature_set_id(db, ["a", "b"]) == first
+        assert db.execute("select count(*) from predictions where features_f64 is null").fetchone()[0] == 20
+    db.close()
+    want = _read(tmp_path / "p.sqlite", 7)
+    assert len(want) == 20 and want["amount"].notna().all()  # old rows still read, from their JSON
+
+
+@pytest.mark.parametrize("batch_rows", [7, 1000])
+def test_blob_rows_read_exactly_what_their_json_says(tmp_path: Path, batch_rows: int) -> None:
+    records = _records()
+    records[30]["features"] = {"amount": float("inf"), "night": float("nan"), "nb_tx": -0.0}  # JSON: null, null
+    records[31]["features"] = {"amount": 1.0, "night": "web", "nb_tx": 2.0}  # a string: JSON only
+    _write(tmp_path / "json.sqlite", 0)
+    with PredictionLog(tmp_path / "json.sqlite") as log:
+        log.append_many(records)
+        log.add_labels(_labels(len(records)))
+    _write_with_blobs(tmp_path / "blob.sqlite", records)
+    with sqlite3.connect(tmp_path / "blob.sqlite") as db:
+        (blobs,) = db.execute("select count(*) from predictions where features_f64 is not null").fetchone()
+    db.close()
+    assert blobs == 118  # all but the row without features and the row with a string
+    want = _read(tmp_path / "json.sqlite", batch_rows)
+    got = _read(tmp_path / "blob.sqlite", batch_rows)
+    _same(got, want)
+    assert np.isnan(got.loc[30, "amount"]) and pd.isna(got.loc[30, "night"]) and got.loc[30, "nb_tx"] == 0.0
+    assert got.loc[31, "night"] == "web" and got.loc[31, "amount"] == 1.0
+    # Without the blobs the junked JSON would read as missing: the values above came from the blobs.
+    with sqlite3.connect(tmp_path / "blob.sqlite") as db:
+        db.execute("update predictions set features_f64 = null")
+    db.close()
+    assert _read(tmp_path / "blob.sqlite", batch_rows)["amount"].isna().sum() > 100
+
+
+@pytest.mark.parametrize("batch_rows", [5, 1000])
+def test_old_and_new_rows_mixed_in_one_log(tmp_path: Path, batch_rows: int) -> None:
+    records = _records()
+    with PredictionLog(tmp_path / "json.sqlite") as log:
+        log.append_many(records)
+        log.add_labels(_labels(len(records)))
+    # The first 50 rows were written before the upgrade, then every other row (as if two services shared the log).
+    _write_with_blobs(tmp_path / "mixed.sqlite", records, blob=lambda i: i >= 50 and i % 2 == 0)
+    _same(_read(tmp_path / "mixed.sqlite", batch_rows), _read(tmp_path / "json.sqlite", batch_rows))
+
+
+@pytest.mark.parametrize("batch_rows", [9, 1000])
+def test_a_new_feature_set_mid_log(tmp_path: Path, batch_rows: int) -> None:
+    records = _records(odd=False)
+    for i, r in enumerate(records):
+        if i >= 70:  # a new model: another order, one feature dropped, one added
+            f = r["features"]
+            r["features"] = {"nb_tx": f["nb_tx"], "extra": 1.0, "amount": f["amount"]}
+    with PredictionLog(tmp_path / "json.sqlite") as log:
+        log.append_many(records)
+        log.add_labels(_labels(len(records)))
+    _write_with_blobs(tmp_path / "blob.sqlite", records)
+    with sqlite3.connect(tmp_path / "blob.sqlite") as db:
+        assert db.execute("select count(*) from feature_sets").fetchone()[0] == 2
+    db.close()
+    features = [*FEATURES, "extra"]
+    got, want = _read(tmp_path / "blob.sqlite", batch_rows, features), _read(tmp_path / "json.sqlite", batch_rows,
+                                                                                 features)
+    _same(got, want)
+    assert got["night"].isna().to_numpy().tolist() == [i >= 70 for i in range(120)]
+    assert got["extra"].notna().to_numpy().tolist() == [i >= 70 for i in range(120)]

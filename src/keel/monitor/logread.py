@@ -45,7 +45,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
-from keel.serve.predlog import iso
+from keel.monitor.logformat import has_feature_columns, read_feature_sets
+
+
+def iso(value: Any) -> str | None:
+    """The prediction log's time text (imported when called: the serving module imports this package's format)."""
+    from keel.serve.predlog import iso as _iso
+
+    return _iso(value)
 
 # Base columns monitoring reads, and how each is printed into the batch's CSV (every piece is non-NULL).
 _REAL = "case when {c} is null then '' else printf('%!.17g', {c}) end"
@@ -65,6 +72,9 @@ BASE_COLUMNS = {
     "request_id": (_TEXT.format(c="p.request_id"), pa.string()),
 }
 LABEL_COLUMNS = {"label": (_REAL.format(c="l.label"), pa.float64()), "at": ("ifnull(l.at, '')", pa.timestamp("ns"))}
+# Rows whose features are in the binary column (logformat): their feature set id, read with the base columns.
+_HAS_BLOB = "(p.features_f64 is not null and p.feature_set is not null)"
+_SET_COLUMN = ("case when " + _HAS_BLOB + " then p.feature_set else '' end", pa.int64())
 MONITOR_COLUMNS = ("seq", "event_time", "score", "decision", "fallback", "fallback_reason", "stale", "latency_ms")
 
 
@@ -95,16 +105,20 @@ class _Batch:
     base: bytes
     feats: bytes | None
     inputs: bytes | None
+    blobs: bytes | None = None
 
 
 class _Query:
     """The SQL of one reader: the rows ``lo <= seq < hi`` (and in the time range) as CSV blobs, in one query."""
 
     def __init__(self, path: Path, features: Sequence[str], inputs: Sequence[str], columns: Sequence[str],
-                 labels: bool, start: str | None, end: str | None) -> None:
+                 labels: bool, start: str | None, end: str | None, *, blobs: bool = False,
+                 sets: dict[int, list[str]] | None = None) -> None:
         self.path, self.features, self.inputs = path, list(features), list(inputs)
-        self.columns = [*columns, *(LABEL_COLUMNS if labels else ())]
-        exprs = {**BASE_COLUMNS, **LABEL_COLUMNS}
+        self.blobs = blobs and bool(self.features)
+        self.sets = dict(sets or {})
+        self.columns = [*columns, *(LABEL_COLUMNS if labels else ()), *(["feature_set"] if self.blobs else [])]
+        exprs = {**BASE_COLUMNS, **LABEL_COLUMNS, "feature_set": _SET_COLUMN}
         self.types = {c: exprs[c][1] for c in self.columns}
         base = " || ',' || ".join(exprs[c][0] for c in self.columns)
         where = ["p.seq >= :lo", "p.seq < :hi"]
@@ -118,13 +132,17 @@ class _Query:
         self.where = " and ".join(where)
         join = " left join labels l on l.event_id = p.event_id" if labels else ""
         k = len(self.features)
+        has = _HAS_BLOB if self.blobs else "0"
         if k:
             self.params["fill"] = "{" + "," * (2 * k - 1) + "}"
             self.params["pattern"] = features_pattern(self.features)
-            ok = "coalesce(p.features glob :pattern, 0)"
-            feat = "case when ok then f else :fill end"
+            ok = f"case when {has} then 1 else coalesce(p.features glob :pattern, 0) end"
+            # Rows with a blob print no feature text at all (group_concat skips NULLs): nothing to parse.
+            feat = "case when h then null when ok then f else :fill end"
         else:
             ok, feat = "1", "''"
+        blob = f"case when {has} then p.features_f64 end" if self.blobs else "null"
+        self.not_blob = f" and not {_HAS_BLOB}" if self.blobs else ""
         # json_extract with two or more paths returns a JSON array of the values, from one parse per row.
         paths = [*self.inputs, *self.inputs[:1]] if len(self.inputs) == 1 else self.inputs
         for i, c in enumerate(paths):
@@ -132,24 +150,40 @@ class _Query:
         inp = ("substr(json_extract(ifnull(p.inputs, '{}'), " + ", ".join(f":in{i}" for i in range(len(paths)))
                + "), 2)") if self.inputs else "''"
         self.sql = ("select count(*), sum(ok = 0), cast(group_concat(b, char(10)) as blob),"
-                    f" cast(group_concat({feat}, char(10)) as blob), cast(group_concat(i, char(10)) as blob)"
-                    f" from (select {base} as b, p.features as f, {ok} as ok, {inp} as i"
+                    f" cast(group_concat({feat}, char(10)) as blob), cast(group_concat(i, char(10)) as blob),"
+                    f" cast(group_concat(fb, '') as blob)"
+                    f" from (select {base} as b, p.features as f, {has} as h, {ok} as ok, {inp} as i, {blob} as fb"
                     f" from predictions p{join} where {self.where})")
 
     def run(self, db: sqlite3.Connection, lo: int, hi: int) -> _Batch:
         try:
-            n, irregular, base, feats, inputs = db.execute(self.sql, {**self.params, "lo": lo, "hi": hi}).fetchone()
+            n, irregular, base, feats, inputs, blobs = db.execute(
+                self.sql, {**self.params, "lo": lo, "hi": hi}).fetchone()
         except sqlite3.Error as exc:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
-        return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs)
+        return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs, blobs)
+
+    def set_names(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        """Names of these feature sets (re-read when the service registered a new one since the reader opened)."""
+        if any(i not in self.sets for i in ids):
+            with contextlib.closing(_connect(self.path)) as db:
+                self.sets = read_feature_sets(db)
+        missing = [i for i in ids if i not in self.sets]
+        if missing:
+            raise MonitorError(f"The prediction log {self.path} has rows of feature sets {missing} that its "
+                               "feature_sets table does not name.",
+                               hint="The log was edited by hand or is damaged; restore feature_sets.")
+        return {i: self.sets[i] for i in ids}
 
     def slow(self, lo: int, hi: int, source: str, names: Sequence[str], *, irregular_only: bool = False,
-             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``seq`` and the named fields of ``source`` (features or inputs) decoded per row by SQLite."""
+             text_rows: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``seq`` and the named fields of ``source`` (features or inputs) decoded per row by SQLite (for features,
+        ``text_rows``: only the rows without a feature blob)."""
         params: dict[str, Any] = {**self.params, "lo": lo, "hi": hi}
         params.update({f"f{i}": _json_path(c) for i, c in enumerate(names)})
         sel = ", ".join(f"json_extract(p.{source}, :f{i})" for i in range(len(names)))
-        where = self.where + (" and coalesce(p.features glob :pattern, 0) = 0" if irregular_only else "")
+        where = self.where + (self.not_blob if source == "features" and text_rows else "")
+        where += " and coalesce(p.features glob :pattern, 0) = 0" if irregular_only else ""
         with contextlib.closing(_connect(self.path)) as db:
             try:
                 rows = db.execute(f"select p.seq, {sel} from predictions p where {where} order by p.seq",
@@ -191,10 +225,74 @@ def _place(n: int, pos: np.ndarray, values: np.ndarray, into: np.ndarray | None 
 _TO_CSV = bytes.maketrans(b":", b",")
 
 
-def _features(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
+def _features(q: _Query, b: _Batch, seqs: np.ndarray, sets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The batch's feature columns: from the blobs of the rows that have one, from the JSON text of the others."""
+    if sets is None:
+        return _text_features(q, b, seqs)
+    has = sets >= 0
+    n, nb = len(seqs), int(has.sum())
+    blob = _blob_features(q, b, sets[has]) if nb else None
+    if blob is None and nb:  # blobs of the wrong length: decode every row's JSON instead
+        got, cols = q.slow(b.lo, b.hi, "features", q.features, text_rows=False)
+        return {f: _place(n, np.searchsorted(seqs, got), v) for f, v in cols.items()}
+    if nb == n:
+        assert blob is not None
+        return blob
+    text = _text_features(q, b, seqs[~has])
+    if not nb:
+        return text
+    assert blob is not None
+    pos_text, pos_blob = np.flatnonzero(~has), np.flatnonzero(has)
+    return {f: _place(n, pos_text, text[f], _place(n, pos_blob, blob[f])) for f in q.features}
+
+
+def _blob_features(q: _Query, b: _Batch, sets: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Columns of the rows with a blob (``sets``: their feature set ids, in row order); None when the blobs' total
+    length is not what their feature sets imply."""
+    values = np.frombuffer(b.blobs or b"", dtype="<f8") if len(b.blobs or b"") % 8 == 0 else None
+    ids = np.unique(sets)
+    names = q.set_names(ids.tolist())
+    width = {i: len(names[i]) for i in ids.tolist()}
+    m = len(sets)
+    if len(ids) == 1:
+        w = width[int(ids[0])]
+        if values is None or len(values) != m * w:
+            return None
+        matrix = values.reshape(m, w)
+        cols = {}
+        where = {c: j for j, c in enumerate(names[int(ids[0])])}
+        for f in q.features:
+            cols[f] = matrix[:, where[f]] if f in where else np.full(m, np.nan)
+    else:  # several feature sets in one batch (the model changed): rows of different widths
+        lengths = np.array([width[i] for i in ids.tolist()])[np.searchsorted(ids, sets)]
+        if values is None or int(lengths.sum()) != len(values):
+            return None
+        starts = np.cumsum(lengths) - lengths
+        cols = {f: np.full(m, np.nan) for f in q.features}
+        for i in ids.tolist():
+            rows = np.flatnonzero(sets == i)
+            for j, c in enumerate(names[i]):
+                if c in cols:
+                    cols[c][rows] = values[starts[rows] + j]
+    # The JSON text stores NaN and infinities as null: the same missing value here.
+    out = {}
+    for f, v in cols.items():
+        v = np.ascontiguousarray(v)
+        bad = ~np.isfinite(v)
+        if bad.any() and not np.isnan(v[bad]).all():
+            v = np.where(bad, np.nan, v)
+        out[f] = v
+    return out
+
+
+def _text_features(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
+    """Feature columns of the rows without a blob (``seqs``), from the batch's CSV text or per row."""
     k, n = len(q.features), len(seqs)
+    assert b.feats is not None or n == 0
+    if n == 0:
+        return {f: np.zeros(0) for f in q.features}
     assert b.feats is not None
-    regular = b.rows - b.irregular
+    regular = n - b.irregular
     table = None
     # Positions are trusted only without strings (two quotes per key per row) and escapes in the text.
     if b.feats.count(b'"') == 2 * k * regular and b.feats.count(b"\\") == 0:
@@ -242,14 +340,19 @@ def _convert_text(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _to_frame(q: _Query, b: _Batch) -> pd.DataFrame:
-    frame = _csv(b.base, q.columns, q.types).to_pandas()
+    table = _csv(b.base, q.columns, q.types)
+    sets = None
+    if q.blobs:
+        sets = table.column("feature_set").fill_null(-1).to_numpy()
+        table = table.drop_columns(["feature_set"])
+    frame = table.to_pandas()
     for c in ("fallback", "stale"):
         if c in frame:
             frame[c] = frame[c].astype(bool)
     seqs = frame["seq"].to_numpy()
     extra: dict[str, np.ndarray] = {}
     if q.features:
-        extra.update(_features(q, b, seqs))
+        extra.update(_features(q, b, seqs, sets))
     if q.inputs:
         extra.update({f"input.{c}": v for c, v in _inputs(q, b, seqs).items()})
     if extra:
@@ -306,7 +409,10 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
     bounds = seq_bounds(p, lo_t, hi_t)
     if bounds is None:
         return
-    q = _Query(p, features, inputs, cols, labels, lo_t, hi_t)
+    with contextlib.closing(_connect(p)) as db:
+        blobs = has_feature_columns(db)
+        sets = read_feature_sets(db) if blobs else {}
+    q = _Query(p, features, inputs, cols, labels, lo_t, hi_t, blobs=blobs, sets=sets)
     ranges = [(a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)]
     for batch in _batches(p, q, ranges, prefetch):
         if batch.rows:
