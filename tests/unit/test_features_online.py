@@ -280,3 +280,56 @@ def test_staged_events_count_at_once_and_reach_disk_only_with_the_group_commit(t
     probe = {**last, "id": 10**6, "ts": last["ts"] + timedelta(minutes=1)}
     with store_at(path) as again, store_at(tmp_path / "direct.sqlite") as direct:  # state reloaded from disk
         assert again.features(probe) == pytest.approx(direct.features(probe), nan_ok=True, rel=0, abs=0)
+
+
+def _scan_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force every window onto the scanning path (``math.fsum`` over the window's values)."""
+    from keel.features import online
+
+    def scanning(values: list[float]) -> object:
+        prefix = real(values)
+        prefix.exact = False
+        return prefix
+
+    real = online._ExactPrefix
+    monkeypatch.setattr(online, "_ExactPrefix", scanning)
+
+
+def test_prefix_sums_give_the_bits_of_summing_each_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sums, means and label sums read from exact prefix sums equal ``fsum`` over the window bit for bit, with
+    events out of time order, values on no decimal grid (tiny, huge, many digits), NaN, labels changed while
+    their events are in the window and labels arriving after later events were scored."""
+    rng = np.random.default_rng(11)
+    n = 500
+    frame = random_events(7, n=n)
+    amounts = frame["amount"].to_numpy().copy()
+    odd = rng.random(n)
+    amounts[odd < 0.2] = rng.random(int((odd < 0.2).sum())) / 3.0  # full 53-bit mantissas
+    amounts[(odd >= 0.2) & (odd < 0.25)] = 1e-300 * rng.random(int(((odd >= 0.2) & (odd < 0.25)).sum()))
+    amounts[(odd >= 0.25) & (odd < 0.3)] = 1e12 + rng.random(int(((odd >= 0.25) & (odd < 0.3)).sum()))
+    frame["amount"] = amounts
+    rows = frame.sample(frac=1.0, random_state=3).to_dict("records")  # arrival order is not time order
+
+    def run(path: Path) -> list[dict[str, float]]:
+        out = []
+        with store_at(path) as store:
+            for i, event in enumerate(rows):
+                out.append(dict(store.features(event)))
+                store.stage(event) if i % 2 else store.update(event)
+                if i % 5 == 0:  # a label for an earlier event: known now, or (sometimes) only later
+                    j = int(rng.integers(0, i + 1))
+                    at = rows[j]["ts"] + timedelta(hours=int(rng.integers(-3, 4)))
+                    store.add_label(rows[j]["id"], float(rng.integers(0, 2)), at)
+            store.commit_staged()
+        return out
+
+    rng = np.random.default_rng(11)
+    fast = run(tmp_path / "fast.sqlite")
+    _scan_only(monkeypatch)
+    rng = np.random.default_rng(11)
+    slow = run(tmp_path / "slow.sqlite")
+    for a, b in zip(fast, slow, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert (a[name] == b[name]) or (a[name] != a[name] and b[name] != b[name]), name
+    assert any(r["shop_label_count_6h"] > 0 for r in fast)

@@ -122,9 +122,81 @@ class FeatureRow(dict[str, float]):
         self.stale = bool(self.stale_entities)
 
 
+def _scaled(x: float) -> tuple[int, int]:
+    """A finite float as ``(n, k)`` with ``x == n / 2**k`` exactly."""
+    num, den = x.as_integer_ratio()
+    return num, den.bit_length() - 1
+
+
+class _ExactPrefix:
+    """Exact prefix sums of a float column (NaN skipped) as Python integers scaled by ``2**shift``.
+
+    A window's sum is ``(sums[hi] - sums[lo]) / 2**shift``: the exact sum of its values, rounded once (Python's
+    int/int division is correctly rounded), which is what ``math.fsum`` returns for the same values. So the
+    window sum costs O(1) and is bit-identical to summing the window's values with ``fsum``. A non-finite value
+    (only infinities: NaN is skipped) makes the column ``exact = False`` and callers sum the window instead.
+    """
+
+    __slots__ = ("exact", "shift", "sums", "valid")
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.shift = 0
+        self.exact = True
+        self.sums = [0]
+        self.valid = [0]
+        for v in values:
+            self.push(v)
+
+    def _term(self, x: float) -> tuple[int, int]:
+        """(scaled value, valid) of one value, rescaling the stored sums when it needs a finer grid."""
+        if x != x:
+            return 0, 0
+        if x in (math.inf, -math.inf):
+            self.exact = False
+            return 0, 1
+        n, k = _scaled(x)
+        if k > self.shift:
+            up = k - self.shift
+            self.sums = [s << up for s in self.sums]
+            self.shift = k
+        return n << (self.shift - k), 1
+
+    def push(self, x: float) -> None:
+        term, ok = self._term(x)
+        self.sums.append(self.sums[-1] + term)
+        self.valid.append(self.valid[-1] + ok)
+
+    def insert(self, i: int, x: float) -> None:
+        term, ok = self._term(x)
+        self.sums.insert(i + 1, self.sums[i] + term)
+        self.valid.insert(i + 1, self.valid[i] + ok)
+        if term:
+            for j in range(i + 2, len(self.sums)):
+                self.sums[j] += term
+        if ok:
+            for j in range(i + 2, len(self.valid)):
+                self.valid[j] += ok
+
+    def replace(self, i: int, old: float, new: float) -> None:
+        """Value ``i`` changed from ``old`` to ``new`` (both finite)."""
+        a, _ = self._term(old)
+        b, _ = self._term(new)
+        if a != b:
+            for j in range(i + 1, len(self.sums)):
+                self.sums[j] += b - a
+
+    def drop(self, k: int) -> None:
+        del self.sums[:k], self.valid[:k]
+
+
 @dataclass
 class _EntityState:
-    """One entity's recent events, in (time, arrival) order."""
+    """One entity's recent events, in (time, arrival) order.
+
+    ``sums`` (per value column) and ``label_sums`` are exact prefix sums built on first use and kept up to date
+    by every change made through the methods below; ``late_label`` is the latest arrival time of any non-zero
+    label (an upper bound): events at or after it see every label, so their label sums come from the prefix.
+    """
 
     times: list[int] = field(default_factory=list)
     ids: list[str | None] = field(default_factory=list)
@@ -132,6 +204,22 @@ class _EntityState:
     labels: list[float] = field(default_factory=list)
     label_at: list[int] = field(default_factory=list)
     id_set: set[str] = field(default_factory=set)
+    sums: dict[str, _ExactPrefix] | None = None
+    label_sums: _ExactPrefix | None = None
+    late_label: int = -(2**63)
+
+    def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int) -> None:
+        """Add a stored event known to be the latest so far (loading in time order)."""
+        self.times.append(t)
+        self.ids.append(event_id)
+        if event_id is not None:
+            self.id_set.add(event_id)
+        for c, column in self.values.items():
+            column.append(vals.get(c, math.nan))
+        self.labels.append(label)
+        self.label_at.append(at)
+        self._note_label(label, at)
+        self.sums = self.label_sums = None  # rebuilt on first use
 
     def insert(self, t: int, event_id: str | None, vals: Mapping[str, float]) -> int:
         i = bisect.bisect_right(self.times, t)
@@ -140,10 +228,32 @@ class _EntityState:
         if event_id is not None:
             self.id_set.add(event_id)
         for c, column in self.values.items():
-            column.insert(i, vals.get(c, math.nan))
+            v = vals.get(c, math.nan)
+            column.insert(i, v)
+            if self.sums is not None:
+                if i == len(column) - 1:
+                    self.sums[c].push(v)
+                else:
+                    self.sums[c].insert(i, v)
         self.labels.insert(i, 0.0)
         self.label_at.insert(i, 2**62)
+        if self.label_sums is not None:
+            self.label_sums.insert(i, 0.0)
         return i
+
+    def set_label(self, i: int, label: float, at: int) -> None:
+        old = self.labels[i]
+        self.labels[i], self.label_at[i] = label, at
+        self._note_label(label, at)
+        if self.label_sums is not None:
+            if math.isfinite(old) and math.isfinite(label):
+                self.label_sums.replace(i, old, label)
+            else:
+                self.label_sums = None
+
+    def _note_label(self, label: float, at: int) -> None:
+        if label != 0.0:  # a non-finite label keeps every label sum on the scanning path
+            self.late_label = max(self.late_label, at if math.isfinite(label) else 2**63)
 
     def prune(self, before: int) -> int:
         """Drop events with time <= before; return how many."""
@@ -153,7 +263,36 @@ class _EntityState:
             del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k]
             for column in self.values.values():
                 del column[:k]
+            for prefix in (self.sums or {}).values():
+                prefix.drop(k)
+            if self.label_sums is not None:
+                self.label_sums.drop(k)
         return k
+
+    def prefix(self) -> dict[str, _ExactPrefix]:
+        if self.sums is None:
+            self.sums = {c: _ExactPrefix(column) for c, column in self.values.items()}
+        return self.sums
+
+    def label_prefix(self) -> _ExactPrefix:
+        if self.label_sums is None:
+            self.label_sums = _ExactPrefix(self.labels)
+        return self.label_sums
+
+
+def _exact_total(prefix: _ExactPrefix, lo: int, hi: int, current: float | None) -> tuple[float, int]:
+    """(sum, non-null count) of a window's values plus ``current``, as ``math.fsum`` of them would give."""
+    total = prefix.sums[hi] - prefix.sums[lo]
+    valid = prefix.valid[hi] - prefix.valid[lo]
+    shift = prefix.shift
+    if current is not None and current == current:
+        n, k = _scaled(current)
+        if k > shift:
+            total <<= k - shift
+            shift = k
+        total += n << (shift - k)
+        valid += 1
+    return (total / (1 << shift) if total else 0.0), valid
 
 
 def _window_group(
@@ -166,7 +305,9 @@ def _window_group(
 ) -> None:
     """Window features sharing one window (same delay, length, include_current) for an event at ``t``.
 
-    ``current`` is the event itself when it is not stored yet; ``own`` its index when it is.
+    ``current`` is the event itself when it is not stored yet; ``own`` its index when it is. Counts, sums,
+    means and label sums come from exact prefix sums (O(1) per window, the same numbers as ``math.fsum`` over
+    the window); std, min and max (and columns holding infinities) scan the window.
     """
     first = defs[0]
     start, end = window_edges(t, first)
@@ -180,30 +321,40 @@ def _window_group(
     values: dict[str, list[float]] = {}
     label_total: float | None = None
     for d in defs:
-        vals: list[float] = []
+        total = m2 = mn = mx = 0.0
+        valid = 0
         if d.column:
-            if d.column not in values:
-                window = [v for v in state.values[d.column][lo:hi] if v == v]  # v == v drops NaN
-                if with_current:
-                    v = current.get(d.column, math.nan)  # type: ignore[union-attr]
-                    if v == v:
-                        window.append(v)
-                values[d.column] = window
-            vals = values[d.column]
+            prefix = state.prefix()[d.column] if d.aggregate in ("sum", "mean", "count") else None
+            if prefix is not None and prefix.exact:
+                now = current.get(d.column, math.nan) if with_current else None  # type: ignore[union-attr]
+                total, valid = _exact_total(prefix, lo, hi, now)
+            else:
+                if d.column not in values:
+                    window = [v for v in state.values[d.column][lo:hi] if v == v]  # v == v drops NaN
+                    if with_current:
+                        v = current.get(d.column, math.nan)  # type: ignore[union-attr]
+                        if v == v:
+                            window.append(v)
+                    values[d.column] = window
+                vals = values[d.column]
+                valid = len(vals)
+                if d.aggregate in ("sum", "mean"):
+                    total = math.fsum(vals)
+                elif d.aggregate == "std" and valid:
+                    mean = math.fsum(vals) / valid
+                    m2 = math.fsum((v - mean) ** 2 for v in vals)
+                elif d.aggregate == "min" and valid:
+                    mn = min(vals)
+                elif d.aggregate == "max" and valid:
+                    mx = max(vals)
         if d.reads_label and label_total is None:
-            label_total = math.fsum(
-                y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
-            )
-        valid = len(vals)
-        total = math.fsum(vals) if d.aggregate in ("sum", "mean") else 0.0
-        m2 = mn = mx = 0.0
-        if d.aggregate == "std" and valid:
-            mean = math.fsum(vals) / valid
-            m2 = math.fsum((v - mean) ** 2 for v in vals)
-        elif d.aggregate == "min" and valid:
-            mn = min(vals)
-        elif d.aggregate == "max" and valid:
-            mx = max(vals)
+            labels = state.label_prefix() if t >= state.late_label else None
+            if labels is not None and labels.exact:
+                label_total = _exact_total(labels, lo, hi, None)[0]
+            else:
+                label_total = math.fsum(
+                    y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
+                )
         out[d.name] = finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
 
 
@@ -327,15 +478,9 @@ class OnlineStore:
     def _append_stored(self, state: _EntityState, entity: str, key: str, row: Sequence[Any]) -> None:
         """Add one stored event (event_id, t, vals, label, at) to an entity's in-memory state."""
         event_id, t, vals, label, at = row
-        state.times.append(t)
-        state.ids.append(event_id)
-        if event_id is not None:
-            state.id_set.add(event_id)
         decoded = json.loads(vals)
-        for c in state.values:
-            state.values[c].append(_number(decoded.get(c)))
-        state.labels.append(0.0 if label is None else float(label))
-        state.label_at.append(2**62 if at is None else int(at))
+        state.append(t, event_id, {c: _number(decoded.get(c)) for c in state.values},
+                     0.0 if label is None else float(label), 2**62 if at is None else int(at))
         if event_id is not None:
             self._owners.setdefault(event_id, []).append((entity, key))
 
@@ -426,6 +571,8 @@ class OnlineStore:
             return
         t = self._event_time(event)
         event_id = self._event_id(event)
+        known: tuple[float, int] | None = None
+        looked = False
         for entity in self._entities:
             key = self._entity_key(event, entity)
             state = self._state(entity, key)
@@ -445,11 +592,13 @@ class OnlineStore:
             )
             if event_id is not None:
                 self._owners.setdefault(event_id, []).append((entity, key))
-                known = self._db.execute(
-                    "select label, at from labels where event_id = ?", (event_id,)
-                ).fetchone()
+                if not looked:  # one look-up per event, whatever the number of entities
+                    known = self._db.execute(
+                        "select label, at from labels where event_id = ?", (event_id,)
+                    ).fetchone()
+                    looked = True
                 if known is not None:
-                    state.labels[i], state.label_at[i] = float(known[0]), int(known[1])
+                    state.set_label(i, float(known[0]), int(known[1]))
             newest = state.times[-1]
             before = newest - self._horizon[entity]
             if state.times[0] <= before:
@@ -539,7 +688,7 @@ class OnlineStore:
                     continue
                 for i, stored in enumerate(state.ids):
                     if stored == key:
-                        state.labels[i], state.label_at[i] = value, at_ns
+                        state.set_label(i, value, at_ns)
                         found = True
             return found
 

@@ -86,25 +86,32 @@ def iso(value: datetime | pd.Timestamp | None) -> str | None:
     """UTC ISO-8601 text without offset (naive times are taken as UTC)."""
     if value is None:
         return None
+    # Plain datetimes (what the request models produce) without pandas: the same text at a tenth of the cost.
+    if type(value) is datetime:
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        if value.year >= 1000:
+            return value.isoformat(timespec="microseconds")
     ts = pd.Timestamp(value)
     if ts.tzinfo is not None:
         ts = ts.tz_convert("UTC").tz_localize(None)
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+def _json_default(v: Any) -> Any:
+    if isinstance(v, datetime | pd.Timestamp):
+        return iso(v)
+    return str(v)
+
+
+_ENCODE = json.JSONEncoder(default=_json_default, separators=(",", ":")).encode
+
+
 def _json(value: Any) -> str:
-    def default(v: Any) -> Any:
-        if isinstance(v, datetime | pd.Timestamp):
-            return iso(v)
-        return str(v)
-
-    def clean(v: Any) -> Any:
-        # JSON has no NaN: missing feature values (an empty window's mean) are stored as null.
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
     if isinstance(value, Mapping):
-        value = {k: clean(v) for k, v in value.items()}
-    return json.dumps(value, default=default, separators=(",", ":"))
+        # JSON has no NaN: missing feature values (an empty window's mean) are stored as null.
+        value = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
+    return _ENCODE(value)
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -155,12 +162,17 @@ class PredictionLog:
         return self._queue.qsize()
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Queue one prediction record (keys of :data:`PREDICTION_COLUMNS`; ``inputs``/``features`` as dicts)."""
-        self._put(("p", _prediction_row(record)))
+        """Queue one prediction record (keys of :data:`PREDICTION_COLUMNS`; ``inputs``/``features`` as dicts).
+
+        The record is queued as is and turned into a row (ISO times, JSON text) by the writer thread, off the
+        request path: the caller must not mutate it (or the dicts it holds) afterwards.
+        """
+        self._put(("p", record))
 
     def append_many(self, records: Sequence[Mapping[str, Any]]) -> None:
-        for record in records:
-            self.append(record)
+        """Queue records as one item (one queue operation for a whole batch; same rule as :meth:`append`)."""
+        if records:
+            self._put(("P", records))
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
         """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
@@ -209,6 +221,7 @@ class PredictionLog:
     def _run(self) -> None:
         buffer: list[Any] = []
         deadline: float | None = None
+        rows = 0
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -218,20 +231,29 @@ class PredictionLog:
             stop = item is _STOP
             if item is not None and not stop:
                 buffer.append(item)
+                rows += len(item[1]) if item[0] == "P" else 1
                 if deadline is None:
                     deadline = time.monotonic() + self.flush_seconds
             due = deadline is not None and time.monotonic() >= deadline
             marker = bool(buffer) and buffer[-1][0] == "f"
-            if stop or due or marker or len(buffer) >= self.flush_rows:
+            if stop or due or marker or rows >= self.flush_rows:
                 if stop:
                     buffer += [i for i in self._drain() if i is not _STOP]
                 self._write(buffer)
-                buffer, deadline = [], None
+                buffer, deadline, rows = [], None, 0
             if stop:
                 return
 
     def _write(self, items: list[Any]) -> None:
-        rows = [i[1] for i in items if i[0] == "p"]
+        rows = []
+        for kind, payload in items:
+            if kind in ("p", "P"):
+                for record in [payload] if kind == "p" else payload:
+                    try:
+                        rows.append(_prediction_row(record))
+                    except Exception as exc:  # one malformed record must not stop the writer thread
+                        self.failures += 1
+                        log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
         labels = [i[1] for i in items if i[0] == "l"]
         if rows or labels:
             for attempt in range(3):

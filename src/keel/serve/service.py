@@ -402,12 +402,12 @@ class Service:
                 m.stale.inc()
             m.decisions.labels(decisions[i]).inc()
         if self.predlog is not None:
-            for i, item in enumerate(out):
-                self.predlog.append({
-                    **item, "item": i, "time": now, "endpoint": endpoint,
-                    "event_time": events[i].get(self.timestamp) if self.timestamp else None,
-                    "inputs": events[i], "features": feats[i],
-                })
+            # One queue item for the whole request; the writer thread turns records into rows (ISO times, JSON).
+            ts = self.timestamp
+            self.predlog.append_many([{
+                **item, "item": i, "time": now, "endpoint": endpoint,
+                "event_time": events[i].get(ts) if ts else None, "inputs": events[i], "features": feats[i],
+            } for i, item in enumerate(out)])
             m.log_pending.set(self.predlog.pending)
             m.log_dropped.set(self.predlog.dropped)
         return out
