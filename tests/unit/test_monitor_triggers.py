@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -194,3 +196,41 @@ def test_implicit_psi_warnings_skip_only_the_named_calendar_features() -> None:
     names = {f.feature for f in implicit_drift_findings([window], 0.2, skip={"tx_during_weekend"})}
     assert names == {"tx_amount"}
     assert {f.feature for f in implicit_drift_findings([window], 0.2)} == {"tx_amount", "tx_during_weekend"}
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_one_scan_performance_equals_each_window_computed_on_its_own(tmp_path: Path, raw: bool) -> None:
+    from keel.serve.predlog import read_labels, read_predictions
+
+    log = tmp_path / "predictions.sqlite"
+    _write_log(log, days=4, label_days=3, per_day=300)
+    spec = _spec(tmp_path)
+    if raw:  # the cost column is also a logged raw feature: read from the feature column, not the inputs' JSON
+        spec = spec.model_copy(update={"features": spec.features.model_copy(update={"raw": ["tx_amount"]})})
+        with contextlib.closing(sqlite3.connect(log)) as db, db:  # so the inputs can no longer provide it
+            db.execute("update predictions set inputs = json_remove(inputs, '$.tx_amount')")
+    as_of = T0 + timedelta(days=9, hours=12)  # day 0-1 labels known and complete, day 2's partly known
+    result = run_monitor(spec, log_path=log, profile=_profile(), skew=False, as_of=as_of, batch_rows=250)
+    frame = read_predictions(log).merge(read_labels(log)[["event_id", "label", "at"]], on="event_id", how="left")
+    assert [p.labelled > 0 for p in result.performance] == [True, True, True, False]
+    for p in result.performance:
+        f = frame[(frame["event_time"] >= p.start) & (frame["event_time"] < p.end)].reset_index(drop=True)
+        inputs = pd.DataFrame(f["inputs"].tolist())
+        inputs["tx_amount"] = f["tx_amount"].to_numpy() if raw else inputs["tx_amount"]
+        known = (f["label"].notna() & (f["at"].isna() | (f["at"] <= as_of))).to_numpy()
+        y = (f["label"].to_numpy() == 1.0).astype(float)
+        s, acted = f["score"].to_numpy(), (f["decision"] == "review").to_numpy()
+        costs = M.row_costs(spec.decision.costs, inputs, n=len(f))
+        want = window_performance(y[known], s[known], acted[known], costs=costs.take(known),
+                                  entity=inputs["customer_id"].astype(str).to_numpy()[known],
+                                  times=f["event_time"].to_numpy()[known], k=5, per=timedelta(days=1))
+        assert p.rows == len(f) and p.labelled == int(known.sum()) and p.positives == int(y[known].sum())
+        assert p.label_coverage == pytest.approx(known.mean())
+        for name, value in want.items():
+            assert (p.metrics[name] is None) == (value is None), name
+            if value is not None:
+                assert p.metrics[name] == pytest.approx(value, rel=1e-12), name
+        for name, value in estimate_performance(s, acted, costs).items():
+            assert p.estimate[name] == pytest.approx(value, rel=1e-12), name
+    assert result.performance[1].complete and not result.performance[2].complete
+    assert 0 < result.performance[2].label_coverage < 1

@@ -116,61 +116,145 @@ def needed_inputs(spec: Any) -> list[str]:
     return sorted(cols)
 
 
-def _read_window(path: Path, start: datetime, end: datetime, inputs: Sequence[str]) -> pd.DataFrame:
-    """The window's rows with their labels (``label``/``at``, NaN/NaT when none yet) and the raw input fields."""
-    from keel.monitor.logread import read_log
+def feature_inputs(spec: Any, features: Sequence[str]) -> dict[str, str]:
+    """Needed input fields that are also logged as features unchanged (``features.raw``): read from the feature
+    column (binary, cheap) instead of the inputs' JSON text. ``{input field: feature column}``."""
+    raw = set(getattr(spec.features, "raw", []) or [])
+    return {c: c for c in needed_inputs(spec) if c in raw and c in set(features)}
 
-    frames = list(read_log(path, inputs=inputs, start=start, end=end, labels=True,
-                           columns=("event_time", "score", "decision")))
-    if not frames:
-        frame = pd.DataFrame({"event_time": pd.Series(dtype="datetime64[ns]"), "score": pd.Series(dtype=float),
-                              "decision": pd.Series(dtype=object), "label": pd.Series(dtype=float),
-                              "at": pd.Series(dtype="datetime64[ns]"), **{c: pd.Series(dtype=object) for c in inputs}})
-        return frame
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return frame.rename(columns={f"input.{c}": c for c in inputs})
+
+class PerformanceAccumulator:
+    """Delayed-label performance per window, fed the same frames as the drift (one scan of the log).
+
+    Frames hold ``event_time``, ``score``, ``decision``, the joined ``label``/``at`` and the needed inputs (as
+    ``input.<name>``, or as a feature column, see :func:`feature_inputs`). Per window it keeps sums for the
+    score-based estimate and only the rows whose label is known at ``as_of`` (what AP and Card Precision@k need),
+    so memory is a few bytes per labelled row.
+    """
+
+    def __init__(self, spec: Any, window: timedelta, origin: datetime, *, as_of: datetime,
+                 reference_ap: float | None = None, from_features: Mapping[str, str] | None = None) -> None:
+        self.spec, self.window, self.origin = spec, window, pd.Timestamp(origin)
+        self.as_of = pd.Timestamp(as_of)
+        self.reference_ap = reference_ap
+        self.inputs = needed_inputs(spec)
+        self.from_features = dict(from_features or {})
+        self.positive_action = spec.decision.positive_action
+        self.positive = float(_positive(spec))
+        k_spec = spec.decision.precision_at_k
+        self.entity = k_spec.entity if k_spec and k_spec.entity else None
+        self._step = int(pd.Timedelta(window).value)
+        self._w: dict[int, dict[str, Any]] = {}
+
+    def _column(self, frame: pd.DataFrame, name: str) -> Any:
+        if name in self.from_features and self.from_features[name] in frame:
+            return frame[self.from_features[name]].to_numpy()
+        col = f"input.{name}"
+        return frame[col].to_numpy() if col in frame else frame[name].to_numpy()
+
+    def update(self, frame: pd.DataFrame) -> None:
+        if len(frame) == 0:
+            return
+        t = frame["event_time"].to_numpy(dtype="datetime64[ns]")
+        widx = (t.astype(np.int64) - int(self.origin.value)) // self._step
+        uniq, inv = window_groups(widx)
+        n = len(frame)
+        scores = frame["score"].to_numpy(dtype=np.float64)
+        acted = (frame["decision"] == self.positive_action).to_numpy()
+        try:
+            cols = {c: self._column(frame, c) for c in self.inputs}
+            costs: M.RowCosts | None = M.row_costs(self.spec.decision.costs, cols, n=n)
+        except Exception:  # a cost column missing from logged inputs: costs are left out, not invented
+            costs = None
+        label = frame["label"].to_numpy(dtype=np.float64)
+        at = frame["at"].to_numpy(dtype="datetime64[ns]")
+        known = ~np.isnan(label) & (np.isnat(at) | (at <= self.as_of.to_datetime64()))
+        p = np.clip(scores, 0.0, 1.0)
+        ok = np.isfinite(p)
+        if costs is not None:
+            c = costs
+            exp_cost = (p * np.where(acted, c.true_positive, c.false_negative)
+                        + (1 - p) * np.where(acted, c.false_positive, c.true_negative))
+        ent = self._column(frame, self.entity).astype(str) if self.entity and (
+            self.entity in self.from_features or f"input.{self.entity}" in frame) else None
+        for j, w in enumerate(uniq.tolist()):
+            sel = inv == j if len(uniq) > 1 else np.ones(n, dtype=bool)
+            acc = self._w.setdefault(w, {"rows": 0, "known": 0, "sum_p": 0.0, "n_act": 0, "sum_p_act": 0.0,
+                                         "n_ok": 0, "sum_cost": 0.0, "costs": True, "parts": []})
+            s_ok, s_act = sel & ok, sel & ok & acted
+            acc["rows"] += int(sel.sum())
+            acc["sum_p"] += float(p[s_ok].sum())
+            acc["n_ok"] += int(s_ok.sum())
+            acc["n_act"] += int(s_act.sum())
+            acc["sum_p_act"] += float(p[s_act].sum())
+            if costs is None:
+                acc["costs"] = False
+            else:
+                acc["sum_cost"] += float(exp_cost[s_ok].sum())
+            kn = sel & known
+            acc["known"] += int(kn.sum())
+            if kn.any():
+                acc["parts"].append({
+                    "y": (label[kn] == self.positive).astype(float), "s": scores[kn], "act": acted[kn],
+                    "costs": costs.take(kn) if costs is not None else None,
+                    "ent": ent[kn] if ent is not None else None, "t": t[kn] if ent is not None else None})
+
+    def results(self, windows: Sequence[tuple[datetime, datetime]]) -> list[WindowPerformance]:
+        """One :class:`WindowPerformance` per ``(start, end)`` (the drift's windows), in that order."""
+        delay = self.spec.data.label_delay
+        k_spec = self.spec.decision.precision_at_k
+        as_of = self.as_of.to_pydatetime()
+        out = []
+        for start, end in windows:
+            w = (int(pd.Timestamp(start).value) - int(self.origin.value)) // self._step
+            acc = self._w.get(w, {"rows": 0, "known": 0, "n_ok": 0, "costs": False, "parts": []})
+            parts = acc["parts"]
+
+            def cat(key: str, parts: list[dict[str, Any]] = parts) -> Any:
+                return np.concatenate([q[key] for q in parts]) if parts else np.zeros(0)
+
+            has_costs = acc["costs"] and all(q["costs"] is not None for q in parts)
+            costs = M.RowCosts(*(np.concatenate([np.asarray(a) for a in arrays])
+                                 for arrays in zip(*(q["costs"]._arrays() for q in parts), strict=True))
+                               ) if has_costs and parts else None
+            with_ent = bool(parts) and all(q["ent"] is not None for q in parts)
+            metrics = window_performance(
+                cat("y"), cat("s"), cat("act").astype(bool), costs=costs,
+                entity=cat("ent") if with_ent else None, times=cat("t") if with_ent else None,
+                k=k_spec.k if k_spec else 100, per=k_spec.per if k_spec else timedelta(days=1),
+            )
+            ap = metrics.get("average_precision")
+            metrics["average_precision_drop"] = (self.reference_ap - ap) if (
+                self.reference_ap is not None and ap is not None) else None
+            rows, n_ok = acc["rows"], acc["n_ok"]
+            estimate: dict[str, float | None] = {}
+            if rows:
+                estimate = {"expected_positives": acc["sum_p"],
+                            "expected_precision": acc["sum_p_act"] / acc["n_act"] if acc["n_act"] else None,
+                            "expected_cost": acc["sum_cost"] / n_ok if acc["costs"] and n_ok else None}
+            out.append(WindowPerformance(
+                start=start, end=end, rows=rows, labelled=acc["known"],
+                positives=int(np.nansum(cat("y"))), complete=end + delay <= as_of,
+                label_coverage=acc["known"] / rows if rows else 0.0, metrics=metrics, estimate=estimate))
+        return out
 
 
 def performance_windows(spec: Any, log_path: str | Path, windows: Sequence[tuple[datetime, datetime]], *,
                         as_of: datetime, reference_ap: float | None = None) -> list[WindowPerformance]:
-    """Per window of the log: labels known at ``as_of`` joined by event id, metrics, estimates, completeness."""
-    path = Path(log_path)
-    inputs = needed_inputs(spec)
-    delay = spec.data.label_delay
-    k_spec = spec.decision.precision_at_k
-    positive = spec.decision.positive_action
-    out = []
-    for start, end in windows:
-        frame = _read_window(path, start, end, inputs)
-        acted = (frame["decision"] == positive).to_numpy()
-        try:
-            costs = M.row_costs(spec.decision.costs, frame, n=len(frame)) if len(frame) else None
-        except Exception:  # a cost column missing from logged inputs: costs are left out, not invented
-            costs = None
-        known = frame["label"].notna() & (frame["at"].isna() | (frame["at"] <= pd.Timestamp(as_of)))
-        known_np = known.to_numpy()
-        y = (frame["label"].to_numpy() == float(_positive(spec))).astype(float)
-        y[~known_np] = np.nan
-        ent = None
-        if k_spec and k_spec.entity and k_spec.entity in frame.columns:
-            ent = frame[k_spec.entity].astype(str).to_numpy()
-        metrics = window_performance(
-            y[known_np], frame["score"].to_numpy()[known_np], acted[known_np],
-            costs=costs.take(known_np) if costs is not None else None,
-            entity=ent[known_np] if ent is not None else None,
-            times=frame["event_time"].to_numpy()[known_np] if ent is not None else None,
-            k=k_spec.k if k_spec else 100, per=k_spec.per if k_spec else timedelta(days=1),
-        )
-        ap = metrics.get("average_precision")
-        metrics["average_precision_drop"] = (reference_ap - ap) if (reference_ap is not None and ap is not None) else None
-        complete = end + delay <= as_of
-        out.append(WindowPerformance(
-            start=start, end=end, rows=len(frame), labelled=int(known_np.sum()),
-            positives=int(np.nansum(y[known_np])), complete=complete,
-            label_coverage=float(known_np.mean()) if len(frame) else 0.0, metrics=metrics,
-            estimate=estimate_performance(frame["score"].to_numpy(), acted, costs) if len(frame) else {},
-        ))
-    return out
+    """Per window of the log: labels known at ``as_of`` joined by event id, metrics, estimates, completeness.
+
+    One scan of the log over the windows' span (:func:`keel.monitor.triggers.run_monitor` feeds a
+    :class:`PerformanceAccumulator` from its drift scan instead)."""
+    from keel.monitor.logread import read_log
+
+    if not windows:
+        return []
+    acc = PerformanceAccumulator(spec, windows[0][1] - windows[0][0], windows[0][0], as_of=as_of,
+                                 reference_ap=reference_ap)
+    for frame in read_log(Path(log_path), inputs=acc.inputs, start=min(w[0] for w in windows),
+                          end=max(w[1] for w in windows), labels=True, columns=("event_time", "score", "decision")):
+        acc.update(frame)
+    return acc.results(windows)
 
 
 def _positive(spec: Any) -> float:
@@ -280,10 +364,12 @@ def capacity_per_day(spec: Any) -> float | None:
 
 __all__ = [
     "OperationalAccumulator",
+    "PerformanceAccumulator",
     "WindowOperations",
     "WindowPerformance",
     "capacity_per_day",
     "estimate_performance",
+    "feature_inputs",
     "needed_inputs",
     "performance_windows",
     "window_performance",

@@ -33,10 +33,11 @@ from keel.monitor.drift import DriftAccumulator, WindowDrift, log_time_range, wi
 from keel.monitor.logread import read_log
 from keel.monitor.performance import (
     OperationalAccumulator,
+    PerformanceAccumulator,
     WindowOperations,
     WindowPerformance,
     capacity_per_day,
-    performance_windows,
+    feature_inputs,
 )
 from keel.monitor.profile import SCORE, Profile
 
@@ -272,15 +273,21 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
     drift_acc = DriftAccumulator(profile, mon.window, origin=origin)
     ops_acc = OperationalAccumulator(mon.window, origin, positive_action=spec.decision.positive_action,
                                      capacity_per_day=capacity_per_day(spec))
+    # One scan of the log: drift, operations and performance (labels joined by SQLite) from the same frames.
+    features = list(profile.features)
+    from_features = feature_inputs(spec, features)
+    perf_acc = PerformanceAccumulator(spec, mon.window, origin, as_of=when, from_features=from_features,
+                                      reference_ap=profile.reference_metrics.get("average_precision"))
+    inputs = [c for c in perf_acc.inputs if c not in from_features]
     rows = 0
-    for chunk in read_log(path, features=list(profile.features), end=when, batch_rows=batch_rows):
+    for chunk in read_log(path, features=features, inputs=inputs, end=when, batch_rows=batch_rows, labels=True):
         drift_acc.update(chunk)
         ops_acc.update(chunk)
+        perf_acc.update(chunk)
         rows += len(chunk)
     drift = drift_acc.results()
     ops = ops_acc.results()
-    perf = performance_windows(spec, path, [(w.start, w.end) for w in drift], as_of=when,
-                               reference_ap=profile.reference_metrics.get("average_precision"))
+    perf = perf_acc.results([(w.start, w.end) for w in drift])
     skew_report = None
     run_skew = skew if skew is not None else (mon.skew_sample > 0 and bool(spec.features.windows))
     if run_skew and rows:
