@@ -249,3 +249,12 @@ def test_a_new_feature_set_mid_log(tmp_path: Path, batch_rows: int) -> None:
     _same(got, want)
     assert got["night"].isna().to_numpy().tolist() == [i >= 70 for i in range(120)]
     assert got["extra"].notna().to_numpy().tolist() == [i >= 70 for i in range(120)]
+
+
+@pytest.mark.parametrize("value", [T0, datetime(2018, 9, 1, 3, 4, 5, 6), "2018-09-01 10:00+02:00",
+                                   pd.Timestamp("2018-09-01T23:59:59.999999", tz="UTC")])
+def test_time_text_is_the_serving_logs(value: object) -> None:
+    from keel.monitor.logread import iso
+    from keel.serve.predlog import iso as serving_iso
+
+    assert iso(value) == serving_iso(value)

@@ -49,10 +49,17 @@ from keel.monitor.logformat import has_feature_columns, read_feature_sets
 
 
 def iso(value: Any) -> str | None:
-    """The prediction log's time text (imported when called: the serving module imports this package's format)."""
-    from keel.serve.predlog import iso as _iso
+    """The prediction log's time text (``keel.serve.predlog.iso``'s format: UTC, no offset, microseconds).
 
-    return _iso(value)
+    Not imported from there: importing ``keel.serve`` loads the web framework (over a second), and the serving
+    module imports this package's :mod:`~keel.monitor.logformat`. A test pins the two to the same text.
+    """
+    if value is None:
+        return None
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 # Base columns monitoring reads, and how each is printed into the batch's CSV (every piece is non-NULL).
 _REAL = "case when {c} is null then '' else printf('%!.17g', {c}) end"
