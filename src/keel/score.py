@@ -69,6 +69,7 @@ import pyarrow.parquet as pq
 from keel.data.contracts import type_family
 from keel.data.sources import Source, open_source, quote_identifier
 from keel.errors import DataError, ScoringError
+from keel.features.chunked import chunked_features, rechunk
 from keel.features.definitions import (
     Definition,
     entities,
@@ -457,23 +458,6 @@ def _stream(con: Any, sql: str, rows: int, what: str) -> Iterator[pa.RecordBatch
         raise DataError(f"Reading {what} failed: {str(exc).strip().splitlines()[0]}.") from exc
 
 
-def _chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """Re-block a batch stream into tables of exactly ``rows`` rows (the last one shorter)."""
-    held: list[pa.RecordBatch] = []
-    count = 0
-    for batch in batches:
-        while len(batch):
-            take = min(rows - count, len(batch))
-            held.append(batch.slice(0, take))
-            count += take
-            batch = batch.slice(take)
-            if count == rows:
-                yield pa.Table.from_batches(held)
-                held, count = [], 0
-    if count:
-        yield pa.Table.from_batches(held)
-
-
 def _write_rejects(con: Any, plan: ScorePlan, target: Path, what: str) -> tuple[dict[str, int], Path]:
     """Stream invalid rows (every input column + ``reject_reason``) into a temp file beside ``target``."""
     sql = f"SELECT *, {plan.reason_sql} AS {REJECT_REASON} FROM source WHERE ({plan.reason_sql}) IS NOT NULL"
@@ -558,20 +542,23 @@ def _score_local(
                     summary.history_rows = len(carry)
             sql = _select_sql(plan, plan.columns, f"({plan.reason_sql}) IS NULL", order=True)
             schema: pa.Schema | None = None
-            chunks = _chunks(_stream(con, sql, min(chunk_rows, 1_000_000), source.describe()), chunk_rows)
+            chunks = rechunk(_stream(con, sql, min(chunk_rows, 1_000_000), source.describe()), chunk_rows)
+            stream = chunked_features(chunks, lambda frame: features_for_scoring(frame, plan),
+                                      timestamp=plan.timestamp, horizon_ns=plan.horizon_ns, history=carry)
             # Features of the next chunk are computed in a second thread while this one predicts and writes
-            # (LightGBM and most NumPy work release the GIL), so the stages overlap instead of adding up.
+            # (the compiled trees and most NumPy work release the GIL), so the stages overlap instead of adding up.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-score") as pool:
-                pending = pool.submit(_prepare, chunks, carry, plan)
+                pending = pool.submit(next, stream, None)
                 while (ready := pending.result()) is not None:
-                    new, features, carry = ready
-                    pending = pool.submit(_prepare, chunks, carry, plan)
+                    chunk, features = ready
+                    pending = pool.submit(next, stream, None)
                     scores, decisions = score_features(features, model)
-                    table = output_table(new[plan.key_columns], scores, decisions, model_version)
+                    table = output_table(chunk.select(plan.key_columns).to_pandas(), scores, decisions,
+                                         model_version)
                     schema = table.schema
                     outputs.write(table)
                     stats.add(scores, decisions)
-                    done += len(new)
+                    done += len(chunk)
                     if progress is not None:
                         progress(done, total)
             if schema is None:
@@ -589,28 +576,6 @@ def _score_local(
         if rejects_tmp is not None:
             rejects_tmp.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
-
-
-def _prepare(
-    chunks: Iterator[pa.Table], carry: pd.DataFrame | None, plan: ScorePlan
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None] | None:
-    """Read the next chunk and compute its features over carry + chunk; None when the input is exhausted.
-
-    Returns the chunk's rows, their features, and the carry for the next chunk: every row newer than the
-    chunk's last time minus the horizon (the oldest event a later row's window can reach).
-    """
-    chunk = next(chunks, None)
-    if chunk is None:
-        return None
-    new = chunk.to_pandas()
-    frame = new if carry is None or carry.empty else pd.concat([carry, new], ignore_index=True)
-    features = features_for_scoring(frame, plan)
-    n_old = len(frame) - len(new)
-    features = features.iloc[n_old:] if n_old else features
-    if plan.horizon_ns > 0:
-        t = frame[plan.timestamp]
-        carry = frame.loc[t > t.iloc[-1] - pd.Timedelta(plan.horizon_ns, unit="ns")].reset_index(drop=True)
-    return new, features, carry
 
 
 def _empty_keys(con: Any, plan: ScorePlan) -> pd.DataFrame:
