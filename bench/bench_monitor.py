@@ -6,7 +6,7 @@ Each engine runs in its own process (so peak RSS is its own):
   feature and the score, per day), fed in 200 k-row batches;
 * ``keel-log``    — ``run_monitor`` end to end on the SQLite prediction log (drift + performance + operations +
   triggers + monitor.json/.html), streamed from disk in one scan; the log carries the binary feature column
-  (``keel.monitor.logformat.feature_blob``, the function the service calls) beside the JSON text;
+  (``keel.logformat.feature_blob``, the function the service calls) beside the JSON text;
 * ``keel-log-json`` — the same on an old log without the binary column (features read from the JSON text);
 * ``evidently``   — Evidently's ``DataDriftPreset`` on the same reference and current frames (when installed).
 
@@ -77,7 +77,7 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
     lat = np.round(rng.gamma(2, 2, n), 3)
     customer, terminal = rng.integers(0, 5000, n).tolist(), rng.integers(0, 10_000, n).tolist()
     amount = np.round(cur[features[0]].to_numpy(), 2).tolist()
-    from keel.monitor.logformat import feature_blob
+    from keel.logformat import feature_blob
 
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     for i in range(n):
@@ -97,7 +97,7 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
 def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: timedelta) -> None:
     """The bench's log, in bulk: the service's schema and rows (checked against its own row function on the first
     1000), labels for the events whose delay has passed by the end of the period."""
-    from keel.monitor.logformat import ensure_feature_columns, feature_blob, feature_set_id
+    from keel.logformat import ensure_feature_columns, feature_blob, feature_set_id
     from keel.serve.predlog import PREDICTION_COLUMNS, _prediction_row, connect
 
     tmp = path.with_suffix(".partial")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from keel.errors import MonitorError
-from keel.monitor.logformat import ensure_feature_columns, feature_blob, feature_set_id, has_feature_columns
+from keel.logformat import ensure_feature_columns, feature_blob, feature_set_id, has_feature_columns
 from keel.monitor.logread import features_pattern, read_log
 from keel.serve.predlog import PREDICTION_COLUMNS, PredictionLog, _prediction_row, connect, read_predictions
 
@@ -51,9 +51,15 @@ def _labels(n: int) -> list[tuple]:
 
 
 def _write(path: Path, n: int = 120, *, odd: bool = True) -> None:
+    """An old log, as written before the binary feature column existed (JSON text only)."""
     with PredictionLog(path) as log:
         log.append_many(_records(n, odd=odd))
         log.add_labels(_labels(n))
+    with sqlite3.connect(path) as db:
+        for ddl in ("alter table predictions drop column features_f64",
+                    "alter table predictions drop column feature_set", "drop table feature_sets"):
+            db.execute(ddl)
+    db.close()
 
 
 def _write_with_blobs(path: Path, records: list[dict], *, blob: Callable[[int], bool] = lambda i: True,

@@ -45,14 +45,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
-from keel.monitor.logformat import has_feature_columns, read_feature_sets
+from keel.logformat import has_feature_columns, read_feature_sets
 
 
 def iso(value: Any) -> str | None:
     """The prediction log's time text (``keel.serve.predlog.iso``'s format: UTC, no offset, microseconds).
 
     Not imported from there: importing ``keel.serve`` loads the web framework (over a second), and the serving
-    module imports this package's :mod:`~keel.monitor.logformat`. A test pins the two to the same text.
+    module imports this package's :mod:`~keel.logformat`. A test pins the two to the same text.
     """
     if value is None:
         return None

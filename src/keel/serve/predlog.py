@@ -37,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from keel.errors import MonitorError
+from keel.logformat import FEATURE_COLUMNS, ensure_feature_columns, feature_blob, feature_set_id
 
 log = logging.getLogger("keel.serve.predlog")
 
@@ -74,7 +75,10 @@ PREDICTION_COLUMNS = (
     "request_id", "item", "time", "event_time", "event_id", "endpoint", "inputs", "features", "score",
     "decision", "model_version", "fallback", "fallback_reason", "stale", "latency_ms",
 )
-_INSERT = f"insert into predictions ({', '.join(PREDICTION_COLUMNS)}) values ({', '.join('?' * len(PREDICTION_COLUMNS))})"
+# Each row also carries its feature values as one float64 blob (keel.logformat), which monitoring reads without
+# parsing text; the JSON ``features`` column stays for people and older readers.
+_INSERT = (f"insert into predictions ({', '.join(PREDICTION_COLUMNS)}, {', '.join(FEATURE_COLUMNS)}) "
+           f"values ({', '.join('?' * (len(PREDICTION_COLUMNS) + len(FEATURE_COLUMNS)))})")
 _LABEL_UPSERT = (
     "insert into labels (event_id, label, at, received) values (?, ?, ?, ?) on conflict(event_id)"
     " do update set label = excluded.label, at = excluded.at, received = excluded.received"
@@ -122,6 +126,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("pragma journal_mode=wal")
     db.execute("pragma synchronous=normal")
     db.executescript(_SCHEMA)
+    ensure_feature_columns(db)
     return db
 
 
@@ -144,6 +149,7 @@ class PredictionLog:
         self.written = 0
         self.dropped = 0
         self.failures = 0
+        self._feature_sets: dict[tuple[str, ...], int] = {}
 
     def start(self) -> PredictionLog:
         if self._thread is None:
@@ -244,13 +250,25 @@ class PredictionLog:
             if stop:
                 return
 
+    def _feature_row(self, features: Mapping[str, Any] | None) -> tuple[bytes | None, int | None]:
+        """The row's binary feature columns: (float64 blob, feature set id), or (None, None) for non-numbers."""
+        if not features:
+            return None, None
+        names = tuple(features)
+        blob = feature_blob(names, features)
+        if blob is None:
+            return None, None
+        if names not in self._feature_sets:
+            self._feature_sets[names] = feature_set_id(self._db, names)
+        return blob, self._feature_sets[names]
+
     def _write(self, items: list[Any]) -> None:
         rows = []
         for kind, payload in items:
             if kind in ("p", "P"):
                 for record in [payload] if kind == "p" else payload:
                     try:
-                        rows.append(_prediction_row(record))
+                        rows.append((*_prediction_row(record), *self._feature_row(record.get("features"))))
                     except Exception as exc:  # one malformed record must not stop the writer thread
                         self.failures += 1
                         log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))

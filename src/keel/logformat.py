@@ -6,7 +6,7 @@ set*; ``feature_set`` is the id of that set in the table ``feature_sets(id, name
 of feature names). Monitoring then reads a batch of rows with one query and one ``np.frombuffer``, no text to
 parse. Rows without a blob (old logs, string-valued features) are read from the JSON text as before.
 
-Writer side (what :mod:`keel.serve.predlog` calls)::
+Writer side (what :mod:`keel.serve.predlog` calls; a top-level module so neither side imports the other)::
 
     ensure_feature_columns(db)                      # once per connection: migrates an existing log, idempotent
     fs = feature_set_id(db, names)                  # once per distinct list of names (cache it)
