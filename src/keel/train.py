@@ -435,7 +435,9 @@ def _baseline_makers(spec: Spec, ds: Dataset) -> list[tuple[str, str, Callable[[
                                                             dict[str, Any]]]:
     from keel.evaluate.baselines import LogisticBaseline, PriorBaseline, RuleBaseline, SingleFeatureRule
 
-    weight = _sk_weight(spec.models.class_weight)
+    # The baseline is not searched: it reweights only when the spec says 'balanced'. Under 'auto' it is the plain
+    # fit, which ranks better on rare positives (handbook data: AP 0.623 plain vs 0.569 balanced).
+    weight = "balanced" if spec.models.class_weight == "balanced" else None
     makers: list[tuple[str, str, Callable[[pd.DataFrame, np.ndarray], Any], dict[str, Any]]] = [
         ("prior", "prior", lambda X, y: PriorBaseline().fit(X, y), {}),
     ]
