@@ -333,3 +333,83 @@ def test_prefix_sums_give_the_bits_of_summing_each_window(tmp_path: Path, monkey
         for name in a:
             assert (a[name] == b[name]) or (a[name] != a[name] and b[name] != b[name]), name
     assert any(r["shop_label_count_6h"] > 0 for r in fast)
+
+
+def _sql_labels(store: OnlineStore) -> OnlineStore:
+    """A store that looks every new event's label up in SQLite (the reference for the in-memory map)."""
+
+    def query(event_id: str) -> tuple[float, int] | None:
+        row = store._db.execute("select label, at from labels where event_id = ?", (event_id,)).fetchone()
+        return None if row is None else (float(row[0]), int(row[1]))
+
+    store._known_label = query  # type: ignore[method-assign]
+    return store
+
+
+def _assert_rows_equal(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> None:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert np.array_equal(a, b, equal_nan=True), (a, b)
+
+
+def test_features_many_equals_features_then_stage_one_by_one(tmp_path: Path) -> None:
+    """A batch sees its own earlier events: repeated entities, ties, events out of time order, an event sent
+    twice, entities never seen, and an event without an entity (NaN row, not staged, the others go on)."""
+    frame = random_events(11, n=300)
+    history = frame.iloc[:150].to_dict("records")
+    batch = frame.iloc[150:].sample(frac=1.0, random_state=2).to_dict("records")  # out of time order
+    batch[5]["ts"] = batch[4]["ts"]  # a tie
+    batch[9] = dict(batch[3])  # the same event again: counts once
+    batch[12] = {**batch[12], "card": 999, "shop": 998}  # unknown entities
+    broken = {k: v for k, v in batch[20].items() if k != "shop"}
+    batch[20] = broken
+    with store_at(tmp_path / "one.sqlite") as one, store_at(tmp_path / "many.sqlite") as many:
+        for s in (one, many):
+            s.update_many(history)
+            s.add_label(history[-1]["id"], 1, history[-1]["ts"])
+        expected, expected_stale = [], []
+        for event in batch:
+            try:
+                row = one.features(event)
+            except FeatureError:
+                expected.append([np.nan] * len(NAMES))
+                expected_stale.append(False)
+                continue
+            expected.append([row[n] for n in NAMES])
+            expected_stale.append(row.stale)
+            one.stage(event)
+        out = many.features_many(batch, stage=True)
+        assert many.feature_names == NAMES
+        assert out.matrix.shape == (len(batch), len(NAMES))
+        _assert_rows_equal(out.matrix, expected)
+        assert out.stale.tolist() == expected_stale and any(expected_stale)
+        assert out.failed.tolist() == [i == 20 for i in range(len(batch))]
+        assert [(i, op) for i, op, _ in out.errors] == [(20, "features")]
+        assert "'shop'" in str(out.errors[0][2])
+        assert one.commit_staged() == many.commit_staged() > 0
+        probe = {**batch[0], "id": 10**6, "ts": frame["ts"].max() + timedelta(minutes=1)}
+        _assert_rows_equal([one.features(probe)[n] for n in NAMES], [many.features(probe)[n] for n in NAMES])
+
+
+def test_labels_kept_in_memory_equal_the_labels_table(tmp_path: Path) -> None:
+    """A new event finds its label without a query: a label that came before its event, and an event sent again
+    after it left one entity's window (shop: 8 h) or every window (card: 1 d)."""
+    frame = random_events(12, n=300)
+    rows = frame.to_dict("records")
+    early = {**rows[-1], "id": 5000, "ts": rows[-1]["ts"] + timedelta(minutes=5)}
+    with store_at(tmp_path / "mem.sqlite") as mem, _sql_labels(store_at(tmp_path / "sql.sqlite")) as sql:
+        for s in (mem, sql):
+            s.preload()
+            s.update_many(rows[:100])
+            for r in rows[:100:3]:
+                s.add_label(r["id"], 1, r["ts"] + timedelta(minutes=30))
+            s.add_label(5000, 1, rows[50]["ts"])  # before its event
+        assert mem._pending_complete and "5000" in mem._pending
+        for event in [*rows[100:], rows[0], rows[1], rows[-20], early]:  # rows[0]/[1]: pruned, sent again
+            probe = {**event, "ts": event["ts"] + timedelta(minutes=1), "id": -1}
+            _assert_rows_equal([mem.features(event)[n] for n in NAMES], [sql.features(event)[n] for n in NAMES])
+            mem.update(event)
+            sql.update(event)
+            _assert_rows_equal([mem.features(probe)[n] for n in NAMES], [sql.features(probe)[n] for n in NAMES])
+        assert "5000" not in mem._pending
+        later = {**early, "id": -2, "ts": early["ts"] + timedelta(hours=2, minutes=30)}  # early in its 1 h window
+        assert mem.features(later)["shop_label_count_1h"] == sql.features(later)["shop_label_count_1h"] >= 1

@@ -47,7 +47,7 @@ from keel.features.definitions import (
     feature_names,
     window_definitions,
 )
-from keel.features.offline import finish_aggregate, ratio_feature, row_value, to_ns, window_edges
+from keel.features.offline import finish_aggregate, ratio_feature, row_value, to_ns
 
 _SCHEMA = """
 create table if not exists meta (k text primary key, v text not null);
@@ -61,11 +61,17 @@ create table if not exists labels (event_id text primary key, label real not nul
 
 
 _EPOCH = datetime(1970, 1, 1)
+_NO_LABEL_AT = 2**62  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
 
 
 def _key(value: Any) -> str:
     """Entity values and event ids as canonical text (7, 7.0 and np.int64(7) are the same entity)."""
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is str:
+        return value
     if isinstance(value, bool | np.bool_):
         return str(bool(value))
     if isinstance(value, int | np.integer):
@@ -120,6 +126,17 @@ class FeatureRow(dict[str, float]):
         self.stale_entities = tuple(stale_entities)
         self.unknown_entities = tuple(unknown_entities)
         self.stale = bool(self.stale_entities)
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """What :meth:`OnlineStore.features_many` returns: ``matrix`` (events x features, float64), ``stale`` and
+    ``failed`` (bool per event) and ``errors`` as ``(index, "features" | "update", exception)``."""
+
+    matrix: np.ndarray
+    stale: np.ndarray
+    failed: np.ndarray
+    errors: list[tuple[int, str, Exception]]
 
 
 def _scaled(x: float) -> tuple[int, int]:
@@ -295,9 +312,26 @@ def _exact_total(prefix: _ExactPrefix, lo: int, hi: int, current: float | None) 
     return (total / (1 << shift) if total else 0.0), valid
 
 
+@dataclass(frozen=True)
+class _GroupPlan:
+    """One window shared by some definitions of one entity, with its edges in integer nanoseconds."""
+
+    defs: tuple[WindowDefinition, ...]
+    delay_ns: int
+    window_ns: int
+    zero_delay: bool
+    include_current: bool
+
+    @classmethod
+    def of(cls, defs: Sequence[WindowDefinition]) -> _GroupPlan:
+        first = defs[0]
+        return cls(tuple(defs), to_ns(first.delay), to_ns(first.window), first.delay == timedelta(0),
+                   first.include_current)
+
+
 def _window_group(
     state: _EntityState,
-    defs: Sequence[WindowDefinition],
+    plan: _GroupPlan,
     t: int,
     current: Mapping[str, float] | None,
     own: int | None,
@@ -309,22 +343,26 @@ def _window_group(
     means and label sums come from exact prefix sums (O(1) per window, the same numbers as ``math.fsum`` over
     the window); std, min and max (and columns holding infinities) scan the window.
     """
-    first = defs[0]
-    start, end = window_edges(t, first)
-    if first.delay == timedelta(0) and own is not None:
-        hi = own + 1 if first.include_current else own
+    end = t - plan.delay_ns  # window_edges(): (t - delay - window, t - delay]
+    start = end - plan.window_ns
+    if plan.zero_delay and own is not None:
+        hi = own + 1 if plan.include_current else own
     else:
         hi = bisect.bisect_right(state.times, end)
     lo = min(bisect.bisect_right(state.times, start), hi)
-    with_current = current is not None and first.delay == timedelta(0) and first.include_current
+    with_current = current is not None and plan.zero_delay and plan.include_current
     count = hi - lo + (1 if with_current else 0)
     values: dict[str, list[float]] = {}
     label_total: float | None = None
-    for d in defs:
+    for d in plan.defs:
+        aggregate = d.aggregate
+        if aggregate == "count":
+            out[d.name] = float(count)
+            continue
         total = m2 = mn = mx = 0.0
         valid = 0
         if d.column:
-            prefix = state.prefix()[d.column] if d.aggregate in ("sum", "mean", "count") else None
+            prefix = state.prefix()[d.column] if aggregate in ("sum", "mean") else None
             if prefix is not None and prefix.exact:
                 now = current.get(d.column, math.nan) if with_current else None  # type: ignore[union-attr]
                 total, valid = _exact_total(prefix, lo, hi, now)
@@ -338,14 +376,14 @@ def _window_group(
                     values[d.column] = window
                 vals = values[d.column]
                 valid = len(vals)
-                if d.aggregate in ("sum", "mean"):
+                if aggregate in ("sum", "mean"):
                     total = math.fsum(vals)
-                elif d.aggregate == "std" and valid:
+                elif aggregate == "std" and valid:
                     mean = math.fsum(vals) / valid
                     m2 = math.fsum((v - mean) ** 2 for v in vals)
-                elif d.aggregate == "min" and valid:
+                elif aggregate == "min" and valid:
                     mn = min(vals)
-                elif d.aggregate == "max" and valid:
+                elif aggregate == "max" and valid:
                     mx = max(vals)
         if d.reads_label and label_total is None:
             labels = state.label_prefix() if t >= state.late_label else None
@@ -355,7 +393,7 @@ def _window_group(
                 label_total = math.fsum(
                     y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
                 )
-        out[d.name] = finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
+        out[d.name] = finish_aggregate(aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
 
 
 class OnlineStore:
@@ -398,6 +436,17 @@ class OnlineStore:
                     break
             else:
                 groups.append([d])
+        self._plans = {e: [_GroupPlan.of(g) for g in groups] for e, groups in self._groups.items()}
+        self._raw = [d for d in self.definitions if isinstance(d, RawDefinition)]
+        self._rows = [d for d in self.definitions if isinstance(d, RowDefinition)]
+        self._ratios = [d for d in self.definitions if isinstance(d, RatioDefinition)]
+        self._freshness_ns = None if freshness is None else to_ns(freshness)
+        self._vals_json = {e: [(c, json.dumps(c)) for c in cols] for e, cols in self._columns.items()}
+        # Labels whose event is in no in-memory entity state (labels that came first, or whose event was pruned):
+        # a new event finds its label here instead of querying SQLite. Complete only once every entity's state is
+        # in memory (after preload); until then a miss falls back to the labels table.
+        self._pending: dict[str, tuple[float, int]] = {}
+        self._pending_complete = False
         self._horizon = {
             e: max(to_ns(d.horizon) for d in self._windows if d.entity == e) for e in self._entities
         }
@@ -475,6 +524,13 @@ class OnlineStore:
         self._cache[(entity, key)] = state
         return state
 
+    def _forget(self) -> None:
+        """Drop the in-memory state (reloaded from SQLite on next use) after a failed write."""
+        self._cache.clear()
+        self._owners.clear()
+        self._pending.clear()
+        self._pending_complete = False
+
     def _append_stored(self, state: _EntityState, entity: str, key: str, row: Sequence[Any]) -> None:
         """Add one stored event (event_id, t, vals, label, at) to an entity's in-memory state."""
         event_id, t, vals, label, at = row
@@ -504,6 +560,12 @@ class OnlineStore:
                     state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
             self._cache.update(loaded)
+            self._pending = {
+                event_id: (float(label), int(at)) for event_id, label, at in self._db.execute(
+                    "select event_id, label, at from labels where event_id not in"
+                    " (select event_id from events where event_id is not null)")
+            }
+            self._pending_complete = True
             return len(loaded)
 
     def _event_time(self, event: Mapping[str, Any]) -> int:
@@ -551,8 +613,7 @@ class OnlineStore:
                 self._db.execute("commit")
             except BaseException:
                 self._db.execute("rollback")
-                self._cache.clear()
-                self._owners.clear()
+                self._forget()
                 raise
             finally:
                 self._depth = 0
@@ -565,6 +626,37 @@ class OnlineStore:
                 self._add(event)
                 added += 1
         return added
+
+    def _known_label(self, event_id: str) -> tuple[float, int] | None:
+        """The label already recorded for an event entering a state, without a query when memory knows it."""
+        pending = self._pending.get(event_id)
+        if pending is not None:
+            return pending
+        for entity, key in self._owners.get(event_id, ()):
+            state = self._cache.get((entity, key))
+            if state is not None:  # the event is still in another entity's window: its label is there
+                i = state.ids.index(event_id)
+                if state.label_at[i] != _NO_LABEL_AT:
+                    return state.labels[i], state.label_at[i]
+                if self._pending_complete:
+                    return None
+        if self._pending_complete:
+            return None
+        row = self._db.execute("select label, at from labels where event_id = ?", (event_id,)).fetchone()
+        return None if row is None else (float(row[0]), int(row[1]))
+
+    def _vals_text(self, entity: str, vals: Mapping[str, float]) -> str:
+        """``json.dumps`` of an event's stored values (NaN as null), by hand for finite floats."""
+        parts = []
+        for c, name in self._vals_json[entity]:
+            v = vals[c]
+            if v != v:
+                parts.append(f"{name}: null")
+            elif v in (math.inf, -math.inf):
+                parts.append(f"{name}: {json.dumps(v)}")
+            else:
+                parts.append(f"{name}: {v!r}")
+        return "{" + ", ".join(parts) + "}"
 
     def _add(self, event: Mapping[str, Any]) -> None:
         if not self._windows:
@@ -579,41 +671,37 @@ class OnlineStore:
             if event_id is not None and event_id in state.id_set:
                 continue  # idempotent: the same event twice counts once
             vals = {c: _number(event.get(c)) for c in self._columns[entity]}
+            if event_id is not None and not looked:  # one look-up per event, whatever the number of entities
+                known = self._known_label(event_id)
+                looked = True
             i = state.insert(t, event_id, vals)
             self._write(
                 "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)",
-                (
-                    entity,
-                    key,
-                    event_id,
-                    t,
-                    json.dumps({c: (None if math.isnan(v) else v) for c, v in vals.items()}),
-                ),
+                (entity, key, event_id, t, self._vals_text(entity, vals)),
             )
             if event_id is not None:
                 self._owners.setdefault(event_id, []).append((entity, key))
-                if not looked:  # one look-up per event, whatever the number of entities
-                    known = self._db.execute(
-                        "select label, at from labels where event_id = ?", (event_id,)
-                    ).fetchone()
-                    looked = True
+                self._pending.pop(event_id, None)
                 if known is not None:
-                    state.set_label(i, float(known[0]), int(known[1]))
+                    state.set_label(i, known[0], known[1])
             newest = state.times[-1]
             before = newest - self._horizon[entity]
             if state.times[0] <= before:
-                dropped = state.ids[: bisect.bisect_right(state.times, before)]
+                k = bisect.bisect_right(state.times, before)
+                dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
                 state.prune(before)
                 self._write(
                     "delete from events where entity = ? and key = ? and t <= ?", (entity, key, before)
                 )
-                for old in dropped:
+                for old, label, at in dropped:
                     if old is not None and old in self._owners:
                         owners = [o for o in self._owners[old] if o != (entity, key)]
                         if owners:
                             self._owners[old] = owners
                         else:
                             del self._owners[old]
+                            if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
+                                self._pending[old] = (label, at)
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         if self._staging:
@@ -654,15 +742,18 @@ class OnlineStore:
             db = self._writer
             try:
                 db.execute("begin immediate")
-                for sql, params in rows:
-                    db.execute(sql, params)
+                run: list[tuple[Any, ...]] = []
+                for j, (sql, params) in enumerate(rows):  # consecutive rows of one statement: one executemany
+                    run.append(params)
+                    if j + 1 == len(rows) or rows[j + 1][0] != sql:
+                        db.executemany(sql, run)
+                        run = []
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("rollback")
                 with self._lock:
-                    self._cache.clear()
-                    self._owners.clear()
+                    self._forget()
                 raise
             return len(rows)
 
@@ -690,43 +781,93 @@ class OnlineStore:
                     if stored == key:
                         state.set_label(i, value, at_ns)
                         found = True
+            if found:
+                self._pending.pop(key, None)
+            else:  # the event comes later (or comes back): it finds its label in memory
+                self._pending[key] = (value, at_ns)
             return found
 
     def features(self, event: Mapping[str, Any]) -> FeatureRow:
         """The feature values for ``event`` at its own time, exactly as the offline table computes them."""
+        with self._lock:
+            values, stale, unknown = self._compute(event)
+        return FeatureRow(dict(zip(self._names, values, strict=True)), stale, unknown)
+
+    def _compute(self, event: Mapping[str, Any]) -> tuple[list[float], list[str], list[str]]:
+        """(feature values in ``feature_names`` order, stale entities, unknown entities); hold the lock."""
         out: dict[str, float] = {}
         stale: list[str] = []
         unknown: list[str] = []
+        for d in self._raw:
+            out[d.name] = _number(event.get(d.column))
+        for r in self._rows:
+            out[r.name] = row_value(r, event.get(r.column))
+        if self._windows:
+            t = self._event_time(event)
+            event_id = self._event_id(event)
+            fresh = self._freshness_ns
+            for entity in self._entities:
+                key = self._entity_key(event, entity)
+                state = self._state(entity, key)
+                if not state.times:
+                    unknown.append(entity)
+                elif fresh is not None and t - state.times[-1] > fresh:
+                    stale.append(entity)
+                own = None
+                if event_id is not None and event_id in state.id_set:
+                    own = state.ids.index(event_id)
+                current = None
+                if own is None:
+                    current = {c: _number(event.get(c)) for c in self._columns[entity]}
+                for plan in self._plans[entity]:
+                    _window_group(state, plan, t, current, own, out)
+        for q in self._ratios:
+            num = out[q.numerator] if q.numerator in out else _number(event.get(q.numerator))
+            den = out[q.denominator] if q.denominator in out else _number(event.get(q.denominator))
+            out[q.name] = float(ratio_feature(num, den))
+        return [out[name] for name in self._names], stale, unknown
+
+    def features_many(self, events: Sequence[Mapping[str, Any]], *, stage: bool = False) -> FeatureBatch:
+        """Features of events as if each were sent alone, in order: ``features(e)`` then (``stage=True``)
+        :meth:`stage` ``(e)`` for each, so an event sees the earlier events of the same call.
+
+        One lock hold and one pass for the whole sequence; the values are those :meth:`features` returns
+        (the same code), as a float64 matrix in :attr:`feature_names` order. An event whose features cannot be
+        computed gets a NaN row, ``failed[i]`` set and is not staged (as a service does with a single event);
+        a failed staging is reported in ``errors`` and does not stop the others.
+        """
+        n = len(events)
+        rows: list[list[float]] = []
+        stale = np.zeros(n, dtype=bool)
+        failed = np.zeros(n, dtype=bool)
+        errors: list[tuple[int, str, Exception]] = []
+        nan_row = [math.nan] * len(self._names)
         with self._lock:
-            for d in self.definitions:
-                if isinstance(d, RawDefinition):
-                    out[d.name] = _number(event.get(d.column))
-                elif isinstance(d, RowDefinition):
-                    out[d.name] = row_value(d, event.get(d.column))
-            if self._windows:
-                t = self._event_time(event)
-                event_id = self._event_id(event)
-                for entity in self._entities:
-                    key = self._entity_key(event, entity)
-                    state = self._state(entity, key)
-                    if not state.times:
-                        unknown.append(entity)
-                    elif self.freshness is not None and t - state.times[-1] > to_ns(self.freshness):
-                        stale.append(entity)
-                    own = None
-                    if event_id is not None and event_id in state.id_set:
-                        own = state.ids.index(event_id)
-                    current = None
-                    if own is None:
-                        current = {c: _number(event.get(c)) for c in self._columns[entity]}
-                    for group in self._groups[entity]:
-                        _window_group(state, group, t, current, own, out)
-            for d in self.definitions:
-                if isinstance(d, RatioDefinition):
-                    num = out[d.numerator] if d.numerator in out else _number(event.get(d.numerator))
-                    den = out[d.denominator] if d.denominator in out else _number(event.get(d.denominator))
-                    out[d.name] = float(ratio_feature(num, den))
-        return FeatureRow({name: out[name] for name in self._names}, stale, unknown)
+            for i, event in enumerate(events):
+                try:
+                    values, st, _ = self._compute(event)
+                except Exception as exc:
+                    rows.append(nan_row)
+                    failed[i] = True
+                    errors.append((i, "features", exc))
+                    continue
+                rows.append(values)
+                stale[i] = bool(st)
+                if stage:
+                    self._staging = True
+                    try:
+                        self._add(event)
+                    except Exception as exc:
+                        errors.append((i, "update", exc))
+                    finally:
+                        self._staging = False
+        matrix = np.array(rows, dtype=np.float64).reshape(n, len(self._names))
+        return FeatureBatch(matrix, stale, failed, errors)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The column order of :meth:`features_many` matrices."""
+        return list(self._names)
 
     def entity_count(self) -> int:
         """How many entity states the store holds (all entity columns together)."""
@@ -737,4 +878,4 @@ class OnlineStore:
         return int(row[0])
 
 
-__all__ = ["FeatureRow", "OnlineStore"]
+__all__ = ["FeatureBatch", "FeatureRow", "OnlineStore"]
