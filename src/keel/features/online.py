@@ -559,6 +559,9 @@ class OnlineStore:
                 if state is None:
                     state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
+            for state in loaded.values():  # prefix sums now, not on each entity's first request
+                state.prefix()
+                state.label_prefix()
             self._cache.update(loaded)
             self._pending = {
                 event_id: (float(label), int(at)) for event_id, label, at in self._db.execute(

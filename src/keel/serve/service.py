@@ -45,6 +45,8 @@ BATCH_ROWS_PER_BUDGET = 1000
 # A model scored in the event loop's thread (no thread hop) when it is known fast: LightGBM through compiled trees,
 # and at most this many rows. Slower models, and larger batches, score in the worker pool under asyncio's timeout.
 INLINE_MAX_ROWS = 256
+# Consecutive inline overruns after which a version scores in the pool (where asyncio's timeout can answer on time).
+INLINE_OVERRUNS = 3
 
 
 @dataclass(frozen=True)
@@ -74,41 +76,62 @@ def _jsonline(**fields: Any) -> str:
 class _GroupCommit:
     """Group commit: every caller gets a future that completes once a flush that started after its call is done.
 
-    At most one flush runs at a time (in ``executor``); callers arriving meanwhile share the next one.
+    One thread of its own runs the flushes, one at a time; callers arriving meanwhile share the next one. The
+    handoff is a condition variable one way and one ``call_soon_threadsafe`` per flush back (no executor
+    future chained to an asyncio future per group).
     """
 
-    def __init__(self, flush: Any, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, flush: Any, name: str = "keel-store-commit") -> None:
         self._flush = flush
-        self._executor = executor
-        self._waiting: list[asyncio.Future[None]] = []
-        self._running = False
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def request(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append(future)
-        if not self._running:
-            self._start(loop)
+        with self._wake:
+            self._waiting.append((loop, future))
+            self._wake.notify()
         return future
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._running = True
-        batch, self._waiting = self._waiting, []
-        job = loop.run_in_executor(self._executor, self._flush)
-        job.add_done_callback(lambda j: self._done(loop, j, batch))
+    def close(self) -> None:
+        """Finish the flushes asked for so far, then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
 
-    def _done(self, loop: asyncio.AbstractEventLoop, job: asyncio.Future[Any],
-              batch: list[asyncio.Future[None]]) -> None:
-        self._running = False
-        error = asyncio.CancelledError() if job.cancelled() else job.exception()
-        for future in batch:
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-        if self._waiting:
-            self._start(loop)
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                batch, self._waiting = self._waiting, []
+            error: BaseException | None = None
+            try:
+                self._flush()
+            except BaseException as exc:  # handed to every waiter; the thread goes on
+                error = exc
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+            for loop, future in batch:
+                by_loop.setdefault(loop, []).append(future)
+            for loop, futures in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 class Service:
@@ -146,9 +169,9 @@ class Service:
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-score")
         self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-reload")
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-store-commit")
         self._group: _GroupCommit | None = None
         self._pool_only: set[str] = set()  # versions that overran their budget inline: pool from now on
+        self._overruns = 0  # consecutive inline answers over budget
         self._poller: asyncio.Task[None] | None = None
         self.predlog: PredictionLog | None = None
 
@@ -187,7 +210,9 @@ class Service:
             self._poller = None
         if self.predlog is not None:
             self.predlog.close()
-        self._committer.shutdown(wait=True)
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         commit = getattr(self._store, "commit_staged", None)
         if commit is not None:
             with contextlib.suppress(Exception):  # a failed last write is logged by the request that waited
@@ -337,7 +362,7 @@ class Service:
 
     def _commit(self) -> asyncio.Future[None]:
         if self._group is None:
-            self._group = _GroupCommit(self._store.commit_staged, self._committer)  # type: ignore[union-attr]
+            self._group = _GroupCommit(self._store.commit_staged)  # type: ignore[union-attr]
         return self._group.request()
 
     def _store_failed(self, op: str, exc: Exception) -> None:
@@ -359,8 +384,12 @@ class Service:
                 t0 = time.perf_counter()
                 scores = model.scores(x)
                 if time.perf_counter() - t0 > budget:
-                    self._pool_only.add(loaded.version)
+                    self._overruns += 1
+                    if self._overruns >= INLINE_OVERRUNS:  # not one preemption on a busy machine: a slow model
+                        self._pool_only.add(loaded.version)
+                        log.warning(_jsonline(event="model_scores_in_pool", version=loaded.version))
                     raise TimeoutError
+                self._overruns = 0
             else:
                 loop = asyncio.get_running_loop()
                 scores = await asyncio.wait_for(loop.run_in_executor(self._pool, model.scores, x), budget)
