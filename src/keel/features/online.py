@@ -321,12 +321,14 @@ class _GroupPlan:
     window_ns: int
     zero_delay: bool
     include_current: bool
+    # (name, aggregate, column, reads_label) per definition: plain tuples, read once per event and window
+    items: tuple[tuple[str, str, str | None, bool], ...]
 
     @classmethod
     def of(cls, defs: Sequence[WindowDefinition]) -> _GroupPlan:
         first = defs[0]
         return cls(tuple(defs), to_ns(first.delay), to_ns(first.window), first.delay == timedelta(0),
-                   first.include_current)
+                   first.include_current, tuple((d.name, d.aggregate, d.column, d.reads_label) for d in defs))
 
 
 def _window_group(
@@ -354,27 +356,32 @@ def _window_group(
     count = hi - lo + (1 if with_current else 0)
     values: dict[str, list[float]] = {}
     label_total: float | None = None
-    for d in plan.defs:
-        aggregate = d.aggregate
+    for name, aggregate, column, reads_label in plan.items:
         if aggregate == "count":
-            out[d.name] = float(count)
+            out[name] = float(count)
             continue
         total = m2 = mn = mx = 0.0
         valid = 0
-        if d.column:
-            prefix = state.prefix()[d.column] if aggregate in ("sum", "mean") else None
+        if column:
+            prefix = state.prefix()[column] if aggregate in ("sum", "mean") else None
             if prefix is not None and prefix.exact:
-                now = current.get(d.column, math.nan) if with_current else None  # type: ignore[union-attr]
+                now = current.get(column, math.nan) if with_current else None  # type: ignore[union-attr]
                 total, valid = _exact_total(prefix, lo, hi, now)
+                # _finish_scalar's rules for these two, without the call
+                if aggregate == "mean":
+                    out[name] = float(total) / valid if valid > 0 else math.nan
+                else:
+                    out[name] = float(total) if valid else 0.0
+                continue
             else:
-                if d.column not in values:
-                    window = [v for v in state.values[d.column][lo:hi] if v == v]  # v == v drops NaN
+                if column not in values:
+                    window = [v for v in state.values[column][lo:hi] if v == v]  # v == v drops NaN
                     if with_current:
-                        v = current.get(d.column, math.nan)  # type: ignore[union-attr]
+                        v = current.get(column, math.nan)  # type: ignore[union-attr]
                         if v == v:
                             window.append(v)
-                    values[d.column] = window
-                vals = values[d.column]
+                    values[column] = window
+                vals = values[column]
                 valid = len(vals)
                 if aggregate in ("sum", "mean"):
                     total = math.fsum(vals)
@@ -385,7 +392,7 @@ def _window_group(
                     mn = min(vals)
                 elif aggregate == "max" and valid:
                     mx = max(vals)
-        if d.reads_label and label_total is None:
+        if reads_label and label_total is None:
             labels = state.label_prefix() if t >= state.late_label else None
             if labels is not None and labels.exact:
                 label_total = _exact_total(labels, lo, hi, None)[0]
@@ -393,7 +400,10 @@ def _window_group(
                 label_total = math.fsum(
                     y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
                 )
-        out[d.name] = finish_aggregate(aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
+        if aggregate == "label_rate":
+            out[name] = float(label_total or 0.0) / count if count > 0 else 0.0
+            continue
+        out[name] = finish_aggregate(aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
 
 
 class OnlineStore:
