@@ -207,3 +207,40 @@ def test_fallback_rule_unit() -> None:
             "customer_id_nb_tx_1day_window": 1}, {"tx_amount": float("nan"), "customer_id_nb_tx_1day_window": 5}]
     assert rule.decide(rows) == ["review", "approve", "approve"]
     assert FallbackRule(None, negative_action="approve").decide([{}]) == ["approve"]
+
+
+class SlowForest:
+    """Stands in for compiled trees that have become slow: right scores, 80 ms per call."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.n_features = inner.n_features
+        self.calls = 0
+
+    def predict(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
+        self.calls += 1
+        time.sleep(0.08)
+        return self.inner.predict(x, threads)
+
+
+def test_inline_model_over_budget_falls_back_then_scores_in_the_pool(tmp_path: Path, model_dirs: dict[str, Path],
+                                                                    event: dict[str, Any]) -> None:
+    """A compiled model scores in the event loop (no thread hop), timed: over serving.timeout_ms its answer is
+    dropped for the fallback's, and after 3 overruns in a row the version scores in the pool under a timeout."""
+    model = DecisionModel.load(model_dirs["a"], threads=1)
+    forest = model.compiled()
+    assert forest is not None
+    app = create_app(make_spec(tmp_path, serving={"timeout_ms": 50}), FixedProvider(model))
+    with TestClient(app) as c:
+        service = app.state.service
+        assert service.loaded.inline
+        fast = c.post("/v1/predict", json=event).json()
+        assert fast["fallback"] is False and fast["score"] is not None
+        slow = SlowForest(forest)
+        model._forest = slow
+        for i in range(4):
+            body = c.post("/v1/predict", json={**event, "transaction_id": 10 + i}).json()
+            assert body["fallback_reason"] == "model_timeout" and body["score"] is None
+            assert ("fixed-1" in service._pool_only) == (i >= 2)
+        assert slow.calls == 4
+        assert 'keel_fallbacks_total{reason="model_timeout"} 4.0' in c.get("/metrics").text
