@@ -257,6 +257,7 @@ def in_process_answer(setup: Setup, work: Path, n: int = 3000) -> Row:
     store = OnlineStore.from_spec(spec, work / "inproc-store.sqlite")
     event_model = build_request_models(spec).event
     store.update_many(event_model.model_validate(e).model_dump() for e in setup.history)
+    store.preload()  # as the server does at start (state, prefix sums and waiting labels in memory)
     service = Service(spec, PathProvider(setup.model_dir, threads=1), store=store,
                       prediction_log=str(work / "inproc-log.sqlite"))
     times: list[float] = []
