@@ -341,8 +341,8 @@ class Service:
             except Exception as exc:
                 self._store_failed("features", exc)
                 return np.full((n, len(self.feature_names)), math.nan), np.zeros(n, bool), np.ones(n, bool), False
-            for _, op, exc in batch.errors:
-                self._store_failed(op, exc)
+            for _, op, error in batch.errors:
+                self._store_failed(op, error)
             if not batch.errors:
                 self._store_error = None
             return batch.matrix, batch.stale, batch.failed, bool((~batch.failed).any())
