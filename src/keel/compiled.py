@@ -268,9 +268,12 @@ def _cache_store(path: Path, code: bytes) -> None:
         return  # a cache that cannot be written only costs the next load a compile
 
 
-_Kernel = ctypes.CFUNCTYPE(
-    None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64
-)
+_ARGS = (None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+_Kernel = ctypes.CFUNCTYPE(*_ARGS)  # releases the GIL: large inputs, and the row-parallel threads
+_KernelHoldingGil = ctypes.PYFUNCTYPE(*_ARGS)
+# Below this many rows the call keeps the GIL: releasing it costs a single-row request more than the trees do, as the
+# thread must win the lock back from the log writer (one row: mean 42 us releasing, 13 us holding, a writer busy).
+_GIL_ROWS = 64
 
 
 class CompiledForest:
@@ -320,6 +323,7 @@ class CompiledForest:
             address = engine.get_function_address("keel_predict")
         self._engine = engine  # owns the machine code: keep it alive as long as the kernel
         self._kernel = _Kernel(address)
+        self._small_kernel = _KernelHoldingGil(address)
         self.n_features = n_features
         self.n_trees = len(trees)
 
@@ -344,7 +348,7 @@ class CompiledForest:
         xp, op = x.ctypes.data, out.ctypes.data
         workers = min(threads or os.cpu_count() or 1, max(1, n // _PARALLEL_ROWS))
         if workers <= 1:
-            self._kernel(xp, op, 0, n, rs, cs)
+            (self._small_kernel if n < _GIL_ROWS else self._kernel)(xp, op, 0, n, rs, cs)
             return out
         bounds = np.linspace(0, n, workers + 1).astype(np.int64)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keel-trees") as pool:
