@@ -135,3 +135,34 @@ def test_profile_round_trip_and_errors(tmp_path) -> None:
         load_profile(tmp_path / "bad.json")
     with pytest.raises(MonitorError, match="window must be longer than 0"):
         DriftAccumulator(prof, timedelta(0))
+
+
+@pytest.mark.parametrize("kind", ["gamma", "poisson", "heavy_tail", "constant", "uniform_grid"])
+def test_window_counts_equal_searchsorted_at_every_cut_point(kind: str) -> None:
+    """The grid search gives the same sketch, bins and range counts as np.searchsorted, exactly: values on,
+    just below and just above every cut point, out of range, missing, in two windows of one frame."""
+    rng = np.random.default_rng(7)
+    ref = {"gamma": rng.gamma(2, 30, 20_000), "poisson": rng.poisson(5, 20_000).astype(float),
+           "heavy_tail": rng.lognormal(0, 4, 20_000), "constant": np.full(1000, 3.25),
+           "uniform_grid": np.round(rng.uniform(0, 1, 20_000), 2)}[kind]
+    prof = build_profile(pd.DataFrame({"x": ref}), None)
+    p = prof.features["x"]
+    cuts = np.unique(np.concatenate([p.sketch, p.edges, [p.min, p.max]]))
+    probes = np.concatenate([cuts, np.nextafter(cuts, -np.inf), np.nextafter(cuts, np.inf),
+                             rng.choice(ref, 3000), [p.min - 1, p.max + 1, -1e12, 1e12, np.nan, np.inf]])
+    probes = rng.permutation(probes)
+    t0 = pd.Timestamp("2020-01-01")
+    frame = pd.DataFrame({"event_time": t0 + pd.to_timedelta(np.arange(len(probes)) % 2, unit="D"), "x": probes})
+    acc = DriftAccumulator(prof, timedelta(days=1))
+    acc.update(frame)
+    for day, w in enumerate(acc._windows[i]["x"] for i in sorted(acc._windows)):
+        x = probes[np.arange(len(probes)) % 2 == day]
+        fin = x[np.isfinite(x)]
+        expect_sketch = np.bincount(np.searchsorted(np.asarray(p.sketch), fin, side="left"),
+                                    minlength=len(p.sketch) + 1)
+        expect_bins = np.bincount(np.searchsorted(np.asarray(p.edges), fin, side="left"), minlength=len(p.edges) + 1)
+        assert w.sketch.tolist() == expect_sketch.tolist()
+        assert w.bins.tolist() == expect_bins.tolist()
+        assert (w.below, w.above) == (int((fin < p.min).sum()), int((fin > p.max).sum()))
+        assert (w.n, w.missing) == (len(x), len(x) - len(fin))
+        assert w.total == pytest.approx(float(fin.sum()), rel=1e-12, abs=1e-3)

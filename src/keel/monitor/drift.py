@@ -183,6 +183,76 @@ class _ColumnCounts:
         self.cats: Counter[str] = Counter()
 
 
+
+class _Cuts:
+    """Every cut point of a numeric column (sketch points, bin edges, the reference's range) and a fast
+    ``np.searchsorted(points, x, side="left")``.
+
+    A value's bucket ``i`` (``points[i-1] < x <= points[i]``) gives its sketch bucket, its bin and whether it is
+    below the reference min (``x <= nextafter(min, -inf)``) or above its max (``i == len(points)``). The search
+    goes through a uniform grid over the points: a value's grid cell gives, from a table, how many points lie
+    in the cells before it, and a step or two over the points in its own cell finish the count. Both use the
+    same (monotone) float arithmetic, so the result equals ``searchsorted`` exactly; when the points are too
+    uneven for a small grid (a heavy tail), it is ``searchsorted`` itself.
+    """
+
+    MAX_CELLS = 1 << 16
+    MAX_STEPS = 3
+
+    def __init__(self, prof: FeatureProfile) -> None:
+        sketch = np.asarray(prof.sketch, dtype=np.float64)
+        edges = np.asarray(prof.edges, dtype=np.float64)
+        lo = float(prof.min) if prof.min is not None else float(sketch[0])
+        hi = float(prof.max) if prof.max is not None else float(sketch[-1])
+        below = np.nextafter(lo, -np.inf)
+        self.points = p = np.unique(np.concatenate([sketch, edges, [below, hi]]))
+        # Bucket i of the points -> bucket of the sketch / of the bins (no sketch point or edge falls inside it).
+        ends = np.append(p, np.inf)
+        self.to_sketch = np.searchsorted(sketch, ends, side="left")
+        self.to_bins = np.searchsorted(edges, ends, side="left")
+        self.below = int(np.searchsorted(p, below, side="left")) + 1  # buckets 0..below-1 hold x < min
+        self.ns, self.nb = len(sketch) + 1, len(edges) + 1
+        self._ext = np.append(p, np.inf)
+        self._origin = float(p[0])
+        self._table: np.ndarray | None = None
+        cells = max(16, 2 * len(p))
+        span = float(p[-1]) - self._origin
+        while np.isfinite(span) and span > 0:
+            self._scale, self._cells = (cells - 1) / span, cells
+            if not np.isfinite(self._scale):
+                break
+            cell_of = self._cell(p)
+            self._steps = int(np.bincount(cell_of, minlength=cells).max())
+            if self._steps <= self.MAX_STEPS:
+                # How many points lie in the cells before cell c.
+                self._table = np.searchsorted(cell_of, np.arange(cells), side="left").astype(np.intp)
+                break
+            if cells >= self.MAX_CELLS:
+                break
+            cells *= 2
+
+    def _cell(self, x: np.ndarray) -> np.ndarray:
+        g = x - self._origin
+        g *= self._scale
+        np.clip(g, 0, self._cells - 1, out=g)
+        return g.astype(np.intp)
+
+    def index(self, x: np.ndarray) -> np.ndarray:
+        """``np.searchsorted(self.points, x, side="left")`` of finite values."""
+        if self._table is None:
+            return np.searchsorted(self.points, x, side="left")
+        idx = self._table[self._cell(x)]
+        for _ in range(self._steps):
+            idx += self._ext[idx] < x
+        return idx
+
+    def split(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per window (rows of ``counts`` over the buckets): sketch counts, bin counts, below min, above max."""
+        sketch = np.stack([np.bincount(self.to_sketch, weights=r, minlength=self.ns) for r in counts])
+        bins = np.stack([np.bincount(self.to_bins, weights=r, minlength=self.nb) for r in counts])
+        return (sketch.astype(np.int64), bins.astype(np.int64), counts[:, :self.below].sum(axis=1),
+                counts[:, -1])
+
 class DriftAccumulator:
     """Counts per window of every profiled column; feed frames with :meth:`update`, read :meth:`results`.
 
@@ -204,12 +274,8 @@ class DriftAccumulator:
         self._windows: dict[int, dict[str, _ColumnCounts]] = {}
         self._rows: dict[int, int] = {}
         self._step = int(pd.Timedelta(window).value)
-        # When every bin edge is a sketch point, sketch bucket j maps to one bin: count once, derive the other.
-        self._bins_from_sketch: dict[str, np.ndarray] = {}
-        for name, p in self.columns.items():
-            if p.kind == "numeric" and p.sketch and set(p.edges) <= set(p.sketch):
-                via = np.searchsorted(np.asarray(p.edges), np.asarray(p.sketch), side="left")
-                self._bins_from_sketch[name] = np.append(via, len(p.edges))
+        # One search per value, over the union of a column's cut points; sketch, bins and range follow from it.
+        self._cuts = {name: _Cuts(p) for name, p in self.columns.items() if p.kind == "numeric" and p.sketch}
 
     def _window_index(self, times: Any) -> np.ndarray:
         t = np.asarray(times)
@@ -270,20 +336,18 @@ class DriftAccumulator:
         else:
             xs, ws = x[ok], inv[ok]
             n_ok = np.bincount(ws, minlength=k)
-        nb, ns = len(prof.edges) + 1, len(prof.sketch) + 1
-        sketch = np.bincount(ws * ns + np.searchsorted(np.asarray(prof.sketch), xs, side="left"),
-                             minlength=k * ns).reshape(k, ns) if prof.sketch else np.zeros((k, 1), np.int64)
-        via = self._bins_from_sketch.get(name)
-        if via is not None:
-            bins = np.stack([np.bincount(via, weights=row, minlength=nb) for row in sketch]).astype(np.int64)
-        else:
-            bins = np.bincount(ws * nb + np.searchsorted(np.asarray(prof.edges), xs, side="left"),
-                               minlength=k * nb).reshape(k, nb)
-        lo = -np.inf if prof.min is None else prof.min
-        hi = np.inf if prof.max is None else prof.max
-        below = np.bincount(ws[xs < lo], minlength=k)
-        above = np.bincount(ws[xs > hi], minlength=k)
-        total = np.bincount(ws, weights=xs, minlength=k)
+        cuts = self._cuts.get(name)
+        if cuts is not None:
+            m = len(cuts.points) + 1
+            idx = cuts.index(xs)
+            counts = (np.bincount(idx, minlength=m)[None, :] if k == 1
+                      else np.bincount(ws * m + idx, minlength=k * m).reshape(k, m))
+            sketch, bins, below, above = cuts.split(counts)
+        else:  # no finite reference value: one bin, no sketch, no range
+            sketch = np.zeros((k, 1), np.int64)
+            bins = n_ok[:, None].astype(np.int64)
+            below = above = np.zeros(k, np.int64)
+        total = np.array([float(xs.sum())]) if k == 1 else np.bincount(ws, weights=xs, minlength=k)
         for j, w in enumerate(uniq.tolist()):
             acc = self._windows[w][name]
             acc.bins += bins[j]
