@@ -37,10 +37,10 @@ def _records(n: int = 120, *, odd: bool = True) -> list[dict]:
         score = None if odd and i == 9 else float(rng.random() * 1e-3 + 1 / 3)
         records.append({
             "request_id": f"r{i}", "time": T0 + timedelta(hours=i), "event_time": T0 + timedelta(hours=i),
-            "event_id": str(i), "decision": "review" if i % 3 == 0 else 'say "no"',
+            "event_id": str(i), "decision": ("review", 'say "no"', "it's, NULL")[i % 3],
             "inputs": {"customer_id": i % 4, "tx_amount": round(float(rng.gamma(2, 30)), 2),
                        "who": "a:b,c" if i % 11 == 0 else "x"},
-            "features": feats, "score": score, "fallback": i == 5, "fallback_reason": "model_error" if i == 5 else None,
+            "features": feats, "score": score, "fallback": i == 5, "fallback_reason": {5: "model_error", 7: "NULL", 8: ""}.get(i),
             "latency_ms": float(rng.gamma(2, 2)),
         })
     return records
