@@ -159,6 +159,13 @@ def test_time_range_labels_and_errors(tmp_path: Path) -> None:
     assert labelled.tolist() == [i % 2 == 0 for i in range(10, 40)]
     assert (got.loc[labelled, "at"] == got.loc[labelled, "event_time"] + timedelta(days=2)).all()
     assert got.loc[labelled, "label"].tolist() == [float(i % 5 == 0) for i in range(10, 40, 2)]
+    # Fields read for labelled rows only: the labelled rows' values, None for the others; other inputs for all.
+    both = pd.concat(list(read_log(path, start=start, end=end, labels=True, batch_rows=9, inputs=["tx_amount"],
+                                   labelled_inputs=["customer_id", "who"])), ignore_index=True)
+    inputs = pd.DataFrame(_expected(path, start, end)["inputs"].tolist())
+    assert both["input.customer_id"].tolist() == [c if k else None for c, k in zip(inputs["customer_id"], labelled, strict=True)]
+    assert both["input.who"].tolist() == [c if k else None for c, k in zip(inputs["who"], labelled, strict=True)]
+    assert np.array_equal(both["input.tx_amount"].to_numpy(dtype=float), inputs["tx_amount"].to_numpy(dtype=float))
     assert list(read_log(path, start=T0 + timedelta(days=30))) == []
     with pytest.raises(MonitorError, match="No prediction log"):
         list(read_log(tmp_path / "none.sqlite"))

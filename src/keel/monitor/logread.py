@@ -116,6 +116,7 @@ class _Batch:
     feats: bytes | None
     inputs: bytes | None
     blobs: bytes | None = None
+    labelled_inputs: bytes | None = None
 
 
 class _Query:
@@ -123,8 +124,9 @@ class _Query:
 
     def __init__(self, path: Path, features: Sequence[str], inputs: Sequence[str], columns: Sequence[str],
                  labels: bool, start: str | None, end: str | None, *, blobs: bool = False,
-                 sets: dict[int, list[str]] | None = None) -> None:
+                 sets: dict[int, list[str]] | None = None, labelled_inputs: Sequence[str] = ()) -> None:
         self.path, self.features, self.inputs = path, list(features), list(inputs)
+        self.labelled_inputs = list(labelled_inputs) if labels else []
         self.blobs = blobs and bool(self.features)
         self.sets = dict(sets or {})
         self.columns = [*columns, *(LABEL_COLUMNS if labels else ()), *(["feature_set"] if self.blobs else [])]
@@ -157,24 +159,34 @@ class _Query:
         blob = f"case when {has} then p.features_f64 end" if self.blobs else "null"
         self.not_blob = f" and not {_HAS_BLOB}" if self.blobs else ""
         # json_extract with two or more paths returns a JSON array of the values, from one parse per row.
-        paths = [*self.inputs, *self.inputs[:1]] if len(self.inputs) == 1 else self.inputs
-        for i, c in enumerate(paths):
-            self.params[f"in{i}"] = _json_path(c)
-        inp = ("substr(json_extract(ifnull(p.inputs, '{}'), " + ", ".join(f":in{i}" for i in range(len(paths)))
-               + "), 2)") if self.inputs else "''"
+        inp = self._extract("in", self.inputs) if self.inputs else "''"
+        # Fields only labelled rows need (the Card Precision@k entity): parsed for those rows only (group_concat
+        # skips the NULLs of the others).
+        linp = (f"case when l.label is not null then {self._extract('li', self.labelled_inputs)} end"
+                if self.labelled_inputs else "null")
         self.sql = ("select count(*), sum(ok = 0), cast(group_concat(b, char(10)) as blob),"
                     f" cast(group_concat({feat}, char(10)) as blob), cast(group_concat(i, char(10)) as blob),"
-                    f" cast(group_concat(fb, '') as blob)"
-                    f" from (select {base} as b, p.features as f, {has} as h, {ok} as ok, {inp} as i, {blob} as fb"
+                    f" cast(group_concat(fb, '') as blob), cast(group_concat(li, char(10)) as blob)"
+                    f" from (select {base} as b, p.features as f, {has} as h, {ok} as ok, {inp} as i, {blob} as fb,"
+                    f" {linp} as li"
                     f" from predictions p{join} where {self.where})")
+
+    def _extract(self, prefix: str, names: Sequence[str]) -> str:
+        """SQL giving the fields as the tail of a JSON array (``76.65,944]``): one parse of the row's inputs."""
+        # json_extract with two or more paths returns a JSON array of the values, from one parse per row.
+        paths = [*names, *names[:1]] if len(names) == 1 else list(names)
+        for i, c in enumerate(paths):
+            self.params[f"{prefix}{i}"] = _json_path(c)
+        return ("substr(json_extract(ifnull(p.inputs, '{}'), " + ", ".join(f":{prefix}{i}" for i in range(len(paths)))
+                + "), 2)")
 
     def run(self, db: sqlite3.Connection, lo: int, hi: int) -> _Batch:
         try:
-            n, irregular, base, feats, inputs, blobs = db.execute(
+            n, irregular, base, feats, inputs, blobs, linputs = db.execute(
                 self.sql, {**self.params, "lo": lo, "hi": hi}).fetchone()
         except sqlite3.Error as exc:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
-        return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs, blobs)
+        return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs, blobs, linputs)
 
     def set_names(self, ids: Sequence[int]) -> dict[int, list[str]]:
         """Names of these feature sets (re-read when the service registered a new one since the reader opened)."""
@@ -329,17 +341,24 @@ def _text_features(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
-def _inputs(q: _Query, b: _Batch, seqs: np.ndarray) -> dict[str, np.ndarray]:
-    """Raw input fields: the tails of the JSON arrays SQLite built (``76.65,944]``), or per row when unusual."""
+def _inputs(q: _Query, b: _Batch, seqs: np.ndarray, fields: Sequence[str], blob: bytes | None,
+            rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Raw input fields: the tails of the JSON arrays SQLite built (``76.65,944]``), or per row when unusual.
+
+    ``rows``: the positions the text holds fields for (all rows when None); the others get None/NaN."""
     n = len(seqs)
-    blob = b.inputs or b""
-    if not any(ch in blob for ch in (b"\\", b"[", b"{")):
-        names = [f"c{i}" for i in range(max(2, len(q.inputs)))]
+    m = n if rows is None else len(rows)
+    text = blob or b""
+    if m == 0:
+        return {c: np.full(n, None, dtype=object) for c in fields}
+    if not any(ch in text for ch in (b"\\", b"[", b"{")):
+        names = [f"c{i}" for i in range(max(2, len(fields)))]
         with contextlib.suppress(pa.ArrowInvalid):
-            table = _csv(blob.translate(None, b"]"), names, dict.fromkeys(names, pa.string()), nullable_quoted=False)
-            if table.num_rows == n:
-                return {c: _convert_text(table.column(i)) for i, c in enumerate(q.inputs)}
-    got, cols = q.slow(b.lo, b.hi, "inputs", q.inputs)
+            table = _csv(text.translate(None, b"]"), names, dict.fromkeys(names, pa.string()), nullable_quoted=False)
+            if table.num_rows == m:
+                cols = {c: _convert_text(table.column(i)) for i, c in enumerate(fields)}
+                return cols if rows is None else {c: _place(n, rows, v) for c, v in cols.items()}
+    got, cols = q.slow(b.lo, b.hi, "inputs", fields)
     return {c: _place(n, np.searchsorted(seqs, got), v) for c, v in cols.items()}
 
 
@@ -379,7 +398,11 @@ def _to_frame(q: _Query, b: _Batch) -> pd.DataFrame:
     if q.features:
         extra.update(_features(q, b, seqs, sets))
     if q.inputs:
-        extra.update({f"input.{c}": v for c, v in _inputs(q, b, seqs).items()})
+        extra.update({f"input.{c}": v for c, v in _inputs(q, b, seqs, q.inputs, b.inputs).items()})
+    if q.labelled_inputs:
+        rows = np.flatnonzero(frame["label"].notna().to_numpy())
+        got = _inputs(q, b, seqs, q.labelled_inputs, b.labelled_inputs, rows)
+        extra.update({f"input.{c}": v for c, v in got.items() if f"input.{c}" not in extra})
     if extra:
         frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
     return frame
@@ -406,13 +429,15 @@ def seq_bounds(path: str | Path, start: str | None = None, end: str | None = Non
 
 def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence[str] = (),
              start: datetime | str | None = None, end: datetime | str | None = None, batch_rows: int = 200_000,
-             columns: Sequence[str] = MONITOR_COLUMNS, labels: bool = False,
+             columns: Sequence[str] = MONITOR_COLUMNS, labels: bool = False, labelled_inputs: Sequence[str] = (),
              prefetch: bool = True) -> Iterator[pd.DataFrame]:
     """Stream the log's rows with ``start <= event_time < end`` in ``seq`` order, ``batch_rows`` at most per frame.
 
     Each frame has ``columns`` (of :data:`BASE_COLUMNS`; ``event_time`` as datetimes, ``fallback``/``stale`` as
     bool), with ``labels`` the joined ``label`` and ``at`` (NaN/NaT when none), one float column per feature (or
     object, when a feature's values are not all numbers) and one column ``input.<name>`` per raw input field.
+    ``labelled_inputs`` (with ``labels``): more input fields, read only for the rows with a label (None/NaN
+    elsewhere; parsing each row's inputs is the costly part).
     Memory stays at a few batches. Example::
 
         for frame in read_log(path, features=list(profile.features), end=as_of):
@@ -437,7 +462,8 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
     with contextlib.closing(_connect(p)) as db:
         blobs = has_feature_columns(db)
         sets = read_feature_sets(db) if blobs else {}
-    q = _Query(p, features, inputs, cols, labels, lo_t, hi_t, blobs=blobs, sets=sets)
+    q = _Query(p, features, inputs, cols, labels, lo_t, hi_t, blobs=blobs, sets=sets,
+               labelled_inputs=[c for c in labelled_inputs if c not in set(inputs)])
     ranges = [(a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)]
     for batch in _batches(p, q, ranges, prefetch):
         if batch.rows:

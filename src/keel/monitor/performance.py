@@ -103,15 +103,16 @@ def window_performance(y: Any, scores: Any, acted: Any, *, costs: M.RowCosts | N
 
 
 # --- wiring over the log ------------------------------------------------------------------------------------
-def needed_inputs(spec: Any) -> list[str]:
-    """Raw event fields the performance metrics read (cost expressions, the Card Precision@k entity)."""
+def needed_inputs(spec: Any, *, entity: bool = True) -> list[str]:
+    """Raw event fields the performance metrics read (cost expressions, and with ``entity`` the Card
+    Precision@k entity)."""
     cols: set[str] = set()
     for name in ("false_positive", "false_negative", "true_positive", "true_negative"):
         value = getattr(spec.decision.costs, name)
         if isinstance(value, str):
             cols |= set(expressions.columns(value))
     k = spec.decision.precision_at_k
-    if k and k.entity:
+    if entity and k and k.entity:
         cols.add(k.entity)
     return sorted(cols)
 
@@ -146,6 +147,12 @@ class PerformanceAccumulator:
         self._step = int(pd.Timedelta(window).value)
         self._w: dict[int, dict[str, Any]] = {}
 
+    @property
+    def labelled_inputs(self) -> list[str]:
+        """Input fields needed for labelled rows only (the Card Precision@k entity, unless a cost reads it too)."""
+        costs = set(needed_inputs(self.spec, entity=False))
+        return [self.entity] if self.entity and self.entity not in costs else []
+
     def _column(self, frame: pd.DataFrame, name: str) -> Any:
         if name in self.from_features and self.from_features[name] in frame:
             return frame[self.from_features[name]].to_numpy()
@@ -175,7 +182,8 @@ class PerformanceAccumulator:
             c = costs
             exp_cost = (p * np.where(acted, c.true_positive, c.false_negative)
                         + (1 - p) * np.where(acted, c.false_positive, c.true_negative))
-        ent = self._column(frame, self.entity).astype(str) if self.entity and (
+        # The entity is read for labelled rows only (see labelled_inputs): stored for the known ones.
+        ent = self._column(frame, self.entity) if self.entity and (
             self.entity in self.from_features or f"input.{self.entity}" in frame) else None
         for j, w in enumerate(uniq.tolist()):
             sel = inv == j if len(uniq) > 1 else np.ones(n, dtype=bool)
@@ -197,7 +205,7 @@ class PerformanceAccumulator:
                 acc["parts"].append({
                     "y": (label[kn] == self.positive).astype(float), "s": scores[kn], "act": acted[kn],
                     "costs": costs.take(kn) if costs is not None else None,
-                    "ent": ent[kn] if ent is not None else None, "t": t[kn] if ent is not None else None})
+                    "ent": ent[kn].astype(str) if ent is not None else None, "t": t[kn] if ent is not None else None})
 
     def results(self, windows: Sequence[tuple[datetime, datetime]]) -> list[WindowPerformance]:
         """One :class:`WindowPerformance` per ``(start, end)`` (the drift's windows), in that order."""
@@ -251,7 +259,9 @@ def performance_windows(spec: Any, log_path: str | Path, windows: Sequence[tuple
         return []
     acc = PerformanceAccumulator(spec, windows[0][1] - windows[0][0], windows[0][0], as_of=as_of,
                                  reference_ap=reference_ap)
-    for frame in read_log(Path(log_path), inputs=acc.inputs, start=min(w[0] for w in windows),
+    labelled = acc.labelled_inputs
+    for frame in read_log(Path(log_path), inputs=[c for c in acc.inputs if c not in labelled],
+                          labelled_inputs=labelled, start=min(w[0] for w in windows),
                           end=max(w[1] for w in windows), labels=True, columns=("event_time", "score", "decision")):
         acc.update(frame)
     return acc.results(windows)

@@ -278,9 +278,11 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
     from_features = feature_inputs(spec, features)
     perf_acc = PerformanceAccumulator(spec, mon.window, origin, as_of=when, from_features=from_features,
                                       reference_ap=profile.reference_metrics.get("average_precision"))
-    inputs = [c for c in perf_acc.inputs if c not in from_features]
+    labelled = [c for c in perf_acc.labelled_inputs if c not in from_features]
+    inputs = [c for c in perf_acc.inputs if c not in from_features and c not in labelled]
     rows = 0
-    for chunk in read_log(path, features=features, inputs=inputs, end=when, batch_rows=batch_rows, labels=True):
+    for chunk in read_log(path, features=features, inputs=inputs, labelled_inputs=labelled, end=when,
+                          batch_rows=batch_rows, labels=True):
         drift_acc.update(chunk)
         ops_acc.update(chunk)
         perf_acc.update(chunk)
