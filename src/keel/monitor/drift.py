@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from keel.errors import MonitorError
@@ -92,12 +92,25 @@ def chi2_test(reference_counts: Any, current_counts: Any) -> tuple[float, float]
     return stat, float(stats.chi2.sf(stat, len(obs) - 1))
 
 
+KS_TINY = 1e-5
+
+
 def ks_pvalue(d: float, n_reference: int, n_current: int) -> float:
-    """Two-sided asymptotic p-value of a two-sample KS statistic (scipy's ``ks_2samp`` for large samples)."""
+    """Two-sided asymptotic p-value of a two-sample KS statistic (scipy's ``ks_2samp`` for large samples).
+
+    With over 10 000 effective samples, where the Kolmogorov limit distribution already puts it below
+    ``KS_TINY`` (certain drift), the limit value itself: scipy's finite-n ``kstwo.sf`` costs ~1.3 µs per sample
+    there (0.1 s per column of a 100 k-row window, seconds per drifted window), and the two differ by less than
+    1e-6 (a few percent of a p-value below 1e-5).
+    """
     if n_reference == 0 or n_current == 0 or not np.isfinite(d):
         return float("nan")
     m, n = sorted([float(n_reference), float(n_current)], reverse=True)
-    return float(np.clip(stats.kstwo.sf(d, np.round(m * n / (m + n))), 0.0, 1.0))
+    en = np.round(m * n / (m + n))
+    limit = float(special.kolmogorov(d * np.sqrt(en))) if en > 10_000 else 1.0
+    if en > 10_000 and limit < KS_TINY:
+        return limit
+    return float(np.clip(stats.kstwo.sf(d, en), 0.0, 1.0))
 
 
 def ks_from_sketch(profile: FeatureProfile, sketch_counts: Any) -> tuple[float, float]:
