@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import queue
 import re
 import sqlite3
@@ -472,41 +473,52 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
 
 
 def _batches(path: Path, q: _Query, ranges: list[tuple[int, int]], prefetch: bool) -> Iterator[_Batch]:
-    if not prefetch or len(ranges) < 2:
+    """The ranges' batches in order. With ``prefetch``, worker threads (one per core, at most two) query them
+    ahead, each its own connection and every other range (SQLite releases the GIL while it runs), and hand
+    them over in order; each holds at most one finished batch, so memory stays a few batches."""
+    workers = min(2, os.cpu_count() or 1, len(ranges)) if prefetch else 1
+    if workers < 2 and (not prefetch or len(ranges) < 2):
         with contextlib.closing(_connect(path)) as db:
             for lo, hi in ranges:
                 yield q.run(db, lo, hi)
         return
-    out: queue.Queue[Any] = queue.Queue(maxsize=2)
+    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=1) for _ in range(workers)]
     stop = threading.Event()
 
-    def work() -> None:
+    def hand(i: int, item: Any) -> None:  # wait for room unless the consumer has stopped
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                queues[i].put(item, timeout=0.1)
+                return
+
+    def work(i: int) -> None:
         try:
             with contextlib.closing(_connect(path)) as db:
-                for lo, hi in ranges:
+                for lo, hi in ranges[i::workers]:
                     if stop.is_set():
                         return
-                    out.put(q.run(db, lo, hi))
-            out.put(None)
+                    hand(i, q.run(db, lo, hi))
         except BaseException as exc:  # handed to the consumer, which raises it
-            out.put(exc)
+            hand(i, exc)
 
-    thread = threading.Thread(target=work, name="keel-logread", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=work, args=(i,), name=f"keel-logread-{i}", daemon=True)
+               for i in range(workers)]
+    for t in threads:
+        t.start()
     try:
-        while True:
-            item = out.get()
-            if item is None:
-                return
+        for k in range(len(ranges)):
+            item = queues[k % workers].get()
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                out.get_nowait()
-        thread.join(timeout=5)
+        for qu in queues:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    qu.get_nowait()
+        for t in threads:
+            t.join(timeout=5)
 
 
 __all__ = ["BASE_COLUMNS", "MONITOR_COLUMNS", "features_pattern", "read_log", "seq_bounds"]
