@@ -11,7 +11,7 @@ Each engine runs in its own process (so peak RSS is its own):
 * ``evidently``   — Evidently's ``DataDriftPreset`` on the same reference and current frames (when installed).
 
 Usage: ``python bench/bench_monitor.py [--rows 1000000] [--features 15] [--work DIR] [--no-evidently]
-[--write-results]``. ``--work`` keeps the log (built in bulk, ~1-2 min for 1 M rows) for the next run.
+[--no-write]``; writes its section of bench/RESULTS.md unless ``--no-write``. ``--work`` keeps the log (built in bulk, ~1-2 min for 1 M rows) for the next run.
 """
 
 from __future__ import annotations
@@ -37,18 +37,25 @@ DAYS = 10
 REF_ROWS = 200_000
 
 
+def feature_names(features: int) -> list[str]:
+    """The first feature is the transaction amount, a raw model input (``features.raw``) as in
+    examples/card-fraud: the cost of a missed fraud reads it from the feature column, not the inputs' JSON."""
+    return ["tx_amount", *(f"f{j}" for j in range(1, features))]
+
+
 def _data(rows: int, features: int, seed: int = 0, *, current: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
 
     def frame(n: int, shift: float) -> pd.DataFrame:
         cols = {}
-        for j in range(features):
+        for j, name in enumerate(feature_names(features)):
             if j % 3 == 0:
-                cols[f"f{j}"] = rng.gamma(2, 30, n) * (1 + shift)
+                cols[name] = rng.gamma(2, 30, n) * (1 + shift)
             elif j % 3 == 1:
-                cols[f"f{j}"] = rng.poisson(5 + 3 * shift, n).astype(float)
+                cols[name] = rng.poisson(5 + 3 * shift, n).astype(float)
             else:
-                cols[f"f{j}"] = rng.normal(shift, 1, n)
+                cols[name] = rng.normal(shift, 1, n)
+        cols["tx_amount"] = np.round(cols["tx_amount"], 2)  # an amount in cents
         cols["score"] = np.clip(rng.beta(1, 30, n) * (1 + shift), 0, 1)
         return pd.DataFrame(cols)
 
@@ -57,7 +64,7 @@ def _data(rows: int, features: int, seed: int = 0, *, current: bool = True) -> t
         return ref, ref.iloc[:0]
     cur = frame(rows, 0.0)
     late = np.arange(rows) >= rows // 2  # the second half of the period drifts
-    cur.loc[late, "f0"] *= 1.4
+    cur.loc[late, "tx_amount"] = np.round(cur.loc[late, "tx_amount"] * 1.5, 2)  # PSI ~0.27 per day: fires
     cur.loc[late, "f2"] += 0.3
     cur["event_time"] = pd.Timestamp("2018-09-01") + pd.to_timedelta(np.linspace(0, DAYS * 86400 - 1, rows), "s")
     return ref, cur
@@ -76,7 +83,7 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
     rng = np.random.default_rng(1)
     lat = np.round(rng.gamma(2, 2, n), 3)
     customer, terminal = rng.integers(0, 5000, n).tolist(), rng.integers(0, 10_000, n).tolist()
-    amount = np.round(cur[features[0]].to_numpy(), 2).tolist()
+    amount = cur["tx_amount"].to_numpy().tolist()  # the raw input, logged unchanged as a feature
     from keel.logformat import feature_blob
 
     dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -170,6 +177,7 @@ def _spec(state: Path, features: int):  # type: ignore[no-untyped-def]
         "data": {"source": "x.parquet", "timestamp": "t", "label": "y", "label_delay": "7d"},
         "monitoring": {"skew_sample": 0, "triggers": [
             {"name": "any drift", "metric": "psi", "feature": "*", "above": 0.2, "windows": 2}]},
+        "features": {"raw": ["tx_amount"]},
     }, root=state)
 
 
@@ -184,7 +192,7 @@ def run_engine(engine: str, rows: int, features: int, work: Path) -> dict:
     from keel.monitor.profile import build_profile
 
     ref, cur = _data(rows, features, current=engine != "keel-log")
-    names = [f"f{j}" for j in range(features)]
+    names = feature_names(features)
     base_rss = _peak_mb()
     load = os.getloadavg()[0]
     if engine == "keel-table":
@@ -250,7 +258,7 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
         "",
         f"{rows:,} logged predictions x {features} features + score, {DAYS} daily windows, against a "
         f"{REF_ROWS:,}-row reference; {os.cpu_count()} cores; load average at start {load[0]:.2f} / {load[1]:.2f} / "
-        f"{load[2]:.2f} (1/5/15 min). `python bench/bench_monitor.py --write-results` ({datetime.now():%Y-%m-%d}). "
+        f"{load[2]:.2f} (1/5/15 min). `python bench/bench_monitor.py` ({datetime.now():%Y-%m-%d}). "
         "Each engine in its own process; CPU is the process's CPU time (all threads), wall is elapsed time; peak "
         "RSS is that process's ('data' is the RSS before the engine starts: the frames, or the profile alone "
         "for keel-log, which reads the log from disk).",
@@ -260,7 +268,8 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
     ]
     what = {"keel-table": "PSI, KS, chi², JS, missing, range per feature and score, per day (in-memory table)",
             "keel-log": "`run_monitor` end to end from the SQLite log: drift, performance with delayed labels "
-                        "(AP, Card Precision@100, cost from `tx_amount`), operations, triggers, monitor.json/.html",
+                        "(AP, Card Precision@100 by `customer_id` from the inputs' JSON of labelled rows, cost from the "
+                        "`tx_amount` raw feature as in examples/card-fraud), operations, triggers, monitor.json/.html",
             "keel-log-json": "the same on an old log without the binary feature column (features parsed from "
                              "the JSON text)",
             "evidently": f"Evidently {ev.get('version', '')} `DataDriftPreset` on the same frames"}
@@ -301,7 +310,8 @@ def main() -> None:
     ap.add_argument("--engine")
     ap.add_argument("--work", help="folder for the log and outputs; the log there is reused when its size matches")
     ap.add_argument("--no-evidently", action="store_true")
-    ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print the section without updating RESULTS.md")
+    ap.add_argument("--write-results", action="store_true", help=argparse.SUPPRESS)  # the default now
     args = ap.parse_args()
     if args.engine:
         print(json.dumps(run_engine(args.engine, args.rows, args.features, Path(args.work)), default=str))
@@ -312,13 +322,13 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         log = work / "predictions.sqlite"
         meta = work / "predictions.json"
-        want = {"rows": args.rows, "features": args.features, "format": 3}
+        want = {"rows": args.rows, "features": args.features, "format": 5}
         if log.exists() and meta.exists() and json.loads(meta.read_text()) == want:
             log_note = "The log was reused from an earlier run (built in bulk, not timed)."
         else:
             _, cur = _data(args.rows, args.features)
             t0 = time.perf_counter()
-            _write_log(log, cur, [f"f{j}" for j in range(args.features)], timedelta(days=7))
+            _write_log(log, cur, feature_names(args.features), timedelta(days=7))
             _write_json_log(work / "predictions-json.sqlite", log)
             meta.write_text(json.dumps(want))
             log_note = (f"Writing the log in bulk (the service's rows and feature blobs, checked against its row function "
@@ -334,7 +344,7 @@ def main() -> None:
             sys.stdout.flush()
         text = _markdown(args.rows, args.features, results, log_note, load)
         sys.stdout.write(text + "\n")
-        if args.write_results:
+        if not args.no_write:
             sys.path.insert(0, str(HERE))
             from results import write_section
 
