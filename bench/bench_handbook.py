@@ -75,7 +75,8 @@ def main() -> None:
         "",
         f"{machine()} {len(outcome.dataset.y):,} transactions; train {seconds / 60:.1f} min in all "
         f"(search: {outcome.search_budget['families']}).",
-        f"Reproduce: `python bench/bench_handbook.py{' --ratios' if args.ratios else ''}` (spec: `bench/handbook/keel.toml`{ratio_note}, "
+        f"Reproduce: `python bench/bench_handbook.py{' --ratios' if args.ratios else ''}"
+        f"{f' --trials {args.trials}' if args.trials else ''}` (spec: `bench/handbook/keel.toml`{ratio_note}, "
         "`keel train --protocol prequential`).",
         "",
         "Keel (mean ± std over the 4 prequential test folds; hyper-parameters chosen on the 4 validation folds):",
