@@ -156,6 +156,7 @@ def test_run_monitor_is_ok_without_drift_and_honours_as_of(tmp_path: Path) -> No
     spec = _spec(tmp_path)
     result = run_monitor(spec, log_path=log, profile=_profile(), skew=False)
     assert result.level == "ok" and result.exit_code == 0 and not result.fired
+    assert result.rows == 3 * 600  # as of the newest event: that event counts too
     early = run_monitor(spec, log_path=log, profile=_profile(), skew=False, as_of=T0 + timedelta(days=1))
     assert len(early.drift) == 1 and early.rows == 600
 

@@ -281,7 +281,9 @@ def run_monitor(spec: Any, *, log_path: str | Path | None = None, as_of: datetim
     labelled = [c for c in perf_acc.labelled_inputs if c not in from_features]
     inputs = [c for c in perf_acc.inputs if c not in from_features and c not in labelled]
     rows = 0
-    for chunk in read_log(path, features=features, inputs=inputs, labelled_inputs=labelled, end=when,
+    # "As of T" includes the events at T (the default T is the newest event): the log's end bound is exclusive.
+    through = when + timedelta(microseconds=1)
+    for chunk in read_log(path, features=features, inputs=inputs, labelled_inputs=labelled, end=through,
                           batch_rows=batch_rows, labels=True):
         drift_acc.update(chunk)
         ops_acc.update(chunk)
