@@ -931,7 +931,14 @@ def _demo_serve(s: Any, history: Any, live: Any) -> str:
     return (f"warmed the online store with {warmed.events:,} events; served {len(live):,} events "
             f"({', '.join(f'{k}: {v:,}' for k, v in sorted(decisions.items()))}; {per_day:.0f} "
             f"{s.decision.positive_action}s/day; fallback {fallbacks:,}); {labels_posted:,} labels posted; "
-            f"/ready: {ready['status']}; last event scored {single['score']:.4f} → {single['decision']}")
+            f"/ready: {ready['status']}; last event {_answer_text(single)}")
+
+
+def _answer_text(answer: dict[str, Any]) -> str:
+    """One /v1/predict answer in words; a fallback answer has no model score (it is a rule's decision)."""
+    if answer.get("score") is None:
+        return f"answered by the fallback ({answer.get('fallback_reason')}) → {answer['decision']}"
+    return f"scored {answer['score']:.4f} → {answer['decision']}"
 
 
 def out_progress() -> Any:
