@@ -20,12 +20,34 @@ import json
 import sqlite3
 import struct
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from keel.errors import MonitorError
+
+
+def iso(value: datetime | pd.Timestamp | str | None) -> str | None:
+    """The log's time text: UTC ISO-8601 without offset, microseconds (naive times are taken as UTC).
+
+    The writer stores every time this way and readers bound their queries with it (text order is time order).
+    """
+    if value is None:
+        return None
+    # Plain datetimes (what the request models produce) without pandas: the same text at a tenth of the cost.
+    if type(value) is datetime:
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        if value.year >= 1000:
+            return value.isoformat(timespec="microseconds")
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert("UTC").tz_localize(None)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
 
 FEATURE_COLUMNS = ("features_f64", "feature_set")
 FEATURE_DDL = (
@@ -130,5 +152,6 @@ __all__ = [
     "feature_blob",
     "feature_set_id",
     "has_feature_columns",
+    "iso",
     "read_feature_sets",
 ]

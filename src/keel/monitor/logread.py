@@ -46,21 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
-from keel.logformat import has_feature_columns, read_feature_sets
-
-
-def iso(value: Any) -> str | None:
-    """The prediction log's time text (``keel.serve.predlog.iso``'s format: UTC, no offset, microseconds).
-
-    Not imported from there: importing ``keel.serve`` loads the web framework (over a second), and the serving
-    module imports this package's :mod:`~keel.logformat`. A test pins the two to the same text.
-    """
-    if value is None:
-        return None
-    ts = pd.Timestamp(value)
-    if ts.tzinfo is not None:
-        ts = ts.tz_convert("UTC").tz_localize(None)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%f")
+from keel.logformat import has_feature_columns, iso, read_feature_sets
 
 # Base columns monitoring reads, and how one printf() per row prints each into the batch's CSV: reals with 17
 # significant digits (they round-trip exactly) and a null flag (printf prints NULL as 0), texts SQL-quoted

@@ -81,7 +81,7 @@ def _num(v: float) -> float | None:
 
 
 def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
-    from keel.serve.predlog import iso as _iso
+    from keel.logformat import iso as _iso
 
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -97,7 +97,7 @@ def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
 
 
 def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
-    from keel.serve.predlog import iso as _iso
+    from keel.logformat import iso as _iso
 
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
