@@ -14,6 +14,10 @@ Layout::
       manifest.json     {"files": {"pipeline.json": {"sha256": ..., "bytes": ...}, ...}, "format": 1}
       pipeline.json     kind, features, threshold, abstain band, actions, calibrator, metadata
       model.txt | model.skops | model.json
+      member-0.txt, member-1.skops, ...   (kind "ensemble": one file per member, each in its own format)
+
+An ensemble (``kind = "ensemble"``) scores the mean of its members' uncalibrated probabilities, then calibrates
+that mean; ``pipeline.json`` lists the members (kind and file) in order, and each file is in the manifest.
 """
 
 from __future__ import annotations
@@ -50,11 +54,34 @@ def sha256_file(path: Path) -> str:
 
 
 @dataclass
+class Ensemble:
+    """Members scored together: the mean of their uncalibrated positive-class probabilities.
+
+    ``members`` are ``(kind, estimator)`` pairs as :class:`DecisionModel` holds them one at a time (a LightGBM
+    ``Booster``, a scikit-learn classifier, a Keel baseline).
+    """
+
+    members: list[tuple[str, Any]]
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("An ensemble needs at least one member.")
+        nested = [k for k, _ in self.members if k == "ensemble"]
+        if nested:
+            raise ValueError("An ensemble member cannot itself be an ensemble.")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.members]
+
+
+@dataclass
 class DecisionModel:
     """A fitted, calibrated, thresholded model with the names of the features it reads, in order.
 
-    ``estimator`` is a LightGBM ``Booster``, a scikit-learn classifier, or a Keel baseline (anything with
-    ``predict_proba`` and ``to_dict``). ``calibrator`` has ``transform`` and ``to_dict`` (or is None).
+    ``estimator`` is a LightGBM ``Booster``, a scikit-learn classifier, a Keel baseline (anything with
+    ``predict_proba`` and ``to_dict``), or for ``kind = "ensemble"`` an :class:`Ensemble` of those.
+    ``calibrator`` has ``transform`` and ``to_dict`` (or is None).
     """
 
     kind: str
@@ -70,31 +97,51 @@ class DecisionModel:
     categories: dict[str, list[str]] = field(default_factory=dict)
     # The LightGBM trees compiled to native code (keel.compiled), built once on first use or at load; every
     # caller (batch and single row) then scores through it, or everyone through Booster.predict when it is None.
+    # An ensemble keeps one entry per member (None for members that are not LightGBM or did not compile).
     _forest: Any = field(default=None, init=False, repr=False, compare=False)
+    _forests: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
     _forest_built: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_forest"], state["_forest_built"] = None, False  # native code does not travel; rebuilt on use
+        # Native code does not travel; rebuilt on use.
+        state["_forest"], state["_forests"], state["_forest_built"] = None, [], False
         return state
+
+    def members(self) -> list[tuple[str, Any]]:
+        """``(kind, estimator)`` of every model whose probabilities are averaged (one unless an ensemble)."""
+        if self.kind == "ensemble":
+            return list(self.estimator.members)
+        return [(self.kind, self.estimator)]
 
     def compiled(self) -> Any:
         """The compiled forest scoring this LightGBM model (bit-identical to ``Booster.predict``), or None.
 
-        None for other kinds, without llvmlite, with ``KEEL_COMPILED_TREES=0``, or for a model the compiler does
-        not reproduce exactly; scoring then uses ``Booster.predict``.
+        None for other kinds (an ensemble too: its LightGBM members are compiled each on their own, see
+        :meth:`member_forests`), without llvmlite, with ``KEEL_COMPILED_TREES=0``, or for a model the compiler
+        does not reproduce exactly; scoring then uses ``Booster.predict``.
         """
+        self.member_forests()
+        return self._forest
+
+    def member_forests(self) -> list[Any]:
+        """One compiled forest per member (None where a member is not LightGBM or does not compile)."""
         if not self._forest_built:
             with _COMPILE_LOCK:
                 if not self._forest_built:
-                    self._forest = None
-                    if self.kind == "lightgbm":
-                        from keel.compiled import compile_forest
+                    forests = []
+                    for kind, est in self.members():
+                        forest = None
+                        if kind == "lightgbm":
+                            from keel.compiled import compile_forest
 
-                        booster = getattr(self.estimator, "booster_", self.estimator)
-                        self._forest = compile_forest(booster.model_to_string(), booster)
+                            booster = getattr(est, "booster_", est)
+                            forest = compile_forest(booster.model_to_string(), booster)
+                        forests.append(forest)
+                    self._forests = forests
+                    self._forest = forests[0] if self.kind == "lightgbm" else None
                     self._forest_built = True
-        return self._forest
+        return self._forests
 
     # ------------------------------------------------------------------ scoring
     def _matrix(self, features: pd.DataFrame | np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -116,13 +163,21 @@ class DecisionModel:
         return matrix.reshape(1, -1) if matrix.ndim == 1 else matrix
 
     def raw_scores(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
-        """Uncalibrated positive-class scores."""
+        """Uncalibrated positive-class scores (for an ensemble, the mean of its members' probabilities)."""
         x = self._matrix(features)
-        est = self.estimator
-        if self.kind == "lightgbm":
-            forest = self.compiled()
+        members = self.members()
+        forests = self.member_forests()
+        if len(members) == 1:
+            return self._member_raw(members[0][0], members[0][1], forests[0], x)
+        total = np.zeros(x.shape[0], dtype=np.float64)
+        for (kind, est), forest in zip(members, forests, strict=True):
+            total += self._member_raw(kind, est, forest, x)
+        return total / len(members)
+
+    def _member_raw(self, kind: str, est: Any, forest: Any, x: np.ndarray) -> np.ndarray:
+        if kind == "lightgbm":
             if forest is not None and x.shape[1] == forest.n_features:
-                return forest.predict(x, threads=self.threads)
+                return np.asarray(forest.predict(x, threads=self.threads), dtype=np.float64)
             kwargs = {"num_threads": self.threads} if self.threads else {}
             return np.asarray(est.predict(x, **kwargs), dtype=np.float64)
         if hasattr(est, "to_dict"):  # Keel baselines read named columns
@@ -164,9 +219,13 @@ class DecisionModel:
         """Write the artifact folder atomically (a reader sees the old folder or the whole new one)."""
         target = Path(path)
         with atomic_dir(target) as tmp:
-            name = _save_estimator(self.kind, self.estimator, tmp)
             pipeline = self._pipeline()
-            pipeline["estimator_file"] = name
+            if self.kind == "ensemble":
+                pipeline["members"] = [{"kind": kind, "file": _save_estimator(kind, est, tmp, f"member-{i}")}
+                                       for i, (kind, est) in enumerate(self.members())]
+                pipeline["estimator_file"] = None
+            else:
+                pipeline["estimator_file"] = _save_estimator(self.kind, self.estimator, tmp)
             (tmp / PIPELINE).write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=_json_default))
             files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=2))
@@ -178,10 +237,29 @@ class DecisionModel:
         folder = Path(path)
         files = verify_manifest(folder)
         pipeline = json.loads((folder / PIPELINE).read_text())
-        name = pipeline.get("estimator_file")
-        if name not in files:
-            raise IntegrityError(f"The artifact at {folder} names an estimator file {name!r} its manifest lacks.")
-        estimator = _load_estimator(pipeline["kind"], folder / name)
+        estimator: Any
+        if pipeline["kind"] == "ensemble":
+            listed = pipeline.get("members")
+            if not isinstance(listed, list) or not listed:
+                raise IntegrityError(f"The ensemble artifact at {folder} lists no members in {PIPELINE}.",
+                                     hint="Re-train or restore the artifact from the registry.")
+            members = []
+            for entry in listed:
+                name = entry.get("file") if isinstance(entry, dict) else None
+                if name not in files:
+                    raise IntegrityError(
+                        f"The ensemble artifact at {folder} names a member file {name!r} its manifest lacks.")
+                members.append((str(entry.get("kind")), _load_estimator(str(entry.get("kind")), folder / name)))
+            unused = sorted(set(files) - {PIPELINE} - {e["file"] for e in listed})
+            if unused:
+                raise IntegrityError(f"The ensemble artifact at {folder} holds files no member uses: "
+                                     f"{', '.join(unused)}.", hint="Re-train or restore the artifact.")
+            estimator = Ensemble(members)
+        else:
+            name = pipeline.get("estimator_file")
+            if name not in files:
+                raise IntegrityError(f"The artifact at {folder} names an estimator file {name!r} its manifest lacks.")
+            estimator = _load_estimator(pipeline["kind"], folder / name)
         calibrator = None
         if pipeline.get("calibrator") is not None:
             from keel.evaluate.calibration import Calibrator
@@ -262,32 +340,32 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _save_estimator(kind: str, estimator: Any, folder: Path) -> str:
+def _save_estimator(kind: str, estimator: Any, folder: Path, stem: str = "model") -> str:
     if kind == "lightgbm":
         booster = getattr(estimator, "booster_", estimator)
-        (folder / "model.txt").write_text(booster.model_to_string())
-        return "model.txt"
+        (folder / f"{stem}.txt").write_text(booster.model_to_string())
+        return f"{stem}.txt"
     if hasattr(estimator, "to_dict"):
-        (folder / "model.json").write_text(
+        (folder / f"{stem}.json").write_text(
             json.dumps({"kind": kind, "estimator": estimator.to_dict()}, default=_json_default)
         )
-        return "model.json"
+        return f"{stem}.json"
     import skops.io as sio
 
-    (folder / "model.skops").write_bytes(sio.dumps(estimator))
-    return "model.skops"
+    (folder / f"{stem}.skops").write_bytes(sio.dumps(estimator))
+    return f"{stem}.skops"
 
 
 def _load_estimator(kind: str, path: Path) -> Any:
-    if path.name == "model.txt":
+    if path.suffix == ".txt":
         import lightgbm as lgb
 
         return lgb.Booster(model_str=path.read_text())
-    if path.name == "model.json":
+    if path.suffix == ".json":
         from keel.evaluate.baselines import baseline_from_dict
 
         return baseline_from_dict(json.loads(path.read_text())["estimator"])
-    if path.name == "model.skops":
+    if path.suffix == ".skops":
         import skops.io as sio
 
         data = path.read_bytes()
@@ -302,4 +380,4 @@ def _load_estimator(kind: str, path: Path) -> Any:
     raise IntegrityError(f"Unknown estimator file {path.name} for model kind {kind!r}.")
 
 
-__all__ = ["DecisionModel", "sha256_file", "verify_manifest"]
+__all__ = ["DecisionModel", "Ensemble", "sha256_file", "verify_manifest"]

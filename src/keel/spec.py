@@ -248,6 +248,11 @@ class Models(_Section):
     class_weight: Literal["balanced", "sqrt", "none", "auto"] = Field(
         "balanced", description="Weight of positives: n_neg/n_pos, its square root, 1, or 'auto' (searched)."
     )
+    ensemble: Literal["none", "mean"] = Field(
+        "none",
+        description="'mean': the mean of the uncalibrated probabilities of every candidate family's best model is"
+        " one more candidate, calibrated, thresholded and chosen on validation like the others.",
+    )
     abstain_band: tuple[float, float] | None = Field(None, description="Scores in [low, high) abstain.")
     allow_leakage: bool = False
     leakage_auc: float = Field(0.98, gt=0.5, le=1.0, description="One feature alone above this AUC is leakage.")

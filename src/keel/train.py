@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from keel import expressions
-from keel.artifact import DecisionModel, encode_categories
+from keel.artifact import DecisionModel, Ensemble, encode_categories
 from keel.data.contracts import check_contract
 from keel.data.fingerprint import fingerprint_source
 from keel.data.sources import Source, source_from_spec
@@ -247,6 +247,8 @@ def _sk_weight(mode: str) -> str | None:
 
 
 def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.ndarray:
+    if kind == "ensemble":
+        return np.mean([raw_scores(k, m, X, threads) for k, m in model.members], axis=0)
     if kind == "lightgbm":
         return np.asarray(model.predict(X, num_threads=threads), dtype=float)
     if hasattr(model, "features_"):  # Keel baselines read named columns
@@ -298,6 +300,62 @@ class Scorer:
     @property
     def lower_is_better(self) -> bool:
         return self.name in LOWER_IS_BETTER
+
+    def detail(self, y: np.ndarray, s: np.ndarray, *, times: np.ndarray | None,
+               entity: np.ndarray | None) -> ValidationScore:
+        """The headline on a window, with its per-period values (Card Precision@k) and average precision."""
+        ap = M.average_precision(y, s)
+        if self.name == "card_precision_at_k" and times is not None and entity is not None:
+            cp = M.card_precision_at_k(s, y, entity=entity, period=M.period_index(times, self.per), k=self.k)
+            return ValidationScore(float(cp.mean), np.asarray(cp.per_period, dtype=float), ap)
+        return ValidationScore(self(y, s, times=times, entity=entity), None, ap)
+
+
+@dataclass(frozen=True)
+class ValidationScore:
+    """A model's validation headline, its per-period values (paired across models), and average precision."""
+
+    headline: float
+    per_period: np.ndarray | None
+    average_precision: float
+
+    @staticmethod
+    def pooled(folds: list[ValidationScore]) -> ValidationScore:
+        """Mean over validation folds; per-period values concatenated (every fold has the same periods)."""
+        parts = [f.per_period for f in folds]
+        per = np.concatenate(parts) if all(p is not None for p in parts) else None  # type: ignore[arg-type]
+        return ValidationScore(float(np.mean([f.headline for f in folds])), per,
+                               float(np.mean([f.average_precision for f in folds])))
+
+
+def choose_on_validation(scores: dict[str, ValidationScore], *, lower_is_better: bool = False) -> tuple[str, str]:
+    """The candidate to deploy, with the reason: best headline, average precision among statistical ties.
+
+    A candidate ties with the headline leader when their mean difference is within one standard error of the
+    paired per-period differences (Card Precision@k per day on the same days). Among ties the highest
+    validation average precision wins: it ranks every row rather than the top k of each day, so it separates
+    models with far less noise. Without per-period values (other headlines) the headline alone decides.
+    """
+    sign = -1.0 if lower_is_better else 1.0
+    leader = max(scores, key=lambda n: sign * scores[n].headline)
+    lead = scores[leader]
+    if lead.per_period is None or len(lead.per_period) < 2:
+        return leader, f"best validation {'headline' if lead.per_period is None else 'headline (one period)'}"
+    tied = []
+    for name, sc in scores.items():
+        if sc.per_period is None or sc.per_period.shape != lead.per_period.shape:
+            continue
+        diff = lead.per_period - sc.per_period
+        se = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+        if abs(lead.headline - sc.headline) <= se:
+            tied.append(name)
+    chosen = max(tied, key=lambda n: (scores[n].average_precision, n == leader))
+    if chosen == leader:
+        return leader, "best validation headline" + (f" (ties: {', '.join(t for t in tied if t != leader)};"
+                                                      " highest validation average precision among them)"
+                                                      if len(tied) > 1 else "")
+    return chosen, (f"validation headline within one paired standard error of {leader}'s, and the highest "
+                    f"validation average precision among the ties ({', '.join(tied)})")
 
 
 def scorer_for(spec: Spec) -> Scorer:
@@ -544,13 +602,24 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
         say(f"{family}: {tried} trial(s) in {elapsed:.1f} s, best validation {scorer.name} {best_score:.4f}")
         assert best_params is not None and best_score is not None
         fitted.append((family, "candidate", family, best_model, dict(best_params), best_score, tried))
-    seconds["candidates"] = time.perf_counter() - t1 - seconds["baselines"]
-
     candidates = [f for f in fitted if f[1] == "candidate"]
     if not candidates:
         raise TrainingError("models.candidates is empty; list at least one model family.")
-    key = (lambda f: f[5]) if not scorer.lower_is_better else (lambda f: -f[5])
-    chosen = max(candidates, key=key)
+    if models.ensemble == "mean" and len(candidates) > 1:
+        ensemble = Ensemble([(f[2], f[3]) for f in candidates])
+        ens_score = val_score(raw_scores("ensemble", ensemble, X_va, threads))
+        say(f"ensemble (mean of {', '.join(ensemble.kinds)}): validation {scorer.name} {ens_score:.4f}")
+        fitted.append(("ensemble", "candidate", "ensemble", ensemble,
+                       {"members": {f[2]: f[4] for f in candidates}}, ens_score, 1))
+        candidates = [f for f in fitted if f[1] == "candidate"]
+    seconds["candidates"] = time.perf_counter() - t1 - seconds["baselines"]
+
+    details = {f[0]: scorer.detail(y_va, raw_scores(f[2], f[3], X_va, threads), times=va_times, entity=va_entity)
+               for f in candidates}
+    chosen_name, why = choose_on_validation(details, lower_is_better=scorer.lower_is_better)
+    say(f"chosen on validation: {chosen_name} ({why})")
+    search_budget["selection"] = why
+    chosen = next(f for f in candidates if f[0] == chosen_name)
 
     # Calibration and threshold for every model on validation (each baseline gets its fair threshold).
     capacity = spec.decision.capacity
@@ -747,6 +816,11 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
             for part, mask in (("training", fold.train), ("assessment", fold.assess)):
                 _require_classes(f"Prequential {name} fold {i}'s {part} window", ds.y[mask])
 
+    def fold_detail(fold: Any, s: np.ndarray) -> ValidationScore:
+        te = fold.assess
+        return scorer.detail(ds.y[te], s, times=ds.times[te] if ds.times is not None else None,
+                             entity=ds.entity[te] if ds.entity is not None else None)
+
     def fold_score(kind: str, params: dict[str, Any], fold: Any, baseline: Any = None) -> tuple[float, Any]:
         X_tr, y_tr, X_te, y_te, tr, te = fold_arrays(fold)
         if baseline is not None:
@@ -760,12 +834,21 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
         entity = ds.entity[te] if ds.entity is not None else None
         return scorer(y_te, s, times=times, entity=entity), (model, s)
 
+    def fit_member(kind: str, params: dict[str, Any], rows: np.ndarray) -> Any:
+        """The chosen parameters of one family (every member of an ensemble) fitted on ``rows``."""
+        if kind == "ensemble":
+            return Ensemble([(k, fit_member(k, p, rows)) for k, p in params["members"].items()])
+        return fit_candidate(kind, params, Xall[rows], ds.y[rows], seed=models.seed,
+                             class_weight=models.class_weight, threads=threads, feature_names=ds.feature_names)
+
     baseline_makers = [(name, kind, maker) for name, kind, maker, _p in _baseline_makers(spec, ds)]
 
     rng = np.random.default_rng(models.seed)
     budget_per_family = models.search_budget_seconds / max(len(models.candidates), 1)
     chosen_params: dict[str, dict[str, Any]] = {}
     validation_means: dict[str, float] = {}
+    validation_detail: dict[str, ValidationScore] = {}
+    validation_raw: dict[str, list[np.ndarray]] = {}  # best trial's raw scores per validation fold
     search_budget: dict[str, Any] = {"trials_per_family": models.search_trials,
                                      "seconds_per_family": budget_per_family, "families": {}}
     for family in models.candidates:
@@ -776,28 +859,51 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
             if trials is None and trial > 0 and time.perf_counter() - t_family > budget_per_family:
                 break
             params = _trial_params(family, trial, models.class_weight, rng)
-            mean = float(np.mean([fold_score(family, params, f)[0] for f in split.validation]))
+            results = [fold_score(family, params, f) for f in split.validation]
+            mean = float(np.mean([r[0] for r in results]))
             tried += 1
             if best is None or (mean < best[0] if scorer.lower_is_better else mean > best[0]):
                 best = (mean, params)
+                validation_raw[family] = [r[1][1] for r in results]
         assert best is not None
         chosen_params[family], validation_means[family] = dict(best[1]), best[0]
+        validation_detail[family] = ValidationScore.pooled(
+            [fold_detail(f, s) for f, s in zip(split.validation, validation_raw[family], strict=True)])
         elapsed = time.perf_counter() - t_family
         search_budget["families"][family] = {"trials": tried, "seconds": round(elapsed, 2)}
         say(f"{family}: {tried} trial(s) over {len(split.validation)} validation folds in {elapsed:.1f} s, "
-            f"mean validation {scorer.name} {best[0]:.4f}")
+            f"mean validation {scorer.name} {best[0]:.4f} (average precision "
+            f"{validation_detail[family].average_precision:.4f})")
+    candidates = list(models.candidates)
+    if models.ensemble == "mean" and len(models.candidates) > 1:
+        # No new fit: the members' validation scores are the ones their search already computed.
+        ens_raw = [np.mean([validation_raw[f][i] for f in models.candidates], axis=0)
+                   for i in range(len(split.validation))]
+        validation_detail["ensemble"] = ValidationScore.pooled(
+            [fold_detail(f, s) for f, s in zip(split.validation, ens_raw, strict=True)])
+        validation_means["ensemble"] = validation_detail["ensemble"].headline
+        chosen_params["ensemble"] = {"members": {f: dict(chosen_params[f]) for f in models.candidates}}
+        candidates.append("ensemble")
+        say(f"ensemble (mean of {', '.join(models.candidates)}): mean validation {scorer.name} "
+            f"{validation_means['ensemble']:.4f} (average precision "
+            f"{validation_detail['ensemble'].average_precision:.4f})")
     seconds["search"] = time.perf_counter() - t0
 
     k_spec = spec.decision.precision_at_k
     k, per = (k_spec.k, k_spec.per) if k_spec else (100, timedelta(days=1))
     rows: list[dict[str, Any]] = []
     entries: list[tuple[str, str, str, Any]] = [(n, "baseline", kind, mk) for n, kind, mk in baseline_makers]
-    entries += [(family, "candidate", family, None) for family in models.candidates]
+    entries += [(family, "candidate", family, None) for family in candidates]
+    test_raw: dict[str, list[np.ndarray]] = {}
     for name, role, kind, maker in entries:
         if role == "baseline":
             validation_means[name] = float(np.mean([fold_score(kind, {}, f, maker)[0] for f in split.validation]))
         for i, fold in enumerate(split.test):
-            _, (model, s) = fold_score(kind, chosen_params.get(kind, {}), fold, maker)
+            if kind == "ensemble":  # the members' test scores on this fold, already computed above
+                s = np.mean([test_raw[f][i] for f in chosen_params["ensemble"]["members"]], axis=0)
+            else:
+                _, (_model, s) = fold_score(kind, chosen_params.get(kind, {}), fold, maker)
+            test_raw.setdefault(name, []).append(s)
             te = fold.assess
             p = np.clip(s, 0, 1)
             y_te = ds.y[te]
@@ -812,15 +918,16 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     table = pd.DataFrame(rows)
     seconds["assessment"] = time.perf_counter() - t0 - seconds["search"]
 
-    chosen_family = (min if scorer.lower_is_better else max)(models.candidates, key=lambda f: validation_means[f])
+    chosen_family, why = choose_on_validation({c: validation_detail[c] for c in candidates},
+                                              lower_is_better=scorer.lower_is_better)
+    say(f"chosen on validation: {chosen_family} ({why})")
+    search_budget["selection"] = why
     # The deployed model: the chosen family fitted on the latest validation fold's training window, calibrated
     # and thresholded on that fold's block, then assessed on the earliest test block (train | gap | validation |
     # gap | test, as in the single protocol), so no number below is in-sample.
     vfold, tfold = split.validation[0], split.test[-1]
     va, te = vfold.assess, tfold.assess
-    model = fit_candidate(chosen_family, chosen_params[chosen_family], Xall[vfold.train], ds.y[vfold.train],
-                          seed=models.seed, class_weight=models.class_weight, threads=threads,
-                          feature_names=ds.feature_names)
+    model = fit_member(chosen_family, chosen_params[chosen_family], vfold.train)
     raw_va = raw_scores(chosen_family, model, Xall[va], threads)
     choice = choose_calibration(ds.y[va], raw_va, models.calibration, seed=models.seed)
     capacity = spec.decision.capacity
