@@ -66,6 +66,9 @@ def test_the_chosen_ensemble_round_trips_and_renders_in_the_report(outcome: Trai
     assert outcome.model.metadata["params"]["members"]["lightgbm"] == outcome.candidates[0].params
     text = render_markdown(build_report(outcome, figures=False))
     assert "| ensemble" in text
+    assert "ensemble is the mean of the uncalibrated probabilities of lightgbm (" in text
+    assert "ensemble was chosen over lightgbm, logistic_regression on validation" in text
+    assert "rule: best validation headline." in text
 
 
 def test_without_the_option_there_is_no_ensemble(table: pd.DataFrame, folder: Path):

@@ -606,7 +606,8 @@ def _section_baselines(doc: Document, o: TrainOutcome, vs: list[Verdict]) -> Non
     if others:
         doc.text(f"{o.best.name} was chosen over {', '.join(e.name for e in others)} on validation "
                  f"{metric_label(_selection_metric(o), k)} ({_num(o.best.validation_score)} against "
-                 + ", ".join(_num(e.validation_score) for e in others) + ").")
+                 + ", ".join(_num(e.validation_score) for e in others) + ")"
+                 + (f"; rule: {o.search_budget['selection']}." if o.search_budget.get("selection") else "."))
 
     if prequential and o.prequential is not None and len(o.prequential):
         table = o.prequential
@@ -876,8 +877,13 @@ def _section_budget(doc: Document, o: TrainOutcome) -> None:
     if fams:
         doc.table(["family", "trials", "seconds"], [[name, str(v.get("trials", "-")), _num(v.get("seconds"), 1)]
                                                      for name, v in fams.items()])
-    doc.text(f"Chosen hyper-parameters of {o.best.name}: "
-             + (", ".join(f"{_code(k)} = {v}" for k, v in o.best.params.items()) or "defaults") + ".")
+    if o.best.kind == "ensemble":
+        doc.text(f"{o.best.name} is the mean of the uncalibrated probabilities of "
+                 + "; ".join(f"{name} ({', '.join(f'{_code(k)} = {v}' for k, v in p.items()) or 'defaults'})"
+                             for name, p in o.best.params.get("members", {}).items()) + ", then calibrated.")
+    else:
+        doc.text(f"Chosen hyper-parameters of {o.best.name}: "
+                 + (", ".join(f"{_code(k)} = {v}" for k, v in o.best.params.items()) or "defaults") + ".")
     if o.seconds:
         doc.table(["stage", "seconds"], [[k.replace("_", " "), _num(v, 1)] for k, v in o.seconds.items()])
 
