@@ -341,21 +341,22 @@ def choose_on_validation(scores: dict[str, ValidationScore], *, lower_is_better:
     lead = scores[leader]
     if lead.per_period is None or len(lead.per_period) < 2:
         return leader, f"best validation {'headline' if lead.per_period is None else 'headline (one period)'}"
-    tied = []
+    tied: dict[str, float] = {}  # name -> standard error of its paired per-period difference with the leader
     for name, sc in scores.items():
         if sc.per_period is None or sc.per_period.shape != lead.per_period.shape:
             continue
         diff = lead.per_period - sc.per_period
         se = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
         if abs(lead.headline - sc.headline) <= se:
-            tied.append(name)
+            tied[name] = se
     chosen = max(tied, key=lambda n: (scores[n].average_precision, n == leader))
+    ties = ", ".join(f"{n} {scores[n].headline:.4f} (SE {se:.4f}, AP {scores[n].average_precision:.4f})"
+                     for n, se in tied.items() if n != leader)
     if chosen == leader:
-        return leader, "best validation headline" + (f" (ties: {', '.join(t for t in tied if t != leader)};"
-                                                      " highest validation average precision among them)"
-                                                      if len(tied) > 1 else "")
-    return chosen, (f"validation headline within one paired standard error of {leader}'s, and the highest "
-                    f"validation average precision among the ties ({', '.join(tied)})")
+        return leader, "best validation headline" + (
+            f" (ties: {ties}; it has the highest validation average precision among them)" if ties else "")
+    return chosen, (f"validation headline within one paired standard error of {leader}'s "
+                    f"{lead.headline:.4f} (ties: {ties}), and the highest validation average precision among the ties")
 
 
 def scorer_for(spec: Spec) -> Scorer:
