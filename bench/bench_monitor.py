@@ -5,8 +5,11 @@ Each engine runs in its own process (so peak RSS is its own):
 * ``keel-table``  — drift of the 1 M-row table (``DriftAccumulator``: PSI, KS, chi², JS, missing and range per
   feature and the score, per day), fed in 200 k-row batches;
 * ``keel-log``    — ``run_monitor`` end to end on the SQLite prediction log (drift + performance + operations +
-  triggers + monitor.json/.html), streamed from disk in one scan; the log carries the binary feature column
-  (``keel.logformat.feature_blob``, the function the service calls) beside the JSON text;
+  triggers + monitor.json/.html), streamed from disk in one scan; the log is written as the service writes it
+  (``keel.serve.predlog.write_rows``): rows with JSON text and the binary feature column, plus one columnar segment
+  per write batch of 256 rows, which is what monitoring reads;
+* ``keel-log-blob`` — the same on a log of the previous format (rows with the binary feature column, no columnar
+  segments: the rows' base columns printed as text by SQLite and parsed by Arrow);
 * ``keel-log-json`` — the same on an old log without the binary column (features read from the JSON text);
 * ``evidently``   — Evidently's ``DataDriftPreset`` on the same reference and current frames (when installed).
 
@@ -34,6 +37,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 DAYS = 10
+SEGMENT_ROWS = 256  # the service's default write batch (serving.log_flush_rows)
 REF_ROWS = 200_000
 
 
@@ -102,25 +106,29 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
 
 
 def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: timedelta) -> None:
-    """The bench's log, in bulk: the service's schema and rows (checked against its own row function on the first
-    1000), labels for the events whose delay has passed by the end of the period."""
-    from keel.logformat import ensure_feature_columns, feature_blob, feature_set_id
-    from keel.serve.predlog import PREDICTION_COLUMNS, _prediction_row, connect
+    """The bench's log, in bulk: the service's schema, rows and columnar segments (one per write batch of
+    ``SEGMENT_ROWS``, the service's default group commit, through its own ``write_rows``; rows checked against its
+    row function on the first 1000), then labels for the events whose delay has passed by the end of the period
+    (through its ``write_labels``)."""
+    from keel.logformat import feature_blob, feature_set_id
+    from keel.serve.predlog import (
+        PREDICTION_COLUMNS,
+        _prediction_row,
+        connect,
+        segment_of,
+        write_labels,
+        write_rows,
+    )
 
     tmp = path.with_suffix(".partial")
     for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
         p.unlink(missing_ok=True)
     db = connect(tmp)
-    ensure_feature_columns(db)  # what the service's connect() does (idempotent)
     feature_set = feature_set_id(db, features)
-    columns = [*PREDICTION_COLUMNS, "features_f64", "feature_set"]
-    indexes = [r[0] for r in db.execute("select name from sqlite_master where type = 'index' and sql is not null")]
-    for name in indexes:  # built once at the end (same schema), not row by row
-        db.execute(f"drop index {name}")
-    sql = f"insert into predictions ({', '.join(columns)}) values ({', '.join('?' * len(columns))})"
     k = len(PREDICTION_COLUMNS)
     db.execute("begin")
-    batch = []
+    batch: list[tuple] = []
+    inputs: list[dict] = []
     for i, (record, row) in enumerate(_records(cur, features, feature_set)):
         if i < 1000:
             record["time"] = record["event_time"] = cur["event_time"].iat[i]
@@ -128,20 +136,37 @@ def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: 
                                                                                   record["features"]):
                 raise SystemExit(f"bench row {i} differs from what the service writes:\n{_prediction_row(record)}\n{row}")
         batch.append(row)
-        if len(batch) == 100_000:
-            db.executemany(sql, batch)
-            batch = []
-    db.executemany(sql, batch)
+        inputs.append(record["inputs"])
+        if len(batch) == SEGMENT_ROWS:
+            write_rows(db, batch, segment_of(batch, inputs))
+            batch, inputs = [], []
+    if batch:
+        write_rows(db, batch, segment_of(batch, inputs))
+    db.execute("commit")
     end = cur["event_time"].max()
     known = cur["event_time"] + label_delay <= end
     rng = np.random.default_rng(2)
     y = rng.random(len(cur)) < cur["score"].to_numpy()
     at = (cur["event_time"] + label_delay).dt.strftime("%Y-%m-%dT%H:%M:%S.%f").to_numpy()
-    db.executemany("insert into labels (event_id, label, at, received) values (?, ?, ?, ?)",
-                   [(str(i), float(y[i]), at[i], at[i]) for i in np.flatnonzero(known.to_numpy()).tolist()])
+    db.execute("begin")
+    write_labels(db, [(str(i), float(y[i]), at[i], at[i]) for i in np.flatnonzero(known.to_numpy()).tolist()])
     db.execute("commit")
     db.close()
-    connect(tmp).close()  # recreates the indexes
+    os.replace(tmp, path)
+
+
+def _write_blob_log(path: Path, source: Path) -> None:
+    """The previous format: the same rows with their feature blobs, without the columnar segments."""
+    import shutil
+    import sqlite3
+
+    tmp = path.with_suffix(".partial")
+    shutil.copyfile(source, tmp)
+    db = sqlite3.connect(tmp)
+    for ddl in ("drop table prediction_segments", "drop table label_rows", "drop index labels_by_at"):
+        db.execute(ddl)
+    db.execute("vacuum")
+    db.close()
     os.replace(tmp, path)
 
 
@@ -210,14 +235,15 @@ def run_engine(engine: str, rows: int, features: int, work: Path) -> dict:
         drifted = sorted({c for w in res for c, v in w.columns.items() if v.psi > 0.2})
         return {"engine": engine, "seconds": seconds, "cpu_seconds": cpu, "load": load, "windows": len(res),
                 "drifted": drifted, "peak_rss_mb": _peak_mb(), "data_rss_mb": base_rss}
-    if engine in ("keel-log", "keel-log-json"):
+    if engine in ("keel-log", "keel-log-blob", "keel-log-json"):
         from keel.monitor.triggers import run_monitor
 
         prof = build_profile(ref[names], ref["score"], bins=10, model="bench", version=1)
         del ref, cur
         base_rss = _peak_mb()
         spec = _spec(work / "state", features)
-        log = work / ("predictions.sqlite" if engine == "keel-log" else "predictions-json.sqlite")
+        log = work / {"keel-log": "predictions.sqlite", "keel-log-blob": "predictions-blob.sqlite",
+                      "keel-log-json": "predictions-json.sqlite"}[engine]
         result, seconds, cpu = _timed(lambda: run_monitor(spec, log_path=log, profile=prof, out_dir=work / engine,
                                                           skew=False))
         labelled = sum(p.labelled for p in result.performance)
@@ -268,8 +294,11 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
     ]
     what = {"keel-table": "PSI, KS, chi², JS, missing, range per feature and score, per day (in-memory table)",
             "keel-log": "`run_monitor` end to end from the SQLite log: drift, performance with delayed labels "
-                        "(AP, Card Precision@100 by `customer_id` from the inputs' JSON of labelled rows, cost from the "
-                        "`tx_amount` raw feature as in examples/card-fraud), operations, triggers, monitor.json/.html",
+                        "(AP, Card Precision@100 by the `customer_id` input, cost from the `tx_amount` raw feature as in "
+                        "examples/card-fraud), operations, triggers, monitor.json/.html; read from the log's columnar "
+                        "segments",
+            "keel-log-blob": "the same on a log of the previous format (rows with the binary feature column, no "
+                             "columnar segments)",
             "keel-log-json": "the same on an old log without the binary feature column (features parsed from "
                              "the JSON text)",
             "evidently": f"Evidently {ev.get('version', '')} `DataDriftPreset` on the same frames"}
@@ -287,7 +316,7 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
                      f"({'met' if kl <= GOAL_SECONDS else 'not met'}; {kl / GOAL_SECONDS:.2f}x the budget), "
                      f"{klc:.2f} s CPU ({'met' if klc <= GOAL_SECONDS else 'not met'} by CPU).")
     if ev.get("seconds"):
-        for name in ("keel-table", "keel-log", "keel-log-json"):
+        for name in ("keel-table", "keel-log", "keel-log-blob", "keel-log-json"):
             t = by.get(name, {}).get("seconds")
             if t:
                 x, xc = ev["seconds"] / t, ev["cpu_seconds"] / by[name]["cpu_seconds"]
@@ -322,20 +351,22 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         log = work / "predictions.sqlite"
         meta = work / "predictions.json"
-        want = {"rows": args.rows, "features": args.features, "format": 5}
+        want = {"rows": args.rows, "features": args.features, "format": 6}
         if log.exists() and meta.exists() and json.loads(meta.read_text()) == want:
             log_note = "The log was reused from an earlier run (built in bulk, not timed)."
         else:
             _, cur = _data(args.rows, args.features)
             t0 = time.perf_counter()
             _write_log(log, cur, feature_names(args.features), timedelta(days=7))
-            _write_json_log(work / "predictions-json.sqlite", log)
+            _write_blob_log(work / "predictions-blob.sqlite", log)
+            _write_json_log(work / "predictions-json.sqlite", work / "predictions-blob.sqlite")
             meta.write_text(json.dumps(want))
-            log_note = (f"Writing the log in bulk (the service's rows and feature blobs, checked against its row function "
-                        "and feature_blob; the old-format copy without the binary column) took "
+            log_note = (f"Writing the log in bulk (the service's rows, feature blobs and segments through its write_rows, "
+                        "rows checked against its row function and feature_blob; the previous-format copy without "
+                        "segments; the old-format copy without the binary column) took "
                         f"{time.perf_counter() - t0:.0f} s (not counted).")
             del cur
-        engines = ["keel-table", "keel-log", "keel-log-json"] + ([] if args.no_evidently else ["evidently"])
+        engines = ["keel-table", "keel-log", "keel-log-blob", "keel-log-json"] + ([] if args.no_evidently else ["evidently"])
         results = []
         for engine in engines:
             r = _child(engine, args.rows, args.features, work)

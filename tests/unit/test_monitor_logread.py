@@ -51,13 +51,22 @@ def _labels(n: int) -> list[tuple]:
 
 
 def _write(path: Path, n: int = 120, *, odd: bool = True) -> None:
-    """An old log, as written before the binary feature column existed (JSON text only)."""
+    """An old log, as written before the binary feature column and the segments existed (JSON text only)."""
     with PredictionLog(path) as log:
         log.append_many(_records(n, odd=odd))
         log.add_labels(_labels(n))
+    _drop_segments(path)
     with sqlite3.connect(path) as db:
         for ddl in ("alter table predictions drop column features_f64",
                     "alter table predictions drop column feature_set", "drop table feature_sets"):
+            db.execute(ddl)
+    db.close()
+
+
+def _drop_segments(path: Path) -> None:
+    """The log as written before the columnar segments existed (last format: rows with feature blobs)."""
+    with sqlite3.connect(path) as db:
+        for ddl in ("drop table prediction_segments", "drop table label_rows", "drop index labels_by_at"):
             db.execute(ddl)
     db.close()
 

@@ -471,7 +471,9 @@ def log_time_range(path: str | Path) -> tuple[datetime | None, datetime | None, 
                            hint="Serve some traffic first (`keel serve`), or check serving.prediction_log.")
     db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     try:
-        lo, hi = db.execute("select min(event_time), max(event_time) from predictions").fetchone()
+        # One subquery per bound: SQLite answers a lone min() or max() from the index, both at once by a scan.
+        lo, hi = db.execute("select (select min(event_time) from predictions),"
+                            " (select max(event_time) from predictions)").fetchone()
         try:
             (lab,) = db.execute("select max(at) from labels").fetchone()
         except sqlite3.Error:

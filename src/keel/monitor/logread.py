@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
-from keel.logformat import has_feature_columns, iso, read_feature_sets
+from keel.logformat import Segment, has_feature_columns, has_segments, iso, read_feature_sets
 
 # Base columns monitoring reads, and how one printf() per row prints each into the batch's CSV: reals with 17
 # significant digits (they round-trip exactly) and a null flag (printf prints NULL as 0), texts SQL-quoted
@@ -106,6 +106,20 @@ class _Batch:
     labelled_inputs: bytes | None = None
 
 
+@dataclass
+class _SegmentBatch:
+    """Consecutive segments covering ``lo <= seq < hi`` as fetched (decoded by the consumer), and their label rows."""
+
+    lo: int
+    hi: int
+    segments: list[tuple[int, int, bytes]]
+    labels: list[tuple[int, float, str]]
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n, _ in self.segments)
+
+
 class _Query:
     """The SQL of one reader: the rows ``lo <= seq < hi`` (and in the time range) as CSV blobs, in one query."""
 
@@ -114,6 +128,7 @@ class _Query:
                  sets: dict[int, list[str]] | None = None, labelled_inputs: Sequence[str] = ()) -> None:
         self.path, self.features, self.inputs = path, list(features), list(inputs)
         self.labelled_inputs = list(labelled_inputs) if labels else []
+        self.labels, self.start, self.end = labels, start, end
         self.blobs = blobs and bool(self.features)
         self.sets = dict(sets or {})
         self.columns = [*columns, *(LABEL_COLUMNS if labels else ()), *(["feature_set"] if self.blobs else [])]
@@ -174,6 +189,20 @@ class _Query:
         except sqlite3.Error as exc:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
         return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs, blobs, linputs)
+
+    def fetch(self, db: sqlite3.Connection, task: tuple[str, int, int]) -> _Batch | _SegmentBatch:
+        """One planned task: a range of rows (``"rows"``) or of consecutive segments (``"segments"``)."""
+        kind, lo, hi = task
+        if kind == "rows":
+            return self.run(db, lo, hi)
+        try:
+            segments = db.execute("select seq0, n, data from prediction_segments where seq0 >= ? and seq0 < ?"
+                                  " order by seq0", (lo, hi)).fetchall()
+            labels = db.execute("select seq, label, at from label_rows where seq >= ? and seq < ? order by seq",
+                                (lo, hi)).fetchall() if self.labels else []
+        except sqlite3.Error as exc:
+            raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
+        return _SegmentBatch(lo, hi, segments, labels)
 
     def set_names(self, ids: Sequence[int]) -> dict[int, list[str]]:
         """Names of these feature sets (re-read when the service registered a new one since the reader opened)."""
@@ -395,6 +424,156 @@ def _to_frame(q: _Query, b: _Batch) -> pd.DataFrame:
     return frame
 
 
+# --- the columnar segments (keel.logformat) -------------------------------------------------------------------
+_NAT = np.iinfo(np.int64).min
+
+
+def _us(text: str | None) -> int | None:
+    return None if text is None else int(np.datetime64(text, "us").astype(np.int64))
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _seg_base(segs: list[Segment], name: str) -> np.ndarray:
+    """One base column of consecutive segments, as the row path types it."""
+    kind = segs[0].kind(name)
+    if kind == "cat":
+        index: dict[Any, int] = {}
+        parts = []
+        for s in segs:
+            codes, values = s.column(name)
+            parts.append(np.array([index.setdefault(v, len(index)) for v in values], dtype=np.int64)[codes])
+        return _objects(list(index))[np.concatenate(parts)]
+    if kind == "json":
+        return _objects([v for s in segs for v in s.column(name)])
+    arr = np.concatenate([s.column(name) for s in segs])
+    if kind == "t":
+        return arr.view("datetime64[us]").astype("datetime64[ns]")
+    if kind == "u1":
+        return arr.astype(bool)
+    return arr
+
+
+def _seg_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray]:
+    """Feature columns of consecutive segments: their float64 blobs (rows without features: NaN), or the JSON text
+    of a segment whose values are not all numbers."""
+    if all(s.kind("features.set") for s in segs):
+        sets = np.concatenate([s.column("features.set") for s in segs]).astype(np.int64)
+        blob = b"".join(s.column("features.f64") for s in segs)
+        n, has = len(sets), sets >= 0
+        cols = _blob_features(q, _Batch(0, 0, n, 0, b"", None, None, blob), sets[has]) if has.any() else {}
+        if cols is None:
+            raise MonitorError(f"A segment of the prediction log {q.path} holds feature blobs of the wrong length.",
+                               hint="The log is damaged; delete its prediction_segments table to read the rows.")
+        if has.all():
+            return cols
+        return {f: _place(n, np.flatnonzero(has), cols[f]) if cols else np.full(n, np.nan) for f in q.features}
+    if len(segs) > 1:
+        parts = [_seg_features(q, [s]) for s in segs]
+        out = {}
+        for f in q.features:
+            arrays = [p[f] for p in parts]
+            if any(a.dtype != np.float64 for a in arrays):
+                arrays = [a if a.dtype != np.float64 else np.where(np.isnan(a), None, a.astype(object)) for a in arrays]
+            out[f] = np.concatenate(arrays)
+        return out
+    records = [d if isinstance(d, dict) else {} for d in segs[0].column("features.json")]
+    frame = pd.DataFrame.from_records(records, columns=q.features) if records else pd.DataFrame(columns=q.features)
+    return {f: _convert([None if v != v else v for v in frame[f].tolist()]) for f in q.features}
+
+
+def _seg_input(segs: list[Segment], name: str) -> np.ndarray:
+    """One raw input field of consecutive segments, as the row path types it (ints as Python ints)."""
+    kinds = {s.kind(f"input.{name}") for s in segs}
+    if kinds <= {"i8", "f8"}:
+        arr = np.concatenate([s.column(f"input.{name}") for s in segs])
+        return arr.astype(object) if kinds == {"i8"} else arr.astype(np.float64)
+    values: list[Any] = []
+    for s in segs:
+        kind = s.kind(f"input.{name}")
+        values += [None] * s.n if kind is None else s.column(f"input.{name}").tolist() if kind in ("i8", "f8") \
+            else s.column(f"input.{name}")
+    if values and all(type(v) is int for v in values):
+        return _objects(values)
+    return _convert(values)
+
+
+def _segment_frame(q: _Query, b: _SegmentBatch) -> pd.DataFrame:
+    segs = [Segment(data) for _, _, data in b.segments]
+    seq = np.concatenate([np.arange(s0, s0 + n, dtype=np.int64) for s0, n, _ in b.segments])
+    keep = None
+    if q.start is not None or q.end is not None:
+        t = np.concatenate([s.column("event_time") for s in segs])
+        keep = t != _NAT
+        if q.start is not None:
+            keep &= t >= _us(q.start)
+        if q.end is not None:
+            keep &= t < _us(q.end)
+        keep = None if keep.all() else np.flatnonzero(keep)
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return a if keep is None else a[keep]
+
+    n = len(seq) if keep is None else len(keep)
+    out: dict[str, np.ndarray] = {}
+    for c in q.columns:
+        if c == "seq":
+            out[c] = cut(seq)
+        elif c in BASE_COLUMNS:
+            out[c] = cut(_seg_base(segs, c))
+    if q.labels:
+        label, at = np.full(len(seq), np.nan), np.full(len(seq), _NAT, dtype=np.int64)
+        if b.labels:
+            pos = np.searchsorted(seq, np.array([r[0] for r in b.labels], dtype=np.int64))
+            label[pos] = [r[1] for r in b.labels]
+            at[pos] = np.array([r[2] for r in b.labels], dtype="datetime64[us]").view(np.int64)
+        out["label"] = cut(label)
+        out["at"] = cut(at.view("datetime64[us]").astype("datetime64[ns]"))
+    if q.features:
+        out.update({f: cut(v) for f, v in _seg_features(q, segs).items()})
+    for name in q.inputs:
+        out[f"input.{name}"] = cut(_seg_input(segs, name))
+    if q.labelled_inputs:
+        rows = np.flatnonzero(~np.isnan(out["label"]))
+        for name in q.labelled_inputs:
+            if f"input.{name}" not in out:
+                values = cut(_seg_input(segs, name))[rows]
+                out[f"input.{name}"] = _place(n, rows, values) if len(rows) else np.full(n, None, dtype=object)
+    return pd.DataFrame(out, copy=False)
+
+
+def _plan(db: sqlite3.Connection, first: int, last: int, batch_rows: int) -> list[tuple[str, int, int]]:
+    """The tasks reading ``first <= seq <= last`` in order: runs of consecutive segments of about ``batch_rows``
+    rows, and ranges of the rows no segment covers."""
+    segments = db.execute("select seq0, n from prediction_segments where seq0 <= ? and seq0 + n > ? order by seq0",
+                          (last, first)).fetchall()
+    tasks: list[tuple[str, int, int]] = []
+
+    def rows(lo: int, hi: int) -> None:
+        tasks.extend(("rows", a, min(a + batch_rows, hi)) for a in range(lo, hi, batch_rows))
+
+    at = first
+    run_lo, run_rows = None, 0
+    for s0, n in segments:
+        if run_lo is not None and (s0 > at or run_rows + n > batch_rows):
+            tasks.append(("segments", run_lo, at))
+            run_lo, run_rows = None, 0
+        if s0 > at:
+            rows(at, s0)
+        if run_lo is None:
+            run_lo = s0
+        run_rows += n
+        at = max(at, s0 + n)
+    if run_lo is not None:
+        tasks.append(("segments", run_lo, at))
+    rows(at, last + 1)
+    return tasks
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
@@ -408,9 +587,23 @@ def seq_bounds(path: str | Path, start: str | None = None, end: str | None = Non
     if end is not None:
         where.append("event_time < ?")
         params.append(end)
-    sql = "select min(seq), max(seq) from predictions" + (" where " + " and ".join(where) if where else "")
     with contextlib.closing(_connect(Path(path))) as db:
-        lo, hi = db.execute(sql, params).fetchone()
+        # Lone min()/max() are index look-ups, a bounded min(seq) scans the event-time index: bound only when the
+        # bounds leave a row out.
+        whole = True
+        if where:
+            t_lo, t_hi = db.execute("select (select min(event_time) from predictions),"
+                                    " (select max(event_time) from predictions)").fetchone()
+            if t_lo is None:
+                return None
+            whole = ((start is None or start <= t_lo) and (end is None or end > t_hi) and not db.execute(
+                "select exists (select 1 from predictions where event_time is null)").fetchone()[0])
+        if whole:
+            lo, hi = db.execute("select (select min(seq) from predictions), (select max(seq) from predictions)"
+                                ).fetchone()
+        else:
+            sql = "select min(seq), max(seq) from predictions where " + " and ".join(where)
+            lo, hi = db.execute(sql, params).fetchone()
     return None if lo is None else (int(lo), int(hi))
 
 
@@ -449,24 +642,27 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
     with contextlib.closing(_connect(p)) as db:
         blobs = has_feature_columns(db)
         sets = read_feature_sets(db) if blobs else {}
+        tasks = (_plan(db, bounds[0], bounds[1], batch_rows) if has_segments(db) else
+                 [("rows", a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)])
     q = _Query(p, features, inputs, cols, labels, lo_t, hi_t, blobs=blobs, sets=sets,
                labelled_inputs=[c for c in labelled_inputs if c not in set(inputs)])
-    ranges = [(a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)]
-    for batch in _batches(p, q, ranges, prefetch):
+    for batch in _batches(p, q, tasks, prefetch):
         if batch.rows:
-            frame = _to_frame(q, batch)
-            yield frame if "seq" in columns else frame.drop(columns=["seq"])
+            frame = _segment_frame(q, batch) if isinstance(batch, _SegmentBatch) else _to_frame(q, batch)
+            if len(frame):
+                yield frame if "seq" in columns else frame.drop(columns=["seq"])
 
 
-def _batches(path: Path, q: _Query, ranges: list[tuple[int, int]], prefetch: bool) -> Iterator[_Batch]:
+def _batches(path: Path, q: _Query, ranges: list[tuple[str, int, int]], prefetch: bool
+             ) -> Iterator[_Batch | _SegmentBatch]:
     """The ranges' batches in order. With ``prefetch``, worker threads (one per core, at most two) query them
     ahead, each its own connection and every other range (SQLite releases the GIL while it runs), and hand
     them over in order; each holds at most one finished batch, so memory stays a few batches."""
     workers = min(2, os.cpu_count() or 1, len(ranges)) if prefetch else 1
     if workers < 2 and (not prefetch or len(ranges) < 2):
         with contextlib.closing(_connect(path)) as db:
-            for lo, hi in ranges:
-                yield q.run(db, lo, hi)
+            for task in ranges:
+                yield q.fetch(db, task)
         return
     queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=1) for _ in range(workers)]
     stop = threading.Event()
@@ -480,10 +676,10 @@ def _batches(path: Path, q: _Query, ranges: list[tuple[int, int]], prefetch: boo
     def work(i: int) -> None:
         try:
             with contextlib.closing(_connect(path)) as db:
-                for lo, hi in ranges[i::workers]:
+                for task in ranges[i::workers]:
                     if stop.is_set():
                         return
-                    hand(i, q.run(db, lo, hi))
+                    hand(i, q.fetch(db, task))
         except BaseException as exc:  # handed to the consumer, which raises it
             hand(i, exc)
 

@@ -37,7 +37,17 @@ from typing import Any
 import pandas as pd
 
 from keel.errors import MonitorError
-from keel.logformat import FEATURE_COLUMNS, ensure_feature_columns, feature_blob, feature_set_id, iso
+from keel.logformat import (
+    FEATURE_COLUMNS,
+    LABEL_ROWS_FOR_LABEL,
+    LABEL_ROWS_FOR_PREDICTIONS,
+    encode_segment,
+    ensure_feature_columns,
+    ensure_segment_tables,
+    feature_blob,
+    feature_set_id,
+    iso,
+)
 
 log = logging.getLogger("keel.serve.predlog")
 
@@ -83,6 +93,7 @@ _LABEL_UPSERT = (
     "insert into labels (event_id, label, at, received) values (?, ?, ?, ?) on conflict(event_id)"
     " do update set label = excluded.label, at = excluded.at, received = excluded.received"
 )
+_INSERT_SEGMENT = "insert into prediction_segments (seq0, n, data) values (?, ?, ?)"
 _STOP = object()
 
 
@@ -111,6 +122,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("pragma synchronous=normal")
     db.executescript(_SCHEMA)
     ensure_feature_columns(db)
+    ensure_segment_tables(db)
     return db
 
 
@@ -247,24 +259,26 @@ class PredictionLog:
         return blob, self._feature_sets[names]
 
     def _write(self, items: list[Any]) -> None:
-        rows = []
+        rows, inputs = [], []
         for kind, payload in items:
             if kind in ("p", "P"):
                 for record in [payload] if kind == "p" else payload:
                     try:
                         rows.append((*_prediction_row(record), *self._feature_row(record.get("features"))))
+                        inputs.append(record.get("inputs", {}))
                     except Exception as exc:  # one malformed record must not stop the writer thread
                         self.failures += 1
                         log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
         labels = [i[1] for i in items if i[0] == "l"]
+        segment = self._segment(rows, inputs) if rows else None
         if rows or labels:
             for attempt in range(3):
                 try:
                     self._db.execute("begin")
                     if rows:
-                        self._db.executemany(_INSERT, rows)
+                        write_rows(self._db, rows, segment)
                     if labels:
-                        self._db.executemany(_LABEL_UPSERT, labels)
+                        write_labels(self._db, labels)
                     self._db.execute("commit")
                     self.written += len(rows)
                     break
@@ -280,6 +294,40 @@ class PredictionLog:
         for i in items:
             if i[0] == "f":
                 i[1].set()
+
+    def _segment(self, rows: list[tuple[Any, ...]], inputs: list[Any]) -> bytes | None:
+        try:
+            return segment_of(rows, inputs)
+        except Exception as exc:  # the rows are still written; monitoring then reads them row by row
+            log.error(json.dumps({"event": "predlog_segment_failed", "rows": len(rows), "error": repr(exc)}))
+            return None
+
+
+def segment_of(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> bytes:
+    """The columnar segment (keel.logformat) of rows as :class:`PredictionLog` writes them: the
+    :data:`PREDICTION_COLUMNS` fields followed by the feature blob and feature set id; ``inputs`` the records' raw
+    input dicts."""
+    k = len(PREDICTION_COLUMNS)
+    return encode_segment(rows, PREDICTION_COLUMNS, [d if isinstance(d, Mapping) else None for d in inputs],
+                          [r[k + 1] for r in rows], [r[k] for r in rows])
+
+
+def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], segment: bytes | None) -> None:
+    """Insert rows (:data:`PREDICTION_COLUMNS` + feature blob + set id), their segment and the labels already
+    known for them, inside the caller's transaction (which makes their ``seq`` consecutive)."""
+    db.executemany(_INSERT, rows)
+    (last,) = db.execute("select last_insert_rowid()").fetchone()
+    seq0 = int(last) - len(rows) + 1
+    if segment is not None:
+        db.execute(_INSERT_SEGMENT, (seq0, len(rows), segment))
+    if db.execute("select exists (select 1 from labels)").fetchone()[0]:  # a label may come before its event
+        db.execute(LABEL_ROWS_FOR_PREDICTIONS, (seq0,))
+
+
+def write_labels(db: sqlite3.Connection, labels: Sequence[tuple[str, float, str | None, str | None]]) -> None:
+    """Upsert ``(event_id, label, at, received)`` rows and their label rows, inside the caller's transaction."""
+    db.executemany(_LABEL_UPSERT, labels)
+    db.executemany(LABEL_ROWS_FOR_LABEL, [(label, at, event_id) for event_id, label, at, _ in labels])
 
 
 def _prediction_row(record: Mapping[str, Any]) -> tuple[Any, ...]:
