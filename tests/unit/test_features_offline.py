@@ -265,3 +265,27 @@ def test_fallback_clock_for_nanosecond_times_with_many_entities() -> None:
     for d in DEFS:
         if isinstance(d, WindowDefinition):
             assert_same(out[d.name], oracle(frame, d), d.name)
+
+
+@pytest.mark.parametrize("first_row", [0, 1, 137, 299, 300])
+@pytest.mark.parametrize("nanoseconds", [False, True])
+def test_history_rows_before_first_row_are_read_but_not_computed(first_row: int, nanoseconds: bool) -> None:
+    """Chunked runs pass carried rows as history: same values, bit for bit, as the whole frame gives those rows."""
+    frame = random_events(9)
+    if nanoseconds:  # irregular ns times over decades overflow the compact key: the rank clock (fallback) path
+        rng = np.random.default_rng(2)
+        ns = np.sort(rng.integers(0, 80 * 365 * 86_400 * 10**9, len(frame)))
+        ns[::7] = ns[::7] // 3_600_000_000_000 * 3_600_000_000_000  # some events on the hour: windows hit ties
+        frame["ts"] = pd.Timestamp("1950-01-01") + pd.to_timedelta(np.sort(ns), unit="ns")
+    whole = compute(frame)
+    tail = compute_features(frame, DEFS, timestamp="ts", label="y", id_column="id", first_row=first_row)
+    pd.testing.assert_frame_equal(tail, whole.iloc[first_row:], check_exact=True)
+    # The history rows do count: dropping them changes the tail's windows.
+    if 0 < first_row < len(frame) and not nanoseconds:  # (decades apart, the ns events share no window)
+        alone = compute(frame.iloc[first_row:])
+        assert not alone["card_count_1d"].equals(tail["card_count_1d"])
+
+
+def test_first_row_outside_the_frame_is_refused() -> None:
+    with pytest.raises(FeatureError, match=r"first_row must be between 0 and the 10 rows of the frame\. Got 11"):
+        compute_features(random_events(1, n=10), DEFS, timestamp="ts", label="y", first_row=11)

@@ -14,8 +14,9 @@ streaming reader on :class:`keel.data.sources.Source`.
 Example::
 
     batches = time_ordered_batches(src, ["id", "ts", "card", "amount"], timestamp="ts", batch_rows=100_000)
-    for rows, features in chunked_features(rechunk(batches, 100_000), lambda f: compute_features(f, defs, ...),
-                                           timestamp="ts", horizon_ns=horizon):
+    compute = lambda f, first: compute_features(f, defs, ..., first_row=first)
+    for rows, features in chunked_features(rechunk(batches, 100_000), compute, timestamp="ts", horizon_ns=horizon,
+                                           skips_history=True):
         ...  # rows: the chunk as read (Arrow table); features: a pandas frame of the same rows, same order
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -51,11 +52,12 @@ def carry_rows(frame: pd.DataFrame, timestamp: str, horizon_ns: int) -> pd.DataF
 
 def chunked_features(
     chunks: Iterable[Chunk],
-    compute: Callable[[pd.DataFrame], pd.DataFrame],
+    compute: Callable[..., pd.DataFrame],
     *,
     timestamp: str,
     horizon_ns: int,
     history: pd.DataFrame | None = None,
+    skips_history: bool = False,
 ) -> Iterator[tuple[Chunk, pd.DataFrame]]:
     """Yield ``(chunk, features)`` per chunk: ``compute`` run over carry + chunk, cut to the chunk's rows.
 
@@ -63,6 +65,9 @@ def chunked_features(
         chunks: rows in event-time order (ties in the order the one-shot computation would see them), as Arrow
             tables or pandas frames; pulled lazily, one at a time.
         compute: frame in, frame out with the same rows in the same order (e.g. :func:`compute_features`).
+            With ``skips_history``, ``compute(frame, first_row)`` returns the features of
+            ``frame.iloc[first_row:]`` only (the carried rows are read by the windows but not recomputed; e.g.
+            ``compute_features(..., first_row=first_row)``).
         timestamp: the event time column.
         horizon_ns: the longest ``window + delay`` of the definitions in ns (0: no window features, no carry).
         history: older rows to warm the first chunk's windows (read, never yielded); all earlier than the
@@ -77,13 +82,15 @@ def chunked_features(
             continue
         new = chunk.to_pandas() if isinstance(chunk, pa.Table) else chunk
         frame = new if carry is None else pd.concat([carry, new], ignore_index=True)
-        features = compute(frame)
-        if len(features) != len(frame):
+        first = len(frame) - len(new)
+        features: Any = compute(frame, first) if skips_history else compute(frame)
+        expected = len(new) if skips_history else len(frame)
+        if len(features) != expected:
             raise FeatureError(
-                f"The feature computation returned {len(features)} rows for a chunk of {len(frame)}; "
+                f"The feature computation returned {len(features)} rows for a chunk of {expected}; "
                 "it must return one row per input row."
             )
-        features = features.iloc[len(frame) - len(new) :].reset_index(drop=True)
+        features = (features if skips_history else features.iloc[first:]).reset_index(drop=True)
         carry = carry_rows(frame, timestamp, horizon_ns)
         yield chunk, features
 

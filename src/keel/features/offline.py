@@ -97,7 +97,8 @@ def finish_aggregate(
     """Turn window statistics into the feature value; arrays (offline) or Python numbers (online, one event).
 
     ``valid`` = non-null values, ``m2`` = sum of squared deviations from the window mean. Both branches encode
-    the same rules: empty mean/min/max -> NaN, std below two values -> NaN, empty label_rate -> 0.
+    the same rules: empty mean/min/max -> NaN, std below two values -> NaN, empty label_rate -> 0. Arrays
+    carry window totals as the prefix sums give them: exactly 0 over an empty window.
     """
     if isinstance(count, int | np.integer):
         return _finish_scalar(
@@ -109,7 +110,8 @@ def finish_aggregate(
         if aggregate == "sum":
             return np.asarray(total, dtype=np.float64)
         if aggregate == "mean":
-            return np.where(np.asarray(valid) > 0, np.asarray(total, dtype=np.float64) / valid, np.nan)
+            # An empty window's total is exactly 0 (prefix sums on a grid), so 0/0 gives the NaN itself.
+            return np.asarray(total, dtype=np.float64) / valid
         if aggregate == "min":
             return np.where(np.asarray(valid) > 0, minimum, np.nan)
         if aggregate == "max":
@@ -120,7 +122,8 @@ def finish_aggregate(
         if aggregate == "label_count":
             return np.asarray(label_total, dtype=np.float64)
         if aggregate == "label_rate":
-            return np.where(np.asarray(count) > 0, np.asarray(label_total, dtype=np.float64) / count, 0.0)
+            # An empty window has label total exactly 0: 0 / max(count, 1) is the 0 the rule asks for.
+            return np.asarray(label_total, dtype=np.float64) / np.maximum(count, 1)
     raise FeatureError(f"Unknown aggregate {aggregate!r}.")
 
 
@@ -395,23 +398,34 @@ def _window_block(
     t: np.ndarray,
     clock: _Clock,
     labels: np.ndarray | None,
+    first_row: int = 0,
 ) -> dict[str, np.ndarray]:
     n = len(t)
     order = clock.order_t[_stable_order(codes[clock.order_t])]
     group = codes[order] * clock.span
     key = group + clock.ticks[order]
+    # The windows are evaluated only at the rows that get features (from first_row on); rows before are history
+    # every window reads through the prefix sums and bounds, at no per-feature cost.
+    if first_row:
+        query = np.flatnonzero(order >= first_row)
+        target = order[query] - first_row
+    else:
+        query = np.arange(n, dtype=np.int64)
+        target = order
+    q_key = key[query] if first_row else key
     t_sorted = t[order] if not clock.unit else t
-    position = np.arange(n, dtype=np.int64)
     bound_cache: dict[int, np.ndarray] = {}
 
     def first_after(offset_ns: int) -> np.ndarray:
-        """Per sorted row: index of the first same-entity event with time > t - offset."""
+        """Per queried sorted row: index of the first same-entity event with time > t - offset."""
         if offset_ns not in bound_cache:
             if clock.unit:
-                needles = key - offset_ns // clock.unit
+                needles = q_key - offset_ns // clock.unit
             else:
                 assert clock.unique_t is not None
-                needles = group + np.searchsorted(clock.unique_t, t_sorted - offset_ns, side="right") - 1
+                t_query = t_sorted[query] if first_row else t_sorted
+                g = group[query] if first_row else group
+                needles = g + np.searchsorted(clock.unique_t, t_query - offset_ns, side="right") - 1
             bound_cache[offset_ns] = _sorted_search(key, needles)
         return bound_cache[offset_ns]
 
@@ -430,6 +444,7 @@ def _window_block(
         label_prefix = _Prefix.of(labels[order])
 
     out: dict[str, np.ndarray] = {}
+    position = query
     after_self = position + 1
     counts: dict[tuple[int, int, bool], np.ndarray] = {}
     for d in defs:
@@ -466,8 +481,8 @@ def _window_block(
             assert label_prefix is not None
             lab = label_prefix.range_sum(lo, hi)
         result = finish_aggregate(d.aggregate, count, valid, total, m2, mn, mx, lab)
-        back = np.empty(n, dtype=np.float64)
-        back[order] = result
+        back = np.empty(n - first_row, dtype=np.float64)
+        back[target] = result
         out[d.name] = back
     return out
 
@@ -479,12 +494,17 @@ def compute_features(
     timestamp: str | None,
     label: str | None = None,
     id_column: str | None = None,
+    first_row: int = 0,
 ) -> pd.DataFrame:
     """Compute every feature for every row of ``frame``, point-in-time correct (see the module docstring).
 
     Returns a new frame with ``id_column`` (when given), the entity columns and ``timestamp``, then one float64
     column per feature in :func:`feature_names` order; same row order and index as ``frame``. Pure: nothing is
     read or written. Raises :class:`FeatureError` when a column a definition needs is missing or mistyped.
+
+    ``first_row``: the rows before it are history only — every window reads them, but they get no features
+    and are not returned (the result is ``frame.iloc[first_row:]``'s rows, with the same values as the whole
+    computation gives them). Chunked runs pass the carried rows this way instead of recomputing them.
 
     Example::
 
@@ -493,12 +513,15 @@ def compute_features(
     defs = list(definitions)
     schema = {c: str(dtype) for c, dtype in frame.dtypes.items()}
     validate_schema(defs, schema, timestamp=timestamp, label=label, source="the input frame")
+    if not 0 <= first_row <= len(frame):
+        raise FeatureError(f"first_row must be between 0 and the {len(frame)} rows of the frame. Got {first_row} instead.")
+    rows = frame.iloc[first_row:] if first_row else frame
     computed: dict[str, np.ndarray] = {}
     for d in defs:
         if isinstance(d, RawDefinition):
-            computed[d.name] = pd.to_numeric(frame[d.column], errors="coerce").to_numpy(dtype=np.float64)
+            computed[d.name] = pd.to_numeric(rows[d.column], errors="coerce").to_numpy(dtype=np.float64)
         elif isinstance(d, RowDefinition):
-            computed[d.name] = row_feature(d, frame[d.column])
+            computed[d.name] = row_feature(d, rows[d.column])
     windows = window_definitions(defs)
     if windows and timestamp:
         t = _timestamps_ns(frame[timestamp], timestamp)
@@ -507,7 +530,8 @@ def compute_features(
         clock = _Clock.of(t, offsets, max(int(c.max(initial=0)) + 1 for c in codes.values()))
         labels = _labels(frame, label, any(d.reads_label for d in windows))
         blocks = [
-            (frame, [d for d in windows if d.entity == e], codes[e], t, clock, labels) for e in entities(defs)
+            (frame, [d for d in windows if d.entity == e], codes[e], t, clock, labels, first_row)
+            for e in entities(defs)
         ]
         if len(blocks) > 1 and len(frame) >= _PARALLEL_ROWS:
             # NumPy releases the GIL in sorts, searches and gathers: entities run side by side on 2+ cores.
@@ -519,11 +543,11 @@ def compute_features(
                 computed.update(_window_block(*args))
     for d in defs:
         if isinstance(d, RatioDefinition):
-            num = computed[d.numerator] if d.numerator in computed else frame[d.numerator]
-            den = computed[d.denominator] if d.denominator in computed else frame[d.denominator]
+            num = computed[d.numerator] if d.numerator in computed else rows[d.numerator]
+            den = computed[d.denominator] if d.denominator in computed else rows[d.denominator]
             computed[d.name] = ratio_feature(num, den)
     keys = [c for c in [id_column, *entities(defs), timestamp] if c]
-    out = frame[list(dict.fromkeys(keys))].copy() if keys else pd.DataFrame(index=frame.index)
+    out = rows[list(dict.fromkeys(keys))].copy() if keys else pd.DataFrame(index=rows.index)
     for name in feature_names(defs):
         out[name] = computed[name]
     return out
@@ -773,8 +797,10 @@ def build_feature_table(
     _sweep_litter(table)
     written = _Progress()
 
-    def compute(frame: pd.DataFrame) -> pd.DataFrame:
-        return compute_features(frame, defs, timestamp=timestamp, label=label, id_column=id_column)
+    def compute(frame: pd.DataFrame, first_row: int) -> pd.DataFrame:
+        return compute_features(
+            frame, defs, timestamp=timestamp, label=label, id_column=id_column, first_row=first_row
+        )
 
     def write(tmp: str) -> None:
         spill = tempfile.mkdtemp(prefix=".spill.", suffix=".tmp", dir=table)
@@ -784,7 +810,8 @@ def build_feature_table(
                 src, columns, timestamp=timestamp, batch_rows=chunk_rows, where=where, spill=spill
             )
             stream = chunked_features(
-                rechunk(batches, chunk_rows), compute, timestamp=timestamp, horizon_ns=horizon, history=history
+                rechunk(batches, chunk_rows), compute, timestamp=timestamp, horizon_ns=horizon, history=history,
+                skips_history=True,
             )
             for chunk, features in stream:
                 out = _output_table(chunk, features, keys, names)
