@@ -7,7 +7,7 @@ Each engine runs in its own process (so peak RSS is its own):
 * ``keel-log``    — ``run_monitor`` end to end on the SQLite prediction log (drift + performance + operations +
   triggers + monitor.json/.html), streamed from disk in one scan; the log is written as the service writes it
   (``keel.serve.predlog.write_rows``): rows with JSON text and the binary feature column, plus one columnar segment
-  per write batch of 256 rows, which is what monitoring reads;
+  per 4096 rows (16 write batches of 256), which is what monitoring reads;
 * ``keel-log-blob`` — the same on a log of the previous format (rows with the binary feature column, no columnar
   segments: the rows' base columns printed as text by SQLite and parsed by Arrow);
 * ``keel-log-json`` — the same on an old log without the binary column (features read from the JSON text);
@@ -37,7 +37,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 DAYS = 10
-SEGMENT_ROWS = 256  # the service's default write batch (serving.log_flush_rows)
+WRITE_BATCH = 256  # the service's default write batch (serving.log_flush_rows)
+SEGMENT_ROWS = 4096  # and its rows per columnar segment (PredictionLog's default)
 REF_ROWS = 200_000
 
 
@@ -106,16 +107,16 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
 
 
 def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: timedelta) -> None:
-    """The bench's log, in bulk: the service's schema, rows and columnar segments (one per write batch of
-    ``SEGMENT_ROWS``, the service's default group commit, through its own ``write_rows``; rows checked against its
-    row function on the first 1000), then labels for the events whose delay has passed by the end of the period
+    """The bench's log, in bulk: the service's schema, rows and columnar segments (write batches of ``WRITE_BATCH``
+    rows, the service's default group commit, through its own ``write_rows`` and ``SegmentBuffer``; rows checked
+    against its row function on the first 1000), then labels for the events whose delay has passed by the end of the period
     (through its ``write_labels``)."""
     from keel.logformat import feature_blob, feature_set_id
     from keel.serve.predlog import (
         PREDICTION_COLUMNS,
+        SegmentBuffer,
         _prediction_row,
         connect,
-        segment_of,
         write_labels,
         write_rows,
     )
@@ -129,6 +130,7 @@ def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: 
     db.execute("begin")
     batch: list[tuple] = []
     inputs: list[dict] = []
+    segments = SegmentBuffer(SEGMENT_ROWS)
     for i, (record, row) in enumerate(_records(cur, features, feature_set)):
         if i < 1000:
             record["time"] = record["event_time"] = cur["event_time"].iat[i]
@@ -137,11 +139,14 @@ def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: 
                 raise SystemExit(f"bench row {i} differs from what the service writes:\n{_prediction_row(record)}\n{row}")
         batch.append(row)
         inputs.append(record["inputs"])
-        if len(batch) == SEGMENT_ROWS:
-            write_rows(db, batch, segment_of(batch, inputs))
+        if len(batch) == WRITE_BATCH:
+            write_rows(db, batch, inputs, segments)
+            segments.commit()
             batch, inputs = [], []
     if batch:
-        write_rows(db, batch, segment_of(batch, inputs))
+        write_rows(db, batch, inputs, segments)
+    segments.stage_flush(db)  # what the service does at shutdown
+    segments.commit()
     db.execute("commit")
     end = cur["event_time"].max()
     known = cur["event_time"] + label_delay <= end
@@ -351,7 +356,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         log = work / "predictions.sqlite"
         meta = work / "predictions.json"
-        want = {"rows": args.rows, "features": args.features, "format": 6}
+        want = {"rows": args.rows, "features": args.features, "format": 7}
         if log.exists() and meta.exists() and json.loads(meta.read_text()) == want:
             log_note = "The log was reused from an earlier run (built in bulk, not timed)."
         else:

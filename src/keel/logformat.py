@@ -309,7 +309,7 @@ class Segment:
 
     def column(self, name: str) -> Any:
         """``f8/i8/u1/t/cat/i4``: the array (``cat``: ``(codes, values)``); ``json``/``jsonl``: the decoded list;
-        ``bytes``: the raw bytes."""
+        ``bytes``: a view of the raw bytes."""
         kind, offset, size, extra = self.columns[name]
         lo = self.start + offset
         if kind in _DTYPES:
@@ -317,7 +317,7 @@ class Segment:
             arr = np.frombuffer(self.data, dtype=dtype, count=size // dtype.itemsize, offset=lo)
             return (arr, extra) if kind == "cat" else arr
         if kind == "bytes":
-            return self.data[lo:lo + size]
+            return memoryview(self.data)[lo:lo + size]
         return json.loads(self.data[lo:lo + size])
 
 

@@ -93,16 +93,18 @@ def _junk_rows(path: Path) -> None:
 def test_segments_read_exactly_what_the_rows_say(tmp_path: Path, batch_rows: int) -> None:
     path = tmp_path / "p.sqlite"
     records = _records()
-    with PredictionLog(path, flush_rows=32) as log:
+    with PredictionLog(path, flush_rows=32, segment_rows=50) as log:
         log.add_labels(_labels(range(0, 4)))  # labels before their events
         for i in range(0, 120, 40):
             log.append_many(records[i:i + 40])
+            log.flush()
         log.add_labels(_labels(range(4, 120)))
     with sqlite3.connect(path) as db:
         assert has_segments(db)
         segs = db.execute("select seq0, n from prediction_segments order by seq0").fetchall()
     db.close()
-    assert sum(n for _, n in segs) == 120 and segs[0][0] == 1
+    # Write batches are gathered into segments of at least 50 rows; the rest is written at close.
+    assert segs == [(1, 80), (81, 40)]
     want = _read(_rows_only(path), batch_rows)
     got = _read(path, batch_rows)
     _same(got, want)
@@ -118,7 +120,7 @@ def test_segments_read_exactly_what_the_rows_say(tmp_path: Path, batch_rows: int
 
 def test_time_range_and_labelled_inputs_from_segments(tmp_path: Path) -> None:
     path = tmp_path / "p.sqlite"
-    with PredictionLog(path, flush_rows=16) as log:
+    with PredictionLog(path, flush_rows=16, segment_rows=40) as log:
         log.append_many(_records(odd=False))
         log.add_labels(_labels(range(120)))
     start, end = T0 + timedelta(hours=10), T0 + timedelta(hours=40)
@@ -141,19 +143,24 @@ def test_a_log_migrated_mid_way_and_a_batch_without_segment(tmp_path: Path) -> N
         for ddl in ("drop table prediction_segments", "drop table label_rows", "drop index labels_by_at"):
             db.execute(ddl)
     db.close()
-    with PredictionLog(path) as log:  # the upgraded service migrates the log and writes segments from now on
+    with PredictionLog(path, segment_rows=20) as log:  # the upgraded service migrates the log, writes segments
         log.append_many(records[30:70])
         log.flush()
-        log._segment = lambda rows, inputs: None  # type: ignore[method-assign]
+        log._segments._write = lambda *a: None  # type: ignore[method-assign]  # an encoding that fails
         log.append_many(records[70:90])
         log.flush()
-        del log._segment
-        log.append_many(records[90:])
-        log.add_labels(_labels(range(120)))
+        del log._segments._write
+        log.append_many(records[90:110])
+        log.flush()
     with sqlite3.connect(path) as db:
-        covered = db.execute("select sum(n) from prediction_segments").fetchone()[0]
+        covered = db.execute("select seq0, n from prediction_segments order by seq0").fetchall()
     db.close()
-    assert covered == 70
+    assert covered == [(31, 40), (91, 20)]
+    with PredictionLog(path, segment_rows=1000) as log:  # a crash: the pending rows' segment is never written
+        log.append_many(records[110:])
+        log.add_labels(_labels(range(120)))
+        log.flush()
+        log._segments.stage_flush = lambda db: None  # type: ignore[method-assign]
     for batch_rows in (6, 25, 1000):
         _same(_read(path, batch_rows), _read(_rows_only(path), batch_rows))
 
@@ -195,3 +202,17 @@ def test_connect_migrates_a_previous_log_with_its_labels(tmp_path: Path) -> None
         assert db.execute("select count(*) from label_rows").fetchone()[0] == 10
     db.close()
     _same(_read(path, 7), _read(_rows_only(path), 7))
+
+
+def test_non_finite_feature_values_read_as_missing_as_in_the_json_text(tmp_path: Path) -> None:
+    path = tmp_path / "p.sqlite"
+    records = _records(30, odd=False)
+    records[3]["features"] = {"amount": float("inf"), "night": float("nan"), "nb_tx": -0.0}
+    with PredictionLog(path) as log:
+        log.append_many(records)
+    got = _read(path, 1000)
+    want = _read(_rows_only(path), 1000)
+    _same(got, want)
+    assert np.isnan(got.loc[3, "amount"]) and np.isnan(got.loc[3, "night"]) and got.loc[3, "nb_tx"] == 0.0
+    _junk_rows(path)
+    _same(_read(path, 1000), want)

@@ -235,3 +235,34 @@ def test_one_scan_performance_equals_each_window_computed_on_its_own(tmp_path: P
             assert p.estimate[name] == pytest.approx(value, rel=1e-12), name
     assert result.performance[1].complete and not result.performance[2].complete
     assert 0 < result.performance[2].label_coverage < 1
+
+
+def test_card_precision_periods_equal_the_metric_modules_period_index() -> None:
+    from keel.errors import TrainingError
+    from keel.monitor.performance import _periods
+
+    rng = np.random.default_rng(5)
+    t = (np.datetime64("2018-09-01T07:00") + rng.integers(0, 20 * 86_400_000_000, 5000).astype("timedelta64[us]"))
+    for per in (timedelta(days=1), timedelta(hours=6), timedelta(days=7)):
+        assert np.array_equal(_periods(t, per), M.period_index(t, per))
+    with pytest.raises(TrainingError, match="missing values"):
+        _periods(np.array(["2018-09-01", "NaT"], dtype="datetime64[ns]"), timedelta(days=1))
+
+
+def test_integer_entities_give_the_card_precision_of_their_text() -> None:
+    """Integer entity ids are grouped as codes in their text order: the same metric, ties broken the same way."""
+    from keel.monitor.performance import _entities, _entity_ids
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    ids = rng.integers(0, 300, n)
+    scores = rng.integers(0, 3, n) / 2  # ties at the top-k boundary: broken by entity order (int order differs)
+    y = (rng.random(n) < 0.1).astype(int)
+    period = rng.integers(0, 5, n)
+    parts = [_entity_ids(ids[:1500].astype(object)), _entity_ids(ids[1500:])]
+    assert all(p.dtype == np.int64 for p in parts)
+    fast = M.card_precision_at_k(scores, y, entity=_entities(parts), period=period, k=20)
+    text = M.card_precision_at_k(scores, y, entity=ids.astype(str), period=period, k=20)
+    assert fast.mean == text.mean and np.array_equal(fast.per_period, text.per_period)
+    mixed = _entities([_entity_ids(np.array([5, 6], dtype=object)), _entity_ids(np.array(["5", "x"], dtype=object))])
+    assert mixed.tolist() == ["5", "6", "5", "x"]

@@ -462,6 +462,9 @@ def _seg_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray]:
     """Feature columns of consecutive segments: their float64 blobs (rows without features: NaN), or the JSON text
     of a segment whose values are not all numbers."""
     if all(s.kind("features.set") for s in segs):
+        one = _one_set_features(q, segs)
+        if one is not None:
+            return one
         sets = np.concatenate([s.column("features.set") for s in segs]).astype(np.int64)
         blob = b"".join(s.column("features.f64") for s in segs)
         n, has = len(sets), sets >= 0
@@ -484,6 +487,33 @@ def _seg_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray]:
     records = [d if isinstance(d, dict) else {} for d in segs[0].column("features.json")]
     frame = pd.DataFrame.from_records(records, columns=q.features) if records else pd.DataFrame(columns=q.features)
     return {f: _convert([None if v != v else v for v in frame[f].tolist()]) for f in q.features}
+
+
+def _one_set_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray] | None:
+    """The usual case, every row in one feature set: each column gathered straight from the segments' matrices."""
+    first = segs[0].column("features.set")
+    if not len(first) or first[0] < 0:
+        return None
+    sid = int(first[0])
+    if not all((s.column("features.set") == sid).all() for s in segs):
+        return None
+    names = q.set_names([sid])[sid]
+    w = len(names)
+    blobs = [s.column("features.f64") for s in segs]
+    if any(len(b) != 8 * w * s.n for b, s in zip(blobs, segs, strict=True)):
+        return None
+    n = sum(s.n for s in segs)
+    # Feature-major, one segment's block at a time (cache-friendly): each feature then is a contiguous row.
+    matrix = np.empty((w, n))
+    at = 0
+    for b, s in zip(blobs, segs, strict=True):
+        matrix[:, at:at + s.n] = np.frombuffer(b, dtype="<f8").reshape(s.n, w).T
+        at += s.n
+    bad = ~np.isfinite(matrix)  # the JSON text stores NaN and infinities as null: the same missing value here
+    if bad.any():
+        matrix[bad] = np.nan
+    where = {c: j for j, c in enumerate(names)}
+    return {f: matrix[where[f]] if f in where else np.full(n, np.nan) for f in q.features}
 
 
 def _seg_input(segs: list[Segment], name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ and :class:`OperationalAccumulator` do the wiring over a prediction log.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -98,8 +99,41 @@ def window_performance(y: Any, scores: Any, acted: Any, *, costs: M.RowCosts | N
         out["expected_cost"] = float(costs.take(ok).per_row(yy, act).mean())
     if entity is not None and times is not None:
         ent, tt = np.asarray(entity)[ok], np.asarray(times)[ok]
-        out["card_precision_at_k"] = M.card_precision_at_k(s, yy, entity=ent, period=M.period_index(tt, per), k=k).mean
+        out["card_precision_at_k"] = M.card_precision_at_k(s, yy, entity=ent, period=_periods(tt, per), k=k).mean
     return out
+
+
+_DAY_NS = 86_400_000_000_000
+
+
+def _entity_ids(values: np.ndarray) -> np.ndarray:
+    """Entity ids as compared by Card Precision@k: integers as int64 (grouped far faster than text), else text."""
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.dtype == object and len(values) and all(type(v) is int for v in values.tolist()):
+        with contextlib.suppress(OverflowError):
+            return np.array(values.tolist(), dtype=np.int64)
+    return values.astype(str)
+
+
+def _entities(parts: list[np.ndarray]) -> np.ndarray:
+    """One window's entity ids: int64 when every part is, else all as text (``5`` and ``"5"`` are one entity)."""
+    if parts and all(p.dtype == np.int64 for p in parts):
+        # Codes in the ids' text order: the metric's grouping (and so its tie-breaking) sees the same order.
+        uniq, inv = np.unique(np.concatenate(parts), return_inverse=True)
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[np.argsort(uniq.astype(str), kind="stable")] = np.arange(len(uniq))
+        return rank[inv]
+    return np.concatenate([p.astype(str) for p in parts]) if parts else np.zeros(0, dtype=str)
+
+
+def _periods(times: np.ndarray, per: timedelta) -> np.ndarray:
+    """:func:`keel.evaluate.metrics.period_index` of datetimes without a trip through pandas (its origin: midnight
+    of the first event's day); other inputs go to it."""
+    if times.dtype.kind == "M" and len(times) and not np.isnat(times).any():
+        ns = times.astype("datetime64[ns]").astype(np.int64)
+        return (ns - (ns.min() // _DAY_NS) * _DAY_NS) // int(pd.Timedelta(per).value)
+    return M.period_index(times, per)
 
 
 # --- wiring over the log ------------------------------------------------------------------------------------
@@ -205,7 +239,7 @@ class PerformanceAccumulator:
                 acc["parts"].append({
                     "y": (label[kn] == self.positive).astype(float), "s": scores[kn], "act": acted[kn],
                     "costs": costs.take(kn) if costs is not None else None,
-                    "ent": ent[kn].astype(str) if ent is not None else None, "t": t[kn] if ent is not None else None})
+                    "ent": _entity_ids(ent[kn]) if ent is not None else None, "t": t[kn] if ent is not None else None})
 
     def results(self, windows: Sequence[tuple[datetime, datetime]]) -> list[WindowPerformance]:
         """One :class:`WindowPerformance` per ``(start, end)`` (the drift's windows), in that order."""
@@ -228,7 +262,7 @@ class PerformanceAccumulator:
             with_ent = bool(parts) and all(q["ent"] is not None for q in parts)
             metrics = window_performance(
                 cat("y"), cat("s"), cat("act").astype(bool), costs=costs,
-                entity=cat("ent") if with_ent else None, times=cat("t") if with_ent else None,
+                entity=_entities([q["ent"] for q in parts]) if with_ent else None, times=cat("t") if with_ent else None,
                 k=k_spec.k if k_spec else 100, per=k_spec.per if k_spec else timedelta(days=1),
             )
             ap = metrics.get("average_precision")

@@ -130,11 +130,13 @@ class PredictionLog:
     """Batched, append-only writer. ``append``/``add_labels`` never block on disk; ``close`` flushes everything.
 
     Parameters: ``path`` of the SQLite file; ``flush_rows`` and ``flush_ms`` bound how long a record waits;
-    ``max_queue`` bounds memory if the disk stalls (records beyond it are dropped and counted in ``dropped``).
+    ``max_queue`` bounds memory if the disk stalls (records beyond it are dropped and counted in ``dropped``);
+    ``segment_rows``: rows per columnar segment (consecutive write batches are gathered into one; the rows of a
+    segment not yet written are read from their rows).
     """
 
     def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
-                 max_queue: int = 1_000_000) -> None:
+                 max_queue: int = 1_000_000, segment_rows: int = 4096) -> None:
         self.path = Path(path)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
@@ -146,6 +148,7 @@ class PredictionLog:
         self.dropped = 0
         self.failures = 0
         self._feature_sets: dict[tuple[str, ...], int] = {}
+        self._segments = SegmentBuffer(segment_rows, on_error=self._segment_failed)
 
     def start(self) -> PredictionLog:
         if self._thread is None:
@@ -209,6 +212,11 @@ class PredictionLog:
             self._thread = None
         self._closed = True
         self._write(self._drain())
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("begin")
+            self._segments.stage_flush(self._db)
+            self._db.execute("commit")
+            self._segments.commit()
         self._db.close()
 
     # --- writer thread ------------------------------------------------------------------------------------
@@ -270,19 +278,20 @@ class PredictionLog:
                         self.failures += 1
                         log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
         labels = [i[1] for i in items if i[0] == "l"]
-        segment = self._segment(rows, inputs) if rows else None
         if rows or labels:
             for attempt in range(3):
                 try:
                     self._db.execute("begin")
                     if rows:
-                        write_rows(self._db, rows, segment)
+                        write_rows(self._db, rows, inputs, self._segments)
                     if labels:
                         write_labels(self._db, labels)
                     self._db.execute("commit")
+                    self._segments.commit()
                     self.written += len(rows)
                     break
                 except sqlite3.Error as exc:
+                    self._segments.rollback()
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("rollback")
                     if attempt == 2:
@@ -295,12 +304,8 @@ class PredictionLog:
             if i[0] == "f":
                 i[1].set()
 
-    def _segment(self, rows: list[tuple[Any, ...]], inputs: list[Any]) -> bytes | None:
-        try:
-            return segment_of(rows, inputs)
-        except Exception as exc:  # the rows are still written; monitoring then reads them row by row
-            log.error(json.dumps({"event": "predlog_segment_failed", "rows": len(rows), "error": repr(exc)}))
-            return None
+    def _segment_failed(self, rows: int, exc: Exception) -> None:
+        log.error(json.dumps({"event": "predlog_segment_failed", "rows": rows, "error": repr(exc)}))
 
 
 def segment_of(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> bytes:
@@ -312,14 +317,73 @@ def segment_of(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> bytes:
                           [r[k + 1] for r in rows], [r[k] for r in rows])
 
 
-def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], segment: bytes | None) -> None:
-    """Insert rows (:data:`PREDICTION_COLUMNS` + feature blob + set id), their segment and the labels already
-    known for them, inside the caller's transaction (which makes their ``seq`` consecutive)."""
+class SegmentBuffer:
+    """Gathers consecutive write batches into segments of ``size`` rows, written inside the writer's transactions.
+
+    :meth:`stage` (after a batch's rows are inserted) writes a segment when enough rows are gathered or the batch
+    does not follow the pending rows; :meth:`commit`/:meth:`rollback` keep or drop what was staged, as the
+    transaction did. Rows whose segment is never written (a crash, a failed encoding) are read from their rows.
+    """
+
+    def __init__(self, size: int = 4096, on_error: Any = None) -> None:
+        self.size = max(1, int(size))
+        self.on_error = on_error
+        self.seq0: int | None = None
+        self.rows: list[tuple[Any, ...]] = []
+        self.inputs: list[Any] = []
+        self._staged: tuple[int | None, list[tuple[Any, ...]], list[Any]] | None = None
+
+    def _current(self) -> tuple[int | None, list[tuple[Any, ...]], list[Any]]:
+        return self._staged if self._staged is not None else (self.seq0, self.rows, self.inputs)
+
+    def _write(self, db: sqlite3.Connection, seq0: int | None, rows: list[tuple[Any, ...]], inputs: list[Any]) -> None:
+        if seq0 is None or not rows:
+            return
+        try:
+            data = segment_of(rows, inputs)
+        except Exception as exc:  # the rows stay readable from the predictions table
+            if self.on_error is not None:
+                self.on_error(len(rows), exc)
+            return
+        db.execute(_INSERT_SEGMENT, (seq0, len(rows), data))
+
+    def stage(self, db: sqlite3.Connection, seq0: int, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> None:
+        p0, prows, pinputs = self._current()
+        if prows and p0 is not None and seq0 != p0 + len(prows):  # another writer came in between
+            self._write(db, p0, prows, pinputs)
+            prows, pinputs = [], []
+        if not prows:
+            p0 = seq0
+        prows, pinputs = [*prows, *rows], [*pinputs, *inputs]
+        if len(prows) >= self.size:
+            self._write(db, p0, prows, pinputs)
+            p0, prows, pinputs = None, [], []
+        self._staged = (p0, prows, pinputs)
+
+    def stage_flush(self, db: sqlite3.Connection) -> None:
+        """Write the pending rows' segment whatever its size (at close)."""
+        p0, prows, pinputs = self._current()
+        self._write(db, p0, prows, pinputs)
+        self._staged = (None, [], [])
+
+    def commit(self) -> None:
+        if self._staged is not None:
+            self.seq0, self.rows, self.inputs = self._staged
+            self._staged = None
+
+    def rollback(self) -> None:
+        self._staged = None
+
+
+def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any],
+               segments: SegmentBuffer | None) -> None:
+    """Insert rows (:data:`PREDICTION_COLUMNS` + feature blob + set id) and the labels already known for them, and
+    stage them for a segment, inside the caller's transaction (which makes their ``seq`` consecutive)."""
     db.executemany(_INSERT, rows)
     (last,) = db.execute("select last_insert_rowid()").fetchone()
     seq0 = int(last) - len(rows) + 1
-    if segment is not None:
-        db.execute(_INSERT_SEGMENT, (seq0, len(rows), segment))
+    if segments is not None:
+        segments.stage(db, seq0, rows, inputs)
     if db.execute("select exists (select 1 from labels)").fetchone()[0]:  # a label may come before its event
         db.execute(LABEL_ROWS_FOR_PREDICTIONS, (seq0,))
 
@@ -448,4 +512,4 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["PREDICTION_COLUMNS", "PredictionLog", "iter_predictions", "read_labels", "read_predictions"]
+__all__ = ["PREDICTION_COLUMNS", "PredictionLog", "SegmentBuffer", "iter_predictions", "read_labels", "read_predictions"]
