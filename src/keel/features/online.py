@@ -239,7 +239,27 @@ class _EntityState:
         self.sums = self.label_sums = None  # rebuilt on first use
 
     def insert(self, t: int, event_id: str | None, vals: Mapping[str, float]) -> int:
-        i = bisect.bisect_right(self.times, t)
+        times = self.times
+        if not times or times[-1] <= t:  # the usual case, events in time order: appends only
+            i = len(times)
+            times.append(t)
+            self.ids.append(event_id)
+            if event_id is not None:
+                self.id_set.add(event_id)
+            sums = self.sums
+            for c, column in self.values.items():
+                v = vals.get(c, math.nan)
+                column.append(v)
+                if sums is not None:
+                    sums[c].push(v)
+            self.labels.append(0.0)
+            self.label_at.append(_NO_LABEL_AT)
+            label_sums = self.label_sums
+            if label_sums is not None:  # push(0.0): a finite zero adds nothing and counts as valid
+                label_sums.sums.append(label_sums.sums[-1])
+                label_sums.valid.append(label_sums.valid[-1] + 1)
+            return i
+        i = bisect.bisect_right(times, t)
         self.times.insert(i, t)
         self.ids.insert(i, event_id)
         if event_id is not None:
@@ -338,60 +358,87 @@ def _window_group(
     current: Mapping[str, float] | None,
     own: int | None,
     out: dict[str, float],
+    scaled: dict[str, tuple[int, int] | None] | None = None,
 ) -> None:
     """Window features sharing one window (same delay, length, include_current) for an event at ``t``.
 
     ``current`` is the event itself when it is not stored yet; ``own`` its index when it is. Counts, sums,
     means and label sums come from exact prefix sums (O(1) per window, the same numbers as ``math.fsum`` over
-    the window); std, min and max (and columns holding infinities) scan the window.
+    the window); std, min and max (and columns holding infinities) scan the window. ``scaled`` caches the
+    current event's values as :func:`_scaled` gives them, shared by the event's windows (NaN: None).
     """
+    times = state.times
     end = t - plan.delay_ns  # window_edges(): (t - delay - window, t - delay]
-    start = end - plan.window_ns
     if plan.zero_delay and own is not None:
         hi = own + 1 if plan.include_current else own
     else:
-        hi = bisect.bisect_right(state.times, end)
-    lo = min(bisect.bisect_right(state.times, start), hi)
+        hi = bisect.bisect_right(times, end)
+    lo = bisect.bisect_right(times, end - plan.window_ns)
+    if lo > hi:
+        lo = hi
     with_current = current is not None and plan.zero_delay and plan.include_current
-    count = hi - lo + (1 if with_current else 0)
+    count = hi - lo + 1 if with_current else hi - lo
     values: dict[str, list[float]] = {}
     label_total: float | None = None
+    sums: dict[str, _ExactPrefix] | None = None
     for name, aggregate, column, reads_label in plan.items:
         if aggregate == "count":
             out[name] = float(count)
             continue
-        total = m2 = mn = mx = 0.0
-        valid = 0
-        if column:
-            prefix = state.prefix()[column] if aggregate in ("sum", "mean") else None
-            if prefix is not None and prefix.exact:
-                now = current.get(column, math.nan) if with_current else None  # type: ignore[union-attr]
-                total, valid = _exact_total(prefix, lo, hi, now)
+        if column and (aggregate == "mean" or aggregate == "sum"):
+            if sums is None:
+                sums = state.sums if state.sums is not None else state.prefix()
+            prefix = sums[column]
+            if prefix.exact:
+                # _exact_total(prefix, lo, hi, current value) with the value's scaled form computed once
+                psums = prefix.sums
+                total = psums[hi] - psums[lo]
+                pvalid = prefix.valid
+                valid = pvalid[hi] - pvalid[lo]
+                shift = prefix.shift
+                if with_current:
+                    if scaled is None:
+                        scaled = {}
+                    if column in scaled:
+                        term = scaled[column]
+                    else:
+                        v = current.get(column, math.nan)  # type: ignore[union-attr]
+                        term = scaled[column] = _scaled(v) if v == v else None
+                    if term is not None:
+                        n, k = term
+                        if k > shift:
+                            total <<= k - shift
+                            shift = k
+                        total += n << (shift - k)
+                        valid += 1
+                value = total / (1 << shift) if total else 0.0
                 # _finish_scalar's rules for these two, without the call
                 if aggregate == "mean":
-                    out[name] = float(total) / valid if valid > 0 else math.nan
+                    out[name] = value / valid if valid > 0 else math.nan
                 else:
-                    out[name] = float(total) if valid else 0.0
+                    out[name] = value if valid else 0.0
                 continue
-            else:
-                if column not in values:
-                    window = [v for v in state.values[column][lo:hi] if v == v]  # v == v drops NaN
-                    if with_current:
-                        v = current.get(column, math.nan)  # type: ignore[union-attr]
-                        if v == v:
-                            window.append(v)
-                    values[column] = window
-                vals = values[column]
-                valid = len(vals)
-                if aggregate in ("sum", "mean"):
-                    total = math.fsum(vals)
-                elif aggregate == "std" and valid:
-                    mean = math.fsum(vals) / valid
-                    m2 = math.fsum((v - mean) ** 2 for v in vals)
-                elif aggregate == "min" and valid:
-                    mn = min(vals)
-                elif aggregate == "max" and valid:
-                    mx = max(vals)
+        total = m2 = mn = mx = 0.0
+        valid = 0
+        if column:  # the scanning path: std, min, max, and sums over a column holding infinities
+            if column not in values:
+                window = [v for v in state.values[column][lo:hi] if v == v]  # v == v drops NaN
+                if with_current:
+                    v = current.get(column, math.nan)  # type: ignore[union-attr]
+                    if v == v:
+                        window.append(v)
+                values[column] = window
+            vals = values[column]
+            valid = len(vals)
+            if aggregate in ("sum", "mean"):
+                total = math.fsum(vals)
+            elif aggregate == "std" and valid:
+                mean = math.fsum(vals) / valid
+                m2 = math.fsum((v - mean) ** 2 for v in vals)
+            elif aggregate == "min" and valid:
+                mn = min(vals)
+            elif aggregate == "max" and valid:
+                mx = max(vals)
         if reads_label and label_total is None:
             labels = state.label_prefix() if t >= state.late_label else None
             if labels is not None and labels.exact:
@@ -671,19 +718,25 @@ class OnlineStore:
                 parts.append(f"{name}: {v!r}")
         return "{" + ", ".join(parts) + "}"
 
-    def _add(self, event: Mapping[str, Any]) -> None:
+    def _add(self, event: Mapping[str, Any], seen: list[Any] | None = None) -> None:
+        """Add an event to its entities' state; ``seen`` is what :meth:`_compute` just saw of it (same lock
+        hold, nothing changed since), else everything is looked up here."""
         if not self._windows:
             return
-        t = self._event_time(event)
-        event_id = self._event_id(event)
+        if seen:
+            t, event_id, *parts = seen
+        else:
+            t = self._event_time(event)
+            event_id = self._event_id(event)
+            parts = [(entity, key, self._state(entity, key), None)
+                     for entity, key in ((e, self._entity_key(event, e)) for e in self._entities)]
         known: tuple[float, int] | None = None
         looked = False
-        for entity in self._entities:
-            key = self._entity_key(event, entity)
-            state = self._state(entity, key)
+        for entity, key, state, vals in parts:
             if event_id is not None and event_id in state.id_set:
                 continue  # idempotent: the same event twice counts once
-            vals = {c: _number(event.get(c)) for c in self._columns[entity]}
+            if vals is None:
+                vals = {c: _number(event.get(c)) for c in self._columns[entity]}
             if event_id is not None and not looked:  # one look-up per event, whatever the number of entities
                 known = self._known_label(event_id)
                 looked = True
@@ -806,8 +859,13 @@ class OnlineStore:
             values, stale, unknown = self._compute(event)
         return FeatureRow(dict(zip(self._names, values, strict=True)), stale, unknown)
 
-    def _compute(self, event: Mapping[str, Any]) -> tuple[list[float], list[str], list[str]]:
-        """(feature values in ``feature_names`` order, stale entities, unknown entities); hold the lock."""
+    def _compute(self, event: Mapping[str, Any], seen: list[Any] | None = None
+                 ) -> tuple[list[float], list[str], list[str]]:
+        """(feature values in ``feature_names`` order, stale entities, unknown entities); hold the lock.
+
+        ``seen`` (a list) receives what :meth:`_add` needs to stage the event right after without looking it up
+        again: ``[t, event_id, (entity, key, state, current values or None when stored), ...]``.
+        """
         out: dict[str, float] = {}
         stale: list[str] = []
         unknown: list[str] = []
@@ -818,7 +876,10 @@ class OnlineStore:
         if self._windows:
             t = self._event_time(event)
             event_id = self._event_id(event)
+            if seen is not None:
+                seen += (t, event_id)
             fresh = self._freshness_ns
+            scaled: dict[str, tuple[int, int] | None] = {}  # the event's values, scaled once for every window
             for entity in self._entities:
                 key = self._entity_key(event, entity)
                 state = self._state(entity, key)
@@ -833,7 +894,9 @@ class OnlineStore:
                 if own is None:
                     current = {c: _number(event.get(c)) for c in self._columns[entity]}
                 for plan in self._plans[entity]:
-                    _window_group(state, plan, t, current, own, out)
+                    _window_group(state, plan, t, current, own, out, scaled)
+                if seen is not None:
+                    seen.append((entity, key, state, current))
         for q in self._ratios:
             num = out[q.numerator] if q.numerator in out else _number(event.get(q.numerator))
             den = out[q.denominator] if q.denominator in out else _number(event.get(q.denominator))
@@ -857,8 +920,9 @@ class OnlineStore:
         nan_row = [math.nan] * len(self._names)
         with self._lock:
             for i, event in enumerate(events):
+                seen: list[Any] | None = [] if stage else None
                 try:
-                    values, st, _ = self._compute(event)
+                    values, st, _ = self._compute(event, seen)
                 except Exception as exc:
                     rows.append(nan_row)
                     failed[i] = True
@@ -869,7 +933,7 @@ class OnlineStore:
                 if stage:
                     self._staging = True
                     try:
-                        self._add(event)
+                        self._add(event, seen)
                     except Exception as exc:
                         errors.append((i, "update", exc))
                     finally:
