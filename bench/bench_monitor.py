@@ -221,7 +221,7 @@ def _timed(fn):  # type: ignore[no-untyped-def]
 def run_engine(engine: str, rows: int, features: int, work: Path) -> dict:
     from keel.monitor.profile import build_profile
 
-    ref, cur = _data(rows, features, current=engine != "keel-log")
+    ref, cur = _data(rows, features, current=not engine.startswith("keel-log"))
     names = feature_names(features)
     base_rss = _peak_mb()
     load = os.getloadavg()[0]

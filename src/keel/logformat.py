@@ -168,13 +168,22 @@ def read_feature_sets(conn: sqlite3.Connection) -> dict[int, list[str]]:
 SEGMENTS_DDL = ("create table if not exists prediction_segments"
                 " (seq0 integer primary key, n integer not null, data blob not null)")
 LABEL_ROWS_DDL = ("create table if not exists label_rows"
-                  " (seq integer primary key, label real not null, at text not null)")
+                  " (seq integer primary key, label real not null, at_us integer not null)")
 LABELS_AT_DDL = "create index if not exists labels_by_at on labels (at)"
-# Labels of new predictions (a label may arrive first) and predictions of new labels, joined by event id.
-LABEL_ROWS_FOR_PREDICTIONS = ("insert or replace into label_rows (seq, label, at) select p.seq, l.label, l.at"
-                              " from predictions p join labels l on l.event_id = p.event_id where p.seq >= ?")
-LABEL_ROWS_FOR_LABEL = ("insert or replace into label_rows (seq, label, at)"
-                        " select seq, ?, ? from predictions where event_id = ?")
+
+
+def _at_us(text: str) -> str:
+    """SQL: a time text as iso() writes it (``YYYY-MM-DDTHH:MM:SS.ffffff``) in integer microseconds since 1970."""
+    return f"(strftime('%s', substr({text}, 1, 19)) * 1000000 + cast(substr({text}, 21, 6) as integer))"
+
+
+# Labels of new predictions (a label may arrive first) and predictions of new labels, joined by event id; the
+# time a label became known as an integer, so a reader takes a range of them as numbers, not texts to parse.
+LABEL_ROWS_FOR_PREDICTIONS = ("insert or replace into label_rows (seq, label, at_us) select p.seq, l.label,"
+                              f" {_at_us('l.at')} from predictions p join labels l on l.event_id = p.event_id"
+                              " where p.seq >= ?")
+LABEL_ROWS_FOR_LABEL = ("insert or replace into label_rows (seq, label, at_us)"
+                        f" select seq, :label, {_at_us(':at')} from predictions where event_id = :event_id")
 SEGMENT_MAGIC = b"KSG1"
 _SEGMENT_BASE = ("request_id", "item", "time", "event_time", "event_id", "endpoint", "score", "decision",
                  "model_version", "fallback", "fallback_reason", "stale", "latency_ms")

@@ -1,5 +1,10 @@
 """Reading the prediction log fast and in bounded memory: what monitoring scans, a batch of rows at a time.
 
+The service also writes its rows as columnar segments (:mod:`keel.logformat`: typed arrays per column, one
+segment per few thousand rows) and keeps ``label_rows`` (labels keyed by ``seq``): rows a segment covers are read
+from it with ``np.frombuffer``, no text at all, and their labels by a range of ``seq``. What follows is how the
+rows no segment covers (older logs, the newest rows of a running service) are read.
+
 The log stores each row's features as one JSON text (``{"tx_amount":76.65,"tx_during_night":1.0,...}``). Decoding
 a million of them row by row (Python ``json.loads``, or SQLite's ``json_extract`` once per feature) is what made
 monitoring slow. Here SQLite does no JSON parsing on the common path: for a range of ``seq`` it concatenates, in
@@ -113,7 +118,7 @@ class _SegmentBatch:
     lo: int
     hi: int
     segments: list[tuple[int, int, bytes]]
-    labels: list[tuple[int, float, str]]
+    labels: list[tuple[int, float, int]]
 
     @property
     def rows(self) -> int:
@@ -198,7 +203,7 @@ class _Query:
         try:
             segments = db.execute("select seq0, n, data from prediction_segments where seq0 >= ? and seq0 < ?"
                                   " order by seq0", (lo, hi)).fetchall()
-            labels = db.execute("select seq, label, at from label_rows where seq >= ? and seq < ? order by seq",
+            labels = db.execute("select seq, label, at_us from label_rows where seq >= ? and seq < ? order by seq",
                                 (lo, hi)).fetchall() if self.labels else []
         except sqlite3.Error as exc:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
@@ -560,7 +565,7 @@ def _segment_frame(q: _Query, b: _SegmentBatch) -> pd.DataFrame:
         if b.labels:
             pos = np.searchsorted(seq, np.array([r[0] for r in b.labels], dtype=np.int64))
             label[pos] = [r[1] for r in b.labels]
-            at[pos] = np.array([r[2] for r in b.labels], dtype="datetime64[us]").view(np.int64)
+            at[pos] = [r[2] for r in b.labels]
         out["label"] = cut(label)
         out["at"] = cut(at.view("datetime64[us]").astype("datetime64[ns]"))
     if q.features:

@@ -9,6 +9,9 @@ Tables::
     predictions(seq, request_id, item, time, event_time, event_id, endpoint, inputs, features, score,
                 decision, model_version, fallback, fallback_reason, stale, latency_ms)
     labels(event_id, label, at, received)
+    feature_sets(id, names)                      # the rows' binary feature column (keel.logformat)
+    prediction_segments(seq0, n, data)           # the rows again, columnar, per 4096 rows (keel.logformat)
+    label_rows(seq, label, at)                   # labels joined to their predictions, kept at each write
 
 Times are ISO-8601 text in UTC without offset (they sort as text). ``inputs`` and ``features`` are JSON.
 
@@ -391,7 +394,8 @@ def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: 
 def write_labels(db: sqlite3.Connection, labels: Sequence[tuple[str, float, str | None, str | None]]) -> None:
     """Upsert ``(event_id, label, at, received)`` rows and their label rows, inside the caller's transaction."""
     db.executemany(_LABEL_UPSERT, labels)
-    db.executemany(LABEL_ROWS_FOR_LABEL, [(label, at, event_id) for event_id, label, at, _ in labels])
+    db.executemany(LABEL_ROWS_FOR_LABEL, [{"label": label, "at": at, "event_id": event_id}
+                                          for event_id, label, at, _ in labels])
 
 
 def _prediction_row(record: Mapping[str, Any]) -> tuple[Any, ...]:
