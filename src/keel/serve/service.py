@@ -197,6 +197,7 @@ class Service:
         self._group: _GroupCommit | None = None
         self._pool_only: set[str] = set()  # versions that overran their budget inline: pool from now on
         self._overruns = 0  # consecutive inline answers over budget
+        self._children: dict[tuple[str, Any], Any] = {}  # labelled metric children, by (metric, label)
         self._poller: asyncio.Task[None] | None = None
         self.predlog: PredictionLog | None = None
 
@@ -528,13 +529,20 @@ class Service:
         for score in scores:
             if score is not None:
                 observe(score)
-        for reason, k in Counter(r for r in reasons if r is not None).items():
-            m.fallbacks.labels(reason).inc(k)
-        for decision, k in Counter(decisions).items():
-            m.decisions.labels(decision).inc(k)
-        stale_count = sum(stale)
-        if stale_count:
-            m.stale.inc(stale_count)
+        children = self._children
+        if len(scores) == 1:  # one event: no Counter to build
+            counts: Any = ((("fallbacks", reasons[0]), 1),) if reasons[0] is not None else ()
+            counts = (*counts, (("decisions", decisions[0]), 1))
+        else:
+            counts = Counter([*(("fallbacks", r) for r in reasons if r is not None),
+                              *(("decisions", d) for d in decisions)]).items()
+        for key, k in counts:
+            child = children.get(key)
+            if child is None:  # labelled children cached: .labels() takes a lock and builds a key each time
+                child = children[key] = getattr(m, key[0]).labels(key[1])
+            child.inc(k)
+        if any(stale):
+            m.stale.inc(sum(stale))
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime | None]]) -> tuple[int, int]:
         """Feed late labels to the online store (label features) and the prediction log (monitoring)."""
