@@ -216,3 +216,38 @@ def test_non_finite_feature_values_read_as_missing_as_in_the_json_text(tmp_path:
     assert np.isnan(got.loc[3, "amount"]) and np.isnan(got.loc[3, "night"]) and got.loc[3, "nb_tx"] == 0.0
     _junk_rows(path)
     _same(_read(path, 1000), want)
+
+
+def test_backfilled_segments_of_an_old_log_read_as_its_rows(tmp_path: Path) -> None:
+    from keel.serve.predlog import backfill_segments
+
+    path = tmp_path / "p.sqlite"
+    records = _records()
+    with PredictionLog(path) as log:
+        log.append_many(records[:50])
+        log.add_labels(_labels(range(120)))
+    _drop = _rows_only(path)  # the previous format: rows only (no segments, no label rows)
+    with sqlite3.connect(_drop) as db:
+        db.execute("update predictions set features_f64 = null, feature_set = null where seq % 3 = 0")  # JSON only
+        db.execute("delete from predictions where seq = 20")  # a gap in seq
+    db.close()
+    with PredictionLog(_drop, segment_rows=8) as log:  # an upgraded service appends: 16 + 4 rows in segments
+        log.append_many(records[50:70])
+    want = _read(_rows_only(_drop), 6)
+    assert backfill_segments(_drop, segment_rows=16) == 49
+    assert backfill_segments(_drop, segment_rows=16) == 0  # idempotent
+    with sqlite3.connect(_drop) as db:
+        spans = db.execute("select seq0, n from prediction_segments order by seq0").fetchall()
+    db.close()
+    assert sum(n for _, n in spans) == 69 and (21, 16) in spans and (1, 16) in spans
+    for batch_rows in (6, 1000):
+        _same(_read(_drop, batch_rows), want)
+    _junk_rows(_drop)
+    _same(_read(_drop, 1000), want)
+    # A segment overlapping another (two writers covered the same rows) is skipped, whatever it holds.
+    with sqlite3.connect(_drop) as db:
+        (data,) = db.execute("select data from prediction_segments where seq0 = 21").fetchone()
+        db.execute("insert into prediction_segments (seq0, n, data) values (25, 16, ?)", (data,))
+    db.close()
+    _same(_read(_drop, 1000), want)
+    _same(_read(_drop, 7), want)

@@ -195,14 +195,15 @@ class _Query:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
         return _Batch(lo, hi, int(n), int(irregular or 0), base or b"", feats, inputs, blobs, linputs)
 
-    def fetch(self, db: sqlite3.Connection, task: tuple[str, int, int]) -> _Batch | _SegmentBatch:
+    def fetch(self, db: sqlite3.Connection, task: tuple[Any, ...]) -> _Batch | _SegmentBatch:
         """One planned task: a range of rows (``"rows"``) or of consecutive segments (``"segments"``)."""
-        kind, lo, hi = task
+        kind, lo, hi = task[:3]
         if kind == "rows":
             return self.run(db, lo, hi)
         try:
-            segments = db.execute("select seq0, n, data from prediction_segments where seq0 >= ? and seq0 < ?"
-                                  " order by seq0", (lo, hi)).fetchall()
+            wanted = set(task[3])
+            segments = [r for r in db.execute("select seq0, n, data from prediction_segments where seq0 >= ? and"
+                                              " seq0 < ? order by seq0", (lo, hi)) if r[0] in wanted]
             labels = db.execute("select seq, label, at_us from label_rows where seq >= ? and seq < ? order by seq",
                                 (lo, hi)).fetchall() if self.labels else []
         except sqlite3.Error as exc:
@@ -581,30 +582,33 @@ def _segment_frame(q: _Query, b: _SegmentBatch) -> pd.DataFrame:
     return pd.DataFrame(out, copy=False)
 
 
-def _plan(db: sqlite3.Connection, first: int, last: int, batch_rows: int) -> list[tuple[str, int, int]]:
+def _plan(db: sqlite3.Connection, first: int, last: int, batch_rows: int) -> list[tuple[Any, ...]]:
     """The tasks reading ``first <= seq <= last`` in order: runs of consecutive segments of about ``batch_rows``
-    rows, and ranges of the rows no segment covers."""
+    rows (with the ``seq0`` of each), and ranges of the rows no segment covers. A segment overlapping the one
+    before it (two writers that both covered some rows) is left out: the rows it adds are read from the rows."""
     segments = db.execute("select seq0, n from prediction_segments where seq0 <= ? and seq0 + n > ? order by seq0",
                           (last, first)).fetchall()
-    tasks: list[tuple[str, int, int]] = []
+    tasks: list[tuple[Any, ...]] = []
 
     def rows(lo: int, hi: int) -> None:
         tasks.extend(("rows", a, min(a + batch_rows, hi)) for a in range(lo, hi, batch_rows))
 
     at = first
-    run_lo, run_rows = None, 0
+    run: list[int] = []
+    run_rows, prev_end = 0, None
     for s0, n in segments:
-        if run_lo is not None and (s0 > at or run_rows + n > batch_rows):
-            tasks.append(("segments", run_lo, at))
-            run_lo, run_rows = None, 0
+        if prev_end is not None and s0 < prev_end:
+            continue
+        if run and (s0 > at or run_rows + n > batch_rows):
+            tasks.append(("segments", run[0], at, tuple(run)))
+            run, run_rows = [], 0
         if s0 > at:
             rows(at, s0)
-        if run_lo is None:
-            run_lo = s0
+        run.append(s0)
         run_rows += n
-        at = max(at, s0 + n)
-    if run_lo is not None:
-        tasks.append(("segments", run_lo, at))
+        at = prev_end = max(at, s0 + n)
+    if run:
+        tasks.append(("segments", run[0], at, tuple(run)))
     rows(at, last + 1)
     return tasks
 
@@ -688,7 +692,7 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
                 yield frame if "seq" in columns else frame.drop(columns=["seq"])
 
 
-def _batches(path: Path, q: _Query, ranges: list[tuple[str, int, int]], prefetch: bool
+def _batches(path: Path, q: _Query, ranges: list[tuple[Any, ...]], prefetch: bool
              ) -> Iterator[_Batch | _SegmentBatch]:
     """The ranges' batches in order. With ``prefetch``, worker threads (one per core, at most two) query them
     ahead, each its own connection and every other range (SQLite releases the GIL while it runs), and hand
