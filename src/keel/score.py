@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keel.data.contracts import type_family
@@ -148,7 +149,7 @@ class _ScoreStats:
         self.hist = np.zeros(_BINS, dtype=np.int64)
         self.decisions: dict[str, int] = {}
 
-    def add(self, scores: np.ndarray, decisions: np.ndarray) -> None:
+    def add(self, scores: np.ndarray, decisions: np.ndarray | pa.Array | pa.ChunkedArray) -> None:
         if len(scores) == 0:
             return
         finite = scores[np.isfinite(scores)]
@@ -159,7 +160,11 @@ class _ScoreStats:
             self.high = max(self.high, float(finite.max()))
             idx = np.clip((finite * _BINS).astype(np.int64), 0, _BINS - 1)
             self.hist += np.bincount(idx, minlength=_BINS)
-        for v, c in pd.Series(decisions, dtype=object).value_counts(sort=False).items():
+        if isinstance(decisions, pa.Array | pa.ChunkedArray):  # the written column: counted in Arrow's C++
+            pairs = [(d["values"], d["counts"]) for d in pc.value_counts(decisions).to_pylist()]
+        else:
+            pairs = list(pd.Series(decisions, dtype=object).value_counts(sort=False).items())
+        for v, c in pairs:
             self.decisions[str(v)] = self.decisions.get(str(v), 0) + int(c)
 
     def fill(self, summary: ScoreSummary) -> None:
@@ -565,7 +570,7 @@ def _score_local(
                                          model_version)
                     schema = table.schema
                     outputs.write(table)
-                    stats.add(scores, decisions)
+                    stats.add(scores, table.column(DECISION))
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from keel.artifact import DecisionModel
@@ -76,13 +77,14 @@ def test_specs_and_schemas_that_cannot_score_are_refused() -> None:
         plan_scoring(SPEC, SCHEMA | {"tx_fraud": "VARCHAR"}, MODEL, source="t")
 
 
-def test_summary_statistics_stream_over_chunks() -> None:
+@pytest.mark.parametrize("arrow", [False, True])
+def test_summary_statistics_stream_over_chunks(arrow: bool) -> None:
     rng = np.random.default_rng(0)
     scores = rng.beta(1, 8, 50_000)
     decisions = np.where(scores >= 0.3, "review", "approve").astype(object)
     stats = _ScoreStats()
     for part in np.array_split(np.arange(len(scores)), 7):
-        stats.add(scores[part], decisions[part])
+        stats.add(scores[part], pa.array(decisions[part]) if arrow else decisions[part])
     summary = ScoreSummary("local", "1", "in", "out", "rej", "sum")
     stats.fill(summary)
     assert summary.decisions == {"approve": int((scores < 0.3).sum()), "review": int((scores >= 0.3).sum())}
