@@ -265,11 +265,18 @@ def _convert(values: list[Any]) -> np.ndarray:
     return s.to_numpy()
 
 
+def _as_objects(values: np.ndarray) -> np.ndarray:
+    """Floats as objects, NaN as None (how an object column spells missing)."""
+    out = values.astype(object)
+    out[np.isnan(values)] = None
+    return out
+
+
 def _place(n: int, pos: np.ndarray, values: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
     if into is None:
         into = np.full(n, np.nan) if values.dtype == np.float64 else np.full(n, None, dtype=object)
     elif values.dtype != np.float64 and into.dtype == np.float64:
-        into = np.where(np.isnan(into), None, into.astype(object))
+        into = _as_objects(into)
     into[pos] = values
     return into
 
@@ -487,7 +494,7 @@ def _seg_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray]:
         for f in q.features:
             arrays = [p[f] for p in parts]
             if any(a.dtype != np.float64 for a in arrays):
-                arrays = [a if a.dtype != np.float64 else np.where(np.isnan(a), None, a.astype(object)) for a in arrays]
+                arrays = [a if a.dtype != np.float64 else _as_objects(a) for a in arrays]
             out[f] = np.concatenate(arrays)
         return out
     records = [d if isinstance(d, dict) else {} for d in segs[0].column("features.json")]
