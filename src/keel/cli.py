@@ -667,6 +667,37 @@ def retrain(
     out.print(result.summary(), soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------------------------------- log
+log_app = typer.Typer(help="The prediction log: maintenance.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
+
+
+@log_app.command("backfill")
+@handles_errors
+def log_backfill(
+    spec: SpecOpt = Path("keel.toml"),
+    log: Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")] = None,
+    segment_rows: Annotated[int, typer.Option(min=1, help="Rows per columnar segment.")] = 4096,
+) -> None:
+    """Give rows logged before columnar segments existed their segments, so monitoring reads them without parsing.
+
+    One-time and offline: run it while no service writes the log. Example: [bold]keel log backfill -s keel.toml[/]
+    """
+    from keel.serve.predlog import backfill_segments
+
+    if log is None:
+        s = _load(spec)
+        log = s.store_path(s.serving.prediction_log)
+    path = log
+    if not Path(path).is_file():
+        out.print(f"[red]No prediction log at {path}[/]: serve some traffic first, or pass --log PATH.")
+        raise typer.Exit(2)
+    t0 = time.perf_counter()
+    with out.status("Writing columnar segments..."):
+        covered = backfill_segments(path, segment_rows=segment_rows)
+    out.print(f"{covered:,} rows newly covered by segments in {time.perf_counter() - t0:.1f} s ({path}).")
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 pipeline_app = typer.Typer(help="The lifecycle as a cached DAG: validate, features, train, score, monitor.",
                            no_args_is_help=True)

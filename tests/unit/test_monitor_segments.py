@@ -251,3 +251,28 @@ def test_backfilled_segments_of_an_old_log_read_as_its_rows(tmp_path: Path) -> N
     db.close()
     _same(_read(_drop, 1000), want)
     _same(_read(_drop, 7), want)
+
+
+def test_cli_log_backfill_covers_an_old_log_and_refuses_a_missing_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from keel.cli import app
+
+    path = tmp_path / "p.sqlite"
+    with PredictionLog(path) as log:
+        log.append_many(_records(40))
+        log.add_labels(_labels(range(40)))
+    old = _rows_only(path)
+    want = _read(old, 1000)
+    runner = CliRunner()
+    done = runner.invoke(app, ["log", "backfill", "--log", str(old), "--segment-rows", "16"])
+    assert done.exit_code == 0, done.output
+    assert "40 rows newly covered" in done.output
+    with sqlite3.connect(old) as db:
+        assert db.execute("select sum(n) from prediction_segments").fetchone()[0] == 40
+    db.close()
+    _same(_read(old, 1000), want)
+    missing = tmp_path / "none.sqlite"
+    refused = runner.invoke(app, ["log", "backfill", "--log", str(missing)])
+    assert refused.exit_code == 2 and "No prediction log" in refused.output
+    assert not missing.exists()
