@@ -237,7 +237,7 @@ def test_inline_model_over_budget_falls_back_then_scores_in_the_pool(tmp_path: P
         fast = c.post("/v1/predict", json=event).json()
         assert fast["fallback"] is False and fast["score"] is not None
         slow = SlowForest(forest)
-        model._forest = slow
+        model._forest, model._forests = slow, [slow]  # compiled() and the scoring path both see it
         for i in range(4):
             body = c.post("/v1/predict", json={**event, "transaction_id": 10 + i}).json()
             assert body["fallback_reason"] == "model_timeout" and body["score"] is None
