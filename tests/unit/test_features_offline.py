@@ -289,3 +289,30 @@ def test_history_rows_before_first_row_are_read_but_not_computed(first_row: int,
 def test_first_row_outside_the_frame_is_refused() -> None:
     with pytest.raises(FeatureError, match=r"first_row must be between 0 and the 10 rows of the frame\. Got 11"):
         compute_features(random_events(1, n=10), DEFS, timestamp="ts", label="y", first_row=11)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # cents, and the same on a 1e-4 grid
+def test_std_of_a_tight_window_far_from_the_entitys_first_value_keeps_its_digits(scale: float) -> None:
+    """999.99, 1000.00, ... after a first value of 0: a one-pass float sum of squares lost ~1e-8 of a 0.007 std
+    (more than the online store's two-pass sum differs by; found by the online/offline property test)."""
+    import math
+
+    amounts = [0.0, 0.01, 999.99, 1000.0, 1000.0, 999.98, 1000.0, None, 1000.01]
+    minutes = [0, 1, 300, 301, 302, 303, 304, 305, 306]
+    values = [None if a is None else round(a / scale, 6) for a in amounts]
+    frame = pd.DataFrame({
+        "id": range(len(values)),
+        "ts": pd.Timestamp("2024-01-01") + pd.to_timedelta(minutes, unit="m"),
+        "card": 1,
+        "amount": pd.array(values, dtype="Float64").astype(float),
+    })
+    d = WindowDefinition(name="s", entity="card", aggregate="std", column="amount", window=timedelta(hours=1))
+    got = compute_features(frame, [d], timestamp="ts")["s"].to_numpy()
+    for i, m in enumerate(minutes):
+        window = [x for x, t in zip(values, minutes, strict=True) if m - 60 < t <= m and x is not None]
+        if len(window) < 2:
+            assert np.isnan(got[i])
+            continue
+        mean = math.fsum(window) / len(window)
+        want = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / (len(window) - 1))
+        assert got[i] == pytest.approx(want, rel=1e-9, abs=0), (i, got[i], want)

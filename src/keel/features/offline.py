@@ -391,6 +391,45 @@ def _first_value_per_group(sorted_codes: np.ndarray, v: np.ndarray) -> np.ndarra
     return np.repeat(shift, np.diff(np.r_[starts, n]))
 
 
+def _window_m2(v: np.ndarray, sorted_codes: np.ndarray, lo: np.ndarray, hi: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per window, the sum of squared deviations of its non-null values from their mean (``std``'s numerator).
+
+    Values on a decimal grid (money, counts) use exact integer sums of the values and their squares, each centred
+    on its entity's first value: S2 - S1**2/n is then taken as an exact integer minus a remainder below n, so
+    a window whose spread is tiny against its level (999.99, 1000.00) keeps every digit, as the online store's
+    two-pass sum does. Other values use float prefix sums of the centred values, good to about one rounding of
+    the window's squared level.
+    """
+    present = ~np.isnan(v)
+    shift = _first_value_per_group(sorted_codes, v)
+    values = v[present]
+    if len(values) and np.isfinite(values).all():
+        for decimals in (1.0, 100.0, 10_000.0):
+            grid = np.rint(np.where(present, v, 0.0) * decimals)
+            if not np.array_equal(grid[present] / decimals, values):
+                continue
+            dev = np.where(present, grid - np.rint(shift * decimals), 0.0)
+            biggest = float(np.max(np.abs(dev)))
+            if biggest * biggest * len(dev) >= 2.0**60:
+                break  # squares would overflow int64: the float path below
+            d = dev.astype(np.int64)
+            p1 = np.zeros(len(d) + 1, dtype=np.int64)
+            p2 = np.zeros(len(d) + 1, dtype=np.int64)
+            np.cumsum(d, out=p1[1:])
+            np.cumsum(d * d, out=p2[1:])
+            s1, s2 = p1[hi] - p1[lo], p2[hi] - p2[lo]
+            n = np.maximum(np.asarray(valid, dtype=np.int64), 1)
+            q = np.floor_divide(s1, n)
+            r = s1 - q * n  # s1 = q*n + r with 0 <= r < n, so s1**2/n = q*q*n + 2*q*r + r*r/n
+            whole = s2 - q * q * n - 2 * q * r
+            return (whole.astype(np.float64) - r.astype(np.float64) ** 2 / n) / (decimals * decimals)
+    centred = np.where(present, v - shift, 0.0)
+    s1 = _Prefix.of(centred).range_sum(lo, hi)
+    s2 = _Prefix.of(centred * centred).range_sum(lo, hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return s2 - np.where(valid > 0, s1 * s1 / np.maximum(valid, 1), 0.0)
+
+
 def _window_block(
     frame: pd.DataFrame,
     defs: list[WindowDefinition],
@@ -466,11 +505,7 @@ def _window_block(
             if d.aggregate in ("sum", "mean"):
                 total = sums.range_sum(lo, hi)
             elif d.aggregate == "std":
-                centred = np.where(np.isnan(v), 0.0, v - _first_value_per_group(codes[order], v))
-                s1 = _Prefix.of(centred).range_sum(lo, hi)
-                s2 = _Prefix.of(centred * centred).range_sum(lo, hi)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    m2 = s2 - np.where(valid > 0, s1 * s1 / np.maximum(valid, 1), 0.0)
+                m2 = _window_m2(v, codes[order], lo, hi, valid)
             elif d.aggregate == "min":
                 mn = _range_reduce(np.where(np.isnan(v), np.inf, v), lo, hi, np.minimum)
                 mn = np.where(np.isinf(mn), np.nan, mn)
