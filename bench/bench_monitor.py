@@ -325,9 +325,14 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
             t = by.get(name, {}).get("seconds")
             if t:
                 x, xc = ev["seconds"] / t, ev["cpu_seconds"] / by[name]["cpu_seconds"]
-                lines.append(f"- Goal: >= {GOAL_SPEEDUP:g}x Evidently's preset: {name} **{x:.1f}x** by wall "
-                             f"({'met' if x >= GOAL_SPEEDUP else 'not met'}), **{xc:.1f}x** by CPU "
-                             f"({'met' if xc >= GOAL_SPEEDUP else 'not met'}).")
+                if name == "keel-table":  # the goal's comparison: the same frames in memory, drift only
+                    lines.append(f"- Goal: >= {GOAL_SPEEDUP:g}x Evidently's preset on the same data: {name} "
+                                 f"**{x:.1f}x** by wall ({'met' if x >= GOAL_SPEEDUP else 'not met'}), "
+                                 f"**{xc:.1f}x** by CPU ({'met' if xc >= GOAL_SPEEDUP else 'not met'}).")
+                else:
+                    lines.append(f"- For scale, not the goal's comparison: {name} reads the log from disk and also "
+                                 f"computes performance and operations, while Evidently gets the frames in memory "
+                                 f"and computes drift only: {x:.1f}x Evidently by wall, {xc:.1f}x by CPU.")
     kl_r = by.get("keel-log", {})
     if kl_r.get("rows"):
         lines.append(f"- keel-log read {kl_r['rows']:,} rows in {kl_r['windows']} windows, {kl_r['labelled']:,} "
