@@ -282,6 +282,10 @@ class Serving(_Section):
     prediction_log: str = Field("predictions.sqlite", description="Relative to state_dir.")
     log_flush_rows: int = Field(256, ge=1)
     log_flush_ms: float = Field(200.0, gt=0)
+    keep_alive_seconds: int = Field(
+        75, ge=1, description="How long an idle client connection stays open. Keep it longer than the idle timeout "
+        "of any proxy or load balancer in front: when the server closes first, a request sent on the closing "
+        "connection is reset.")
 
 
 class Trigger(_Section):

@@ -71,3 +71,23 @@ def test_uvicorn_process_answers_and_flushes_its_log_on_sigterm(project: Path, m
     assert '"request_id":"live-1"' in logs and "uvicorn-test-key" not in logs
     logged = read_predictions(project / ".keel" / "predictions.sqlite")
     assert logged["request_id"].tolist() == ["live-1"]
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(None, 75), (120, 120)])
+def test_keel_serve_keeps_idle_connections_open_past_a_proxys_idle_timeout(
+        project: Path, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        configured: int | None, expected: int) -> None:
+    """uvicorn's 5 s default closes connections a client or proxy is about to reuse (resets under load)."""
+    import uvicorn
+
+    from keel.serve import app as serve_app
+    from keel.spec import load_spec
+
+    if configured is not None:
+        text = (project / "keel.toml").read_text().replace("[serving]", f"[serving]\nkeep_alive_seconds = {configured}")
+        (project / "keel.toml").write_text(text)
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(serve_app, "configure_logging", lambda level: None)  # leave this process's loggers alone
+    serve_app.run(load_spec(project / "keel.toml"), model_path=model_dirs["a"], log_level="warning")
+    assert [c["timeout_keep_alive"] for c in calls] == [expected]
