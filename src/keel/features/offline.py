@@ -218,6 +218,16 @@ def ratio_feature(numerator: Any, denominator: Any) -> Any:
 
 
 # --- exact-ish prefix sums ---------------------------------------------------------------------------------
+def _decimal_grid(x: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """``(decimals, rint(x * decimals))`` for the first of 1, 100, 10,000 that puts every value of ``x`` exactly
+    on an integer grid (counts, labels, cents, basis points), or None."""
+    for decimals in (1.0, 100.0, 10_000.0):
+        grid = np.rint(x * decimals)
+        if np.array_equal(grid / decimals, x):
+            return decimals, grid
+    return None
+
+
 @dataclass(frozen=True)
 class _Prefix:
     """Prefix sums as an exact int64 part (values on a decimal or 2**-k grid) plus a small float residual."""
@@ -235,14 +245,12 @@ class _Prefix:
         if biggest == 0.0 or not math.isfinite(total):
             return cls(np.zeros(len(x) + 1, dtype=np.int64), None, 1.0, 1.0)
         # Decimal data (counts, labels, cents) sums exactly in integers: the window sum is correctly rounded.
-        for decimals in (1.0, 100.0, 10_000.0):
-            if total * decimals >= 2.0**62:
-                break
-            grid = np.rint(x * decimals)
-            if np.array_equal(grid / decimals, x):
-                whole = np.zeros(len(x) + 1, dtype=np.int64)
-                np.cumsum(grid.astype(np.int64), out=whole[1:])
-                return cls(whole, None, 1.0, decimals)
+        on_grid = _decimal_grid(x)
+        if on_grid is not None and total * on_grid[0] < 2.0**62:
+            decimals, grid = on_grid
+            whole = np.zeros(len(x) + 1, dtype=np.int64)
+            np.cumsum(grid.astype(np.int64), out=whole[1:])
+            return cls(whole, None, 1.0, decimals)
         k = min(52 - math.frexp(biggest)[1], 62 - math.frexp(total)[1])
         step = math.ldexp(1.0, -k)
         grid = np.rint(x / step)
@@ -402,16 +410,12 @@ def _window_m2(v: np.ndarray, sorted_codes: np.ndarray, lo: np.ndarray, hi: np.n
     """
     present = ~np.isnan(v)
     shift = _first_value_per_group(sorted_codes, v)
-    values = v[present]
-    if len(values) and np.isfinite(values).all():
-        for decimals in (1.0, 100.0, 10_000.0):
-            grid = np.rint(np.where(present, v, 0.0) * decimals)
-            if not np.array_equal(grid[present] / decimals, values):
-                continue
-            dev = np.where(present, grid - np.rint(shift * decimals), 0.0)
-            biggest = float(np.max(np.abs(dev)))
-            if biggest * biggest * len(dev) >= 2.0**60:
-                break  # squares would overflow int64: the float path below
+    on_grid = _decimal_grid(np.where(present, v, 0.0)) if np.isfinite(v[present]).all() else None
+    if on_grid is not None:
+        decimals, grid = on_grid
+        dev = np.where(present, grid - np.rint(shift * decimals), 0.0)
+        biggest = float(np.max(np.abs(dev))) if len(dev) else 0.0
+        if biggest * biggest * len(dev) < 2.0**60:  # else squares would overflow int64: the float path below
             d = dev.astype(np.int64)
             p1 = np.zeros(len(d) + 1, dtype=np.int64)
             p2 = np.zeros(len(d) + 1, dtype=np.int64)
