@@ -38,7 +38,6 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 DAYS = 10
 WRITE_BATCH = 256  # the service's default write batch (serving.log_flush_rows)
-SEGMENT_ROWS = 4096  # and its rows per columnar segment (PredictionLog's default)
 REF_ROWS = 200_000
 
 
@@ -114,6 +113,7 @@ def _write_log(path: Path, cur: pd.DataFrame, features: list[str], label_delay: 
     from keel.logformat import feature_blob, feature_set_id
     from keel.serve.predlog import (
         PREDICTION_COLUMNS,
+        SEGMENT_ROWS,
         SegmentBuffer,
         _prediction_row,
         connect,

@@ -677,25 +677,25 @@ app.add_typer(log_app, name="log")
 def log_backfill(
     spec: SpecOpt = Path("keel.toml"),
     log: Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")] = None,
-    segment_rows: Annotated[int, typer.Option(min=1, help="Rows per columnar segment.")] = 4096,
+    segment_rows: Annotated[int | None, typer.Option(
+        min=1, help="Rows per columnar segment (default: the service's).")] = None,
 ) -> None:
     """Give rows logged before columnar segments existed their segments, so monitoring reads them without parsing.
 
     One-time and offline: run it while no service writes the log. Example: [bold]keel log backfill -s keel.toml[/]
     """
-    from keel.serve.predlog import backfill_segments
+    from keel.serve.predlog import SEGMENT_ROWS, backfill_segments
 
     if log is None:
         s = _load(spec)
         log = s.store_path(s.serving.prediction_log)
-    path = log
-    if not Path(path).is_file():
-        out.print(f"[red]No prediction log at {path}[/]: serve some traffic first, or pass --log PATH.")
+    if not log.is_file():
+        out.print(f"[red]No prediction log at {log}[/]: serve some traffic first, or pass --log PATH.")
         raise typer.Exit(2)
     t0 = time.perf_counter()
     with out.status("Writing columnar segments..."):
-        covered = backfill_segments(path, segment_rows=segment_rows)
-    out.print(f"{covered:,} rows newly covered by segments in {time.perf_counter() - t0:.1f} s ({path}).")
+        covered = backfill_segments(log, segment_rows=segment_rows or SEGMENT_ROWS)
+    out.print(f"{covered:,} rows newly covered by segments in {time.perf_counter() - t0:.1f} s ({log}).")
 
 
 # ----------------------------------------------------------------------------------------------- pipeline

@@ -97,6 +97,7 @@ _LABEL_UPSERT = (
     " do update set label = excluded.label, at = excluded.at, received = excluded.received"
 )
 _INSERT_SEGMENT = "insert into prediction_segments (seq0, n, data) values (?, ?, ?)"
+SEGMENT_ROWS = 4096  # rows per columnar segment: 16 write batches of 256, decoded in one np.frombuffer each
 _STOP = object()
 
 
@@ -139,7 +140,7 @@ class PredictionLog:
     """
 
     def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
-                 max_queue: int = 1_000_000, segment_rows: int = 4096) -> None:
+                 max_queue: int = 1_000_000, segment_rows: int = SEGMENT_ROWS) -> None:
         self.path = Path(path)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
@@ -328,7 +329,7 @@ class SegmentBuffer:
     transaction did. Rows whose segment is never written (a crash, a failed encoding) are read from their rows.
     """
 
-    def __init__(self, size: int = 4096, on_error: Any = None) -> None:
+    def __init__(self, size: int = SEGMENT_ROWS, on_error: Any = None) -> None:
         self.size = max(1, int(size))
         self.on_error = on_error
         self.seq0: int | None = None
@@ -420,7 +421,7 @@ def _prediction_row(record: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def backfill_segments(path: str | Path, *, segment_rows: int = 4096) -> int:
+def backfill_segments(path: str | Path, *, segment_rows: int = SEGMENT_ROWS) -> int:
     """Write the columnar segments of the rows no segment covers (a log written before segments existed), so
     monitoring reads them without parsing text. Returns the number of rows newly covered.
 
@@ -579,4 +580,4 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["PREDICTION_COLUMNS", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "read_labels", "read_predictions"]
+__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "read_labels", "read_predictions"]
