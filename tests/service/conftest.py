@@ -26,6 +26,27 @@ def flagship_content() -> dict[str, Any]:
     return tomllib.loads(FLAGSHIP.read_text())
 
 
+class FixedProvider:
+    """One model, always: a provider for tests that need a model but no registry."""
+
+    alias = "fixed"
+
+    def __init__(self, model: DecisionModel) -> None:
+        self.model = model
+
+    def resolve(self) -> str:
+        return "fixed-1"
+
+    def load(self, version_label: str) -> DecisionModel:
+        return self.model
+
+    def current(self) -> tuple[str, DecisionModel]:
+        return "fixed-1", self.model
+
+    def describe(self, version_label: str) -> dict[str, Any]:
+        return {}
+
+
 def make_spec(root: Path, *, serving: dict[str, Any] | None = None, features: dict[str, Any] | None = None,
               data: dict[str, Any] | None = None) -> Spec:
     """The flagship spec with state under ``root`` and section overrides (polling off unless asked)."""

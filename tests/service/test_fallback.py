@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import make_spec
+from conftest import FixedProvider, make_spec
 from keel.artifact import DecisionModel
 from keel.errors import ServingError
 from keel.serve import FallbackRule, PathProvider, create_app
@@ -33,25 +33,6 @@ class Switchable:
             return np.full((len(x), 2), np.nan)
         p = self.inner.raw_scores(x)
         return np.c_[1 - p, p]
-
-
-class FixedProvider:
-    alias = "fixed"
-
-    def __init__(self, model: DecisionModel) -> None:
-        self.model = model
-
-    def resolve(self) -> str:
-        return "fixed-1"
-
-    def load(self, version_label: str) -> DecisionModel:
-        return self.model
-
-    def current(self) -> tuple[str, DecisionModel]:
-        return "fixed-1", self.model
-
-    def describe(self, version_label: str) -> dict[str, Any]:
-        return {}
 
 
 @pytest.fixture

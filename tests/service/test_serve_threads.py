@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sklearn.ensemble import HistGradientBoostingClassifier
 from threadpoolctl import ThreadpoolController
 
-from conftest import make_spec
+from conftest import FixedProvider, make_spec
 from keel.artifact import DecisionModel
 from keel.serve import create_app
 
@@ -45,25 +45,6 @@ class Recording:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         self.threads.append(openmp_threads())
         return np.asarray(self.inner.predict_proba(x))
-
-
-class FixedProvider:
-    alias = "fixed"
-
-    def __init__(self, model: DecisionModel) -> None:
-        self.model = model
-
-    def resolve(self) -> str:
-        return "hgb-1"
-
-    def load(self, version_label: str) -> DecisionModel:
-        return self.model
-
-    def current(self) -> tuple[str, DecisionModel]:
-        return "hgb-1", self.model
-
-    def describe(self, version_label: str) -> dict[str, Any]:
-        return {}
 
 
 @pytest.fixture(scope="module")
