@@ -61,7 +61,8 @@ NAN = float("nan")
 
 
 @lru_cache(maxsize=64)
-def _packer(n: int) -> struct.Struct:
+def packer(n: int) -> struct.Struct:
+    """The ``struct`` packing ``n`` little-endian float64 values (a feature blob)."""
     return struct.Struct(f"<{n}d")
 
 
@@ -91,7 +92,7 @@ def feature_blob(names: Sequence[str], values: Mapping[str, Any] | None) -> byte
                 return None
     except OverflowError:  # an int beyond float64
         return None
-    return _packer(len(out)).pack(*out)
+    return packer(len(out)).pack(*out)
 
 
 def names_text(names: Sequence[str]) -> str:
