@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,14 @@ create table if not exists events (
 create index if not exists events_by_entity on events (entity, key, t);
 create table if not exists labels (event_id text primary key, label real not null, at integer not null);
 """
+_INSERT = "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)"
+_PRUNE = "delete from events where entity = ? and key = ? and t <= ?"
 
 
 _EPOCH = datetime(1970, 1, 1)
 _NO_LABEL_AT = 2**62  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
+_INFINITIES = (math.inf, -math.inf)
 
 
 def _key(value: Any) -> str:
@@ -157,12 +161,14 @@ class _ExactPrefix:
     __slots__ = ("exact", "shift", "sums", "valid")
 
     def __init__(self, values: Sequence[float]) -> None:
-        self.shift = 0
-        self.exact = True
-        self.sums = [0]
-        self.valid = [0]
-        for v in values:
-            self.push(v)
+        # What push() of each value in turn gives, in one pass: the finest grid any value needs, then each
+        # value's integer on it and running sums (no rescaling of the sums built so far).
+        ratios = [x.as_integer_ratio() if x == x and x not in _INFINITIES else None for x in values]
+        self.exact = not any(x in _INFINITIES for x in values)  # an infinity: callers sum the window instead
+        shift = max((den.bit_length() - 1 for _, den in filter(None, ratios)), default=0)
+        self.shift = shift
+        self.sums = [0, *accumulate(0 if r is None else r[0] << (shift - r[1].bit_length() + 1) for r in ratios)]
+        self.valid = [0, *accumulate(1 if x == x else 0 for x in values)]
 
     def _term(self, x: float) -> tuple[int, int]:
         """(scaled value, valid) of one value, rescaling the stored sums when it needs a finer grid."""
@@ -520,7 +526,8 @@ class OnlineStore:
         self._db.execute("pragma busy_timeout=10000")  # the group-commit connection may hold the write lock
         self._db.executescript(_SCHEMA)
         self._staging = False
-        self._staged: list[tuple[str, tuple[Any, ...]]] = []
+        self._staged: list[tuple[Any, ...]] = []  # event rows for the next commit_staged, in staging order
+        self._staged_prunes: dict[tuple[str, str], int] = {}  # (entity, key) -> delete rows with t <= this
         self._writer: sqlite3.Connection | None = None
         self._writer_lock = threading.Lock()
         self._check_definitions()
@@ -616,10 +623,10 @@ class OnlineStore:
                 if state is None:
                     state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
-            for state in loaded.values():  # prefix sums now, not on each entity's first request
+            self._cache.update(loaded)
+            for state in self._cache.values():  # prefix sums now, not on each entity's first request
                 state.prefix()
                 state.label_prefix()
-            self._cache.update(loaded)
             self._pending = {
                 event_id: (float(label), int(at)) for event_id, label, at in self._db.execute(
                     "select event_id, label, at from labels where event_id not in"
@@ -741,10 +748,7 @@ class OnlineStore:
                 known = self._known_label(event_id)
                 looked = True
             i = state.insert(t, event_id, vals)
-            self._write(
-                "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)",
-                (entity, key, event_id, t, self._vals_text(entity, vals)),
-            )
+            self._write_event((entity, key, event_id, t, self._vals_text(entity, vals)))
             if event_id is not None:
                 self._owners.setdefault(event_id, []).append((entity, key))
                 self._pending.pop(event_id, None)
@@ -756,9 +760,7 @@ class OnlineStore:
                 k = bisect.bisect_right(state.times, before)
                 dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
                 state.prune(before)
-                self._write(
-                    "delete from events where entity = ? and key = ? and t <= ?", (entity, key, before)
-                )
+                self._write_prune(entity, key, before)
                 for old, label, at in dropped:
                     if old is not None and old in self._owners:
                         owners = [o for o in self._owners[old] if o != (entity, key)]
@@ -769,11 +771,25 @@ class OnlineStore:
                             if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
                                 self._pending[old] = (label, at)
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _write_event(self, row: tuple[Any, ...]) -> None:
+        """Insert one ``(entity, key, event_id, t, vals)`` row now, or with the next commit when staging."""
         if self._staging:
-            self._staged.append((sql, params))
+            self._staged.append(row)
         else:
-            self._db.execute(sql, params)
+            self._db.execute(_INSERT, row)
+
+    def _write_prune(self, entity: str, key: str, before: int) -> None:
+        """Delete an entity's rows at or before ``before`` (memory dropped them already).
+
+        Staged deletes run after the commit's inserts, one per entity with its latest bound: a row inserted
+        after a prune and at or before its bound is pruned from memory at once too (the bound only grows), so
+        deleting it with the rest leaves disk as a row-by-row replay would."""
+        if self._staging:
+            held = self._staged_prunes.get((entity, key))
+            if held is None or held < before:
+                self._staged_prunes[(entity, key)] = before
+        else:
+            self._db.execute(_PRUNE, (entity, key, before))
 
     def stage(self, event: Mapping[str, Any]) -> None:
         """Add an event to its entities' in-memory state now; its rows reach SQLite with the next
@@ -790,7 +806,8 @@ class OnlineStore:
                 self._staging = False
 
     def commit_staged(self) -> int:
-        """Write every staged row in one transaction on a connection of its own; return how many rows.
+        """Write every staged row in one transaction on a connection of its own (one ``executemany`` for the
+        inserts, then one for the prunes, one per entity); return how many inserts and prunes.
 
         Thread-safe, and it holds the store's lock only to take the staged rows, so features keep being
         computed while SQLite writes. On a failure the in-memory state is dropped (it is reloaded from disk on
@@ -799,7 +816,8 @@ class OnlineStore:
         with self._writer_lock:
             with self._lock:
                 rows, self._staged = self._staged, []
-            if not rows:
+                prunes, self._staged_prunes = self._staged_prunes, {}
+            if not rows and not prunes:
                 return 0
             if self._writer is None:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -808,12 +826,8 @@ class OnlineStore:
             db = self._writer
             try:
                 db.execute("begin immediate")
-                run: list[tuple[Any, ...]] = []
-                for j, (sql, params) in enumerate(rows):  # consecutive rows of one statement: one executemany
-                    run.append(params)
-                    if j + 1 == len(rows) or rows[j + 1][0] != sql:
-                        db.executemany(sql, run)
-                        run = []
+                db.executemany(_INSERT, rows)
+                db.executemany(_PRUNE, [(entity, key, before) for (entity, key), before in prunes.items()])
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -821,7 +835,7 @@ class OnlineStore:
                 with self._lock:
                     self._forget()
                 raise
-            return len(rows)
+            return len(rows) + len(prunes)
 
     def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
         """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.
