@@ -5,6 +5,9 @@ The prediction routes validate the raw body with the spec's pydantic models in o
 pre-serialised JSON (orjson). Same models, same error messages as FastAPI's own body handling (a validation
 error is re-raised as FastAPI's ``RequestValidationError`` with the ``body`` location), at a fraction of the
 per-request cost; OpenAPI still documents the request models (``openapi_extra``) and the response models.
+In a running app the service middleware answers ``POST`` to both prediction paths itself through the same
+:func:`predict_body` (no routing or dependency resolution per request); these routes document them and answer
+when the app is used without that middleware.
 
 No ``from __future__ import annotations`` here: FastAPI reads the (generated, local) model classes from the
 annotations at definition time.
@@ -32,14 +35,13 @@ def _started(request: Request) -> float:
     return getattr(request.state, "started", None) or time.perf_counter()
 
 
-def _json_response(content: Any) -> Response:
-    # NaN cannot occur in an answer (a non-finite score is a model error and the fallback answers).
-    return Response(orjson.dumps(content), media_type="application/json")
+def _json_response(content: bytes) -> Response:
+    return Response(content, media_type="application/json")
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> Any:
-    """Validate the request body against ``model`` (pydantic-core parses the JSON); 422 names the field."""
-    body = await request.body()
+def validate_body(body: bytes, model: type[BaseModel]) -> Any:
+    """Validate a raw request body against ``model`` (pydantic-core parses the JSON); raises FastAPI's
+    ``RequestValidationError`` (``body`` location, input not echoed) so the 422 names the field."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -50,6 +52,32 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
             e.pop("input", None)  # never echo (possibly large) input back into logs
             errors.append(e)
         raise RequestValidationError(errors, body=None) from None
+
+
+async def predict_body(service: Any, models: RequestModels, endpoint: str, body: bytes, request_id: str,
+                       started: float, state: dict[str, Any]) -> bytes:
+    """The JSON answer of ``POST /v1/predict`` (``endpoint="predict"``) or ``/v1/predict/batch`` (``"batch"``) to
+    a raw body; sets the request's ``outcome`` and log ``summary`` in ``state`` (the ASGI scope's state).
+
+    Shared by the FastAPI routes and the middleware's fast path (:class:`keel.serve.app.ServiceMiddleware`), so
+    both answer byte for byte the same. Raises ``RequestValidationError`` for an invalid body.
+    """
+    # NaN cannot occur in an answer (a non-finite score is a model error and the fallback answers).
+    if endpoint == "predict":
+        event = validate_body(body, models.event)
+        out = await service.answer([event.model_dump()], request_id, endpoint="predict", started=started)
+        first = out[0]
+        state["outcome"] = "fallback" if first["fallback"] else "ok"
+        state["summary"] = {"fallback": first["fallback"], "model_version": first["model_version"]}
+        return orjson.dumps(first)
+    batch = validate_body(body, models.batch)
+    events = batch.model_dump()["events"]  # one pydantic-core call for the whole batch
+    out = await service.answer(events, request_id, endpoint="batch", started=started)
+    fallbacks = sum(o["fallback"] for o in out)
+    state["outcome"] = "fallback" if fallbacks else "ok"
+    state["summary"] = {"events": len(out), "fallbacks": fallbacks}
+    return orjson.dumps({"request_id": request_id, "data": out, "count": len(out),
+                         "latency_ms": round((time.perf_counter() - started) * 1000.0, 3)})
 
 
 def request_body(name: str) -> dict[str, Any]:
@@ -80,26 +108,17 @@ def predict_router(models: RequestModels) -> APIRouter:
                  openapi_extra=request_body(Event.__name__))
     async def predict(request: Request, service: ServiceDep) -> Any:
         """Score one raw event: online features, model, threshold; the fallback rule answers if the model cannot."""
-        event = await parse_body(request, Event)
-        out = await service.answer([event.model_dump()], request.state.request_id, endpoint="predict",
-                                   started=_started(request))
-        request.state.outcome = "fallback" if out[0]["fallback"] else "ok"
-        request.state.summary = {"fallback": out[0]["fallback"], "model_version": out[0]["model_version"]}
-        return _json_response(out[0])
+        started = _started(request)
+        return _json_response(await predict_body(service, models, "predict", await request.body(),
+                                                 request.state.request_id, started, request.scope.setdefault("state", {})))
 
     @router.post("/predict/batch", response_model=BatchPredictResponse, responses=errors,
                  openapi_extra=request_body(Batch.__name__))
     async def predict_batch(request: Request, service: ServiceDep) -> Any:
         """Score events in order (up to serving.max_batch); earlier events count in later events' features."""
         started = _started(request)
-        batch = await parse_body(request, Batch)
-        events = batch.model_dump()["events"]  # one pydantic-core call for the whole batch
-        out = await service.answer(events, request.state.request_id, endpoint="batch", started=started)
-        fallbacks = sum(o["fallback"] for o in out)
-        request.state.outcome = "fallback" if fallbacks else "ok"
-        request.state.summary = {"events": len(out), "fallbacks": fallbacks}
-        return _json_response({"request_id": request.state.request_id, "data": out, "count": len(out),
-                               "latency_ms": round((time.perf_counter() - started) * 1000.0, 3)})
+        return _json_response(await predict_body(service, models, "batch", await request.body(),
+                                                 request.state.request_id, started, request.scope.setdefault("state", {})))
 
     @router.post("/labels", response_model=LabelResponse, responses=errors)
     async def labels(request: Request, service: ServiceDep, body: Labels) -> Any:
