@@ -754,22 +754,25 @@ class OnlineStore:
                 self._pending.pop(event_id, None)
                 if known is not None:
                     state.set_label(i, known[0], known[1])
-            newest = state.times[-1]
-            before = newest - self._horizon[entity]
-            if state.times[0] <= before:
-                k = bisect.bisect_right(state.times, before)
-                dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
-                state.prune(before)
-                self._write_prune(entity, key, before)
-                for old, label, at in dropped:
-                    if old is not None and old in self._owners:
-                        owners = [o for o in self._owners[old] if o != (entity, key)]
-                        if owners:
-                            self._owners[old] = owners
-                        else:
-                            del self._owners[old]
-                            if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
-                                self._pending[old] = (label, at)
+            self._prune(entity, key, state)
+
+    def _prune(self, entity: str, key: str, state: _EntityState) -> None:
+        """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
+        before = state.times[-1] - self._horizon[entity]
+        if state.times[0] <= before:
+            k = bisect.bisect_right(state.times, before)
+            dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
+            state.prune(before)
+            self._write_prune(entity, key, before)
+            for old, label, at in dropped:
+                if old is not None and old in self._owners:
+                    owners = [o for o in self._owners[old] if o != (entity, key)]
+                    if owners:
+                        self._owners[old] = owners
+                    else:
+                        del self._owners[old]
+                        if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
+                            self._pending[old] = (label, at)
 
     def _write_event(self, row: tuple[Any, ...]) -> None:
         """Insert one ``(entity, key, event_id, t, vals)`` row now, or with the next commit when staging."""
@@ -933,6 +936,12 @@ class OnlineStore:
         errors: list[tuple[int, str, Exception]] = []
         nan_row = [math.nan] * len(self._names)
         with self._lock:
+            if stage and n and self._windows:
+                from keel.features.online_batch import features_batch
+
+                batch = features_batch(self, events)
+                if batch is not None:
+                    return batch
             for i, event in enumerate(events):
                 seen: list[Any] | None = [] if stage else None
                 try:
