@@ -20,6 +20,7 @@ from keel.serve.app import ServiceMiddleware
 def _app(root: Path, model_dir: Path, *, fast: bool) -> FastAPI:
     app = create_app(make_spec(root, serving={"max_batch": 50, "max_body_bytes": 20_000}), PathProvider(model_dir))
     if not fast:  # the same app with the requests going through FastAPI's routing to the routes
+        app.fast_path = None  # type: ignore[attr-defined]
         for m in app.user_middleware:
             if m.cls is ServiceMiddleware:
                 m.kwargs["models"] = None
@@ -115,3 +116,20 @@ def test_prediction_requests_skip_fastapi_routing(tmp_path: Path, model_dirs: di
             assert client.post("/v1/predict/batch", json={"events": [event]}).status_code == 200
             assert client.get("/v1/predict").status_code == 405  # other methods still go to FastAPI's routing
     assert calls == ["middleware", "middleware", "route", "route"]
+
+
+def test_an_unexpected_error_is_a_500_with_the_apps_body_on_both_paths(
+        tmp_path: Path, model_dirs: dict[str, Path], event: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    seen = []
+    for fast in (True, False):
+        app = _app(tmp_path / str(fast), model_dirs["a"], fast=fast)
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            app.state.service.answer = broken
+            r = client.post("/v1/predict", json=event, headers={"X-Request-ID": "bug-1"})
+            seen.append((r.status_code, r.json(), 'outcome="error"} 1.0' in client.get("/metrics").text))
+    assert seen[0] == seen[1] == (500, {"detail": "Internal error; see the service log.", "errors": []}, True)
+    assert "a bug" in caplog.text and '"request_id": "bug-1"' in caplog.text
