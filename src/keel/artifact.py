@@ -16,8 +16,10 @@ Layout::
       model.txt | model.skops | model.json
       member-0.txt, member-1.skops, ...   (kind "ensemble": one file per member, each in its own format)
 
-An ensemble (``kind = "ensemble"``) scores the mean of its members' uncalibrated probabilities, then calibrates
-that mean; ``pipeline.json`` lists the members (kind and file) in order, and each file is in the manifest.
+An ensemble (``kind = "ensemble"``) scores the mean of its members' uncalibrated probabilities, each first brought
+back to the unweighted scale (see :func:`unweighted`), then calibrates that mean; ``pipeline.json`` lists the
+members (kind, file and the weight of a positive row each was fitted with) in order, and each file is in the
+manifest.
 """
 
 from __future__ import annotations
@@ -53,15 +55,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unweighted(p: np.ndarray, positive_weight: float) -> np.ndarray:
+    """Probabilities of a model fitted with positive rows weighted ``positive_weight``, as if fitted unweighted.
+
+    Weighting positives by ``w`` multiplies the odds a model learns by ``w``, so ``p / (p + w (1 - p))`` divides
+    them back. Averaged raw, a member fitted with balanced weights (``w`` in the hundreds on fraud data) would
+    outweigh the unweighted ones at the top of the ranking only because its probabilities are inflated.
+    """
+    if positive_weight == 1.0:
+        return p
+    return p / (p + positive_weight * (1.0 - p))
+
+
 @dataclass
 class Ensemble:
-    """Members scored together: the mean of their uncalibrated positive-class probabilities.
+    """Members scored together: the mean of their uncalibrated positive-class probabilities, each on the
+    unweighted scale (:func:`unweighted` with the member's ``positive_weights`` entry; 1.0: fitted unweighted).
 
     ``members`` are ``(kind, estimator)`` pairs as :class:`DecisionModel` holds them one at a time (a LightGBM
     ``Booster``, a scikit-learn classifier, a Keel baseline).
     """
 
     members: list[tuple[str, Any]]
+    positive_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -69,6 +85,19 @@ class Ensemble:
         nested = [k for k, _ in self.members if k == "ensemble"]
         if nested:
             raise ValueError("An ensemble member cannot itself be an ensemble.")
+        if self.positive_weights is None:
+            self.positive_weights = [1.0] * len(self.members)
+        if len(self.positive_weights) != len(self.members) or not all(
+                np.isfinite(w) and w > 0 for w in self.positive_weights):
+            raise ValueError("An ensemble needs one finite, positive weight of a positive row per member.")
+
+    def mean(self, member_probabilities: Sequence[np.ndarray]) -> np.ndarray:
+        """The ensemble's raw score from its members' probabilities (in member order)."""
+        assert self.positive_weights is not None
+        total = np.zeros_like(np.asarray(member_probabilities[0], dtype=np.float64))
+        for p, w in zip(member_probabilities, self.positive_weights, strict=True):
+            total += unweighted(np.asarray(p, dtype=np.float64), w)
+        return total / len(self.members)
 
     @property
     def kinds(self) -> list[str]:
@@ -167,12 +196,10 @@ class DecisionModel:
         x = self._matrix(features)
         members = self.members()
         forests = self.member_forests()
-        if len(members) == 1:
+        if self.kind != "ensemble":
             return self._member_raw(members[0][0], members[0][1], forests[0], x)
-        total = np.zeros(x.shape[0], dtype=np.float64)
-        for (kind, est), forest in zip(members, forests, strict=True):
-            total += self._member_raw(kind, est, forest, x)
-        return total / len(members)
+        return self.estimator.mean([self._member_raw(kind, est, forest, x)
+                                    for (kind, est), forest in zip(members, forests, strict=True)])
 
     def _member_raw(self, kind: str, est: Any, forest: Any, x: np.ndarray) -> np.ndarray:
         if kind == "lightgbm":
@@ -221,8 +248,10 @@ class DecisionModel:
         with atomic_dir(target) as tmp:
             pipeline = self._pipeline()
             if self.kind == "ensemble":
-                pipeline["members"] = [{"kind": kind, "file": _save_estimator(kind, est, tmp, f"member-{i}")}
-                                       for i, (kind, est) in enumerate(self.members())]
+                pipeline["members"] = [{"kind": kind, "file": _save_estimator(kind, est, tmp, f"member-{i}"),
+                                        "positive_weight": float(w)}
+                                       for i, ((kind, est), w) in enumerate(
+                                           zip(self.members(), self.estimator.positive_weights, strict=True))]
                 pipeline["estimator_file"] = None
             else:
                 pipeline["estimator_file"] = _save_estimator(self.kind, self.estimator, tmp)
@@ -243,18 +272,24 @@ class DecisionModel:
             if not isinstance(listed, list) or not listed:
                 raise IntegrityError(f"The ensemble artifact at {folder} lists no members in {PIPELINE}.",
                                      hint="Re-train or restore the artifact from the registry.")
-            members = []
+            members, weights = [], []
             for entry in listed:
                 name = entry.get("file") if isinstance(entry, dict) else None
                 if name not in files:
                     raise IntegrityError(
                         f"The ensemble artifact at {folder} names a member file {name!r} its manifest lacks.")
                 members.append((str(entry.get("kind")), _load_estimator(str(entry.get("kind")), folder / name)))
+                weight = entry.get("positive_weight", 1.0)  # artifacts before the field averaged raw probabilities
+                if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+                    raise IntegrityError(f"The ensemble artifact at {folder} gives member {name!r} the weight "
+                                         f"{weight!r}; a positive row's weight is a positive number.",
+                                         hint="Re-train or restore the artifact from the registry.")
+                weights.append(float(weight))
             unused = sorted(set(files) - {PIPELINE} - {e["file"] for e in listed})
             if unused:
                 raise IntegrityError(f"The ensemble artifact at {folder} holds files no member uses: "
                                      f"{', '.join(unused)}.", hint="Re-train or restore the artifact.")
-            estimator = Ensemble(members)
+            estimator = Ensemble(members, weights)
         else:
             name = pipeline.get("estimator_file")
             if name not in files:
@@ -380,4 +415,4 @@ def _load_estimator(kind: str, path: Path) -> Any:
     raise IntegrityError(f"Unknown estimator file {path.name} for model kind {kind!r}.")
 
 
-__all__ = ["DecisionModel", "Ensemble", "sha256_file", "verify_manifest"]
+__all__ = ["DecisionModel", "Ensemble", "sha256_file", "unweighted", "verify_manifest"]

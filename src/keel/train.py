@@ -246,9 +246,28 @@ def _sk_weight(mode: str) -> str | None:
     return "balanced" if mode in ("balanced", "auto") else None
 
 
+def fitted_positive_weight(kind: str, params: dict[str, Any], y: np.ndarray, *, class_weight: str) -> float:
+    """The weight of a positive row :func:`fit_candidate` gives ``kind`` with ``params`` on labels ``y`` (the
+    logistic baseline knows only 'balanced' or none); an ensemble undoes it before averaging (see
+    :func:`keel.artifact.unweighted`)."""
+    mode = params.get("class_weight", class_weight)
+    if kind == "logistic_regression":
+        return _positive_weight(y, "balanced") if _sk_weight(mode) else 1.0
+    return _positive_weight(y, "balanced" if mode == "auto" else mode)
+
+
+def member_mean(members: dict[str, Any], raws: dict[str, np.ndarray], y_train: np.ndarray, *,
+                class_weight: str) -> np.ndarray:
+    """An ensemble's raw score from its members' raw scores (``members``: family -> chosen params), each member
+    brought back to the unweighted scale it would have had without its class weight on ``y_train``."""
+    return Ensemble([(f, None) for f in members], [
+        fitted_positive_weight(f, p, y_train, class_weight=class_weight) for f, p in members.items()
+    ]).mean([raws[f] for f in members])
+
+
 def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.ndarray:
     if kind == "ensemble":
-        return np.mean([raw_scores(k, m, X, threads) for k, m in model.members], axis=0)
+        return model.mean([raw_scores(k, m, X, threads) for k, m in model.members])
     if kind == "lightgbm":
         return np.asarray(model.predict(X, num_threads=threads), dtype=float)
     if hasattr(model, "features_"):  # Keel baselines read named columns
@@ -607,7 +626,8 @@ def train(spec: Spec, *, source: Source | None = None, progress: Progress | None
     if not candidates:
         raise TrainingError("models.candidates is empty; list at least one model family.")
     if models.ensemble == "mean" and len(candidates) > 1:
-        ensemble = Ensemble([(f[2], f[3]) for f in candidates])
+        ensemble = Ensemble([(f[2], f[3]) for f in candidates], [
+            fitted_positive_weight(f[2], f[4], y_tr, class_weight=models.class_weight) for f in candidates])
         ens_score = val_score(raw_scores("ensemble", ensemble, X_va, threads))
         say(f"ensemble (mean of {', '.join(ensemble.kinds)}): validation {scorer.name} {ens_score:.4f}")
         fitted.append(("ensemble", "candidate", "ensemble", ensemble,
@@ -838,7 +858,9 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     def fit_member(kind: str, params: dict[str, Any], rows: np.ndarray) -> Any:
         """The chosen parameters of one family (every member of an ensemble) fitted on ``rows``."""
         if kind == "ensemble":
-            return Ensemble([(k, fit_member(k, p, rows)) for k, p in params["members"].items()])
+            return Ensemble([(k, fit_member(k, p, rows)) for k, p in params["members"].items()], [
+                fitted_positive_weight(k, p, ds.y[rows], class_weight=models.class_weight)
+                for k, p in params["members"].items()])
         return fit_candidate(kind, params, Xall[rows], ds.y[rows], seed=models.seed,
                              class_weight=models.class_weight, threads=threads, feature_names=ds.feature_names)
 
@@ -878,12 +900,13 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     candidates = list(models.candidates)
     if models.ensemble == "mean" and len(models.candidates) > 1:
         # No new fit: the members' validation scores are the ones their search already computed.
-        ens_raw = [np.mean([validation_raw[f][i] for f in models.candidates], axis=0)
-                   for i in range(len(split.validation))]
+        chosen_params["ensemble"] = {"members": {f: dict(chosen_params[f]) for f in models.candidates}}
+        ens_raw = [member_mean(chosen_params["ensemble"]["members"], {f: validation_raw[f][i] for f in models.candidates},
+                               ds.y[fold.train], class_weight=models.class_weight)
+                   for i, fold in enumerate(split.validation)]
         validation_detail["ensemble"] = ValidationScore.pooled(
             [fold_detail(f, s) for f, s in zip(split.validation, ens_raw, strict=True)])
         validation_means["ensemble"] = validation_detail["ensemble"].headline
-        chosen_params["ensemble"] = {"members": {f: dict(chosen_params[f]) for f in models.candidates}}
         candidates.append("ensemble")
         say(f"ensemble (mean of {', '.join(models.candidates)}): mean validation {scorer.name} "
             f"{validation_means['ensemble']:.4f} (average precision "
@@ -901,7 +924,9 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
             validation_means[name] = float(np.mean([fold_score(kind, {}, f, maker)[0] for f in split.validation]))
         for i, fold in enumerate(split.test):
             if kind == "ensemble":  # the members' test scores on this fold, already computed above
-                s = np.mean([test_raw[f][i] for f in chosen_params["ensemble"]["members"]], axis=0)
+                members = chosen_params["ensemble"]["members"]
+                s = member_mean(members, {f: test_raw[f][i] for f in members}, ds.y[fold.train],
+                                class_weight=models.class_weight)
             else:
                 _, (_model, s) = fold_score(kind, chosen_params.get(kind, {}), fold, maker)
             test_raw.setdefault(name, []).append(s)

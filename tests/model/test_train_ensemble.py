@@ -43,9 +43,14 @@ def test_the_ensemble_is_a_candidate_scored_on_validation_as_the_mean_of_the_mem
     assert ens.kind == "ensemble" and list(ens.params["members"]) == MEMBERS
     for family in MEMBERS:
         assert ens.params["members"][family] == next(e for e in outcome.candidates if e.name == family).params
-    # On this table the mean ranks validation best (AP 0.646 vs 0.636 and 0.623), so it is chosen and deployed.
+    # On this table the mean ranks validation best (AP 0.646 vs 0.636 and 0.622), so it is chosen and deployed.
     assert outcome.best is ens and outcome.model.kind == "ensemble"
     assert outcome.model.estimator.kinds == MEMBERS
+    # Both members were fitted with balanced weights (models.class_weight's default), n_neg / n_pos of the training
+    # window; the ensemble averages their probabilities with the weights undone.
+    window = outcome.windows["train"]
+    ratio = (window.rows - window.positives) / window.positives
+    assert outcome.model.estimator.positive_weights == [pytest.approx(ratio, rel=1e-12)] * 2 and ratio > 3
     va = outcome.validation_mask
     raw_va = outcome.model.raw_scores(outcome.dataset.X[va])
     assert ens.validation_score == pytest.approx(M.average_precision(outcome.dataset.y[va], raw_va), abs=1e-12)
@@ -67,6 +72,7 @@ def test_the_chosen_ensemble_round_trips_and_renders_in_the_report(outcome: Trai
     text = render_markdown(build_report(outcome, figures=False))
     assert "| ensemble" in text
     assert "ensemble is the mean of the uncalibrated probabilities of lightgbm (" in text
+    assert "each with its class weight undone" in text
     assert "ensemble was chosen over lightgbm, logistic_regression on validation" in text
     assert "rule: best validation headline." in text
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from keel.artifact import DecisionModel, Ensemble
+from keel.artifact import DecisionModel, Ensemble, unweighted
 from keel.errors import IntegrityError
 from keel.evaluate.baselines import LogisticBaseline
 from keel.evaluate.calibration import Calibrator
@@ -38,8 +38,8 @@ def members(data) -> list[tuple[str, object]]:
     return [("lightgbm", booster), ("hist_gradient_boosting", hgb), ("logistic_regression", logistic)]
 
 
-def ensemble_model(members) -> DecisionModel:
-    return DecisionModel(kind="ensemble", feature_names=NAMES, estimator=Ensemble(list(members)),
+def ensemble_model(members, weights=None) -> DecisionModel:
+    return DecisionModel(kind="ensemble", feature_names=NAMES, estimator=Ensemble(list(members), weights),
                          calibrator=Calibrator("sigmoid", a=1.3, b=-0.2), threshold=0.35,
                          metadata={"params": {"members": {k: {} for k, _ in members}}})
 
@@ -64,9 +64,9 @@ def test_round_trip_saves_each_member_safely_and_gives_identical_scores(tmp_path
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["manifest.json", "member-0.txt", "member-1.skops", "member-2.json", "pipeline.json"]
     pipeline = json.loads((folder / "pipeline.json").read_text())
-    assert pipeline["members"] == [{"kind": "lightgbm", "file": "member-0.txt"},
-                                   {"kind": "hist_gradient_boosting", "file": "member-1.skops"},
-                                   {"kind": "logistic_regression", "file": "member-2.json"}]
+    assert pipeline["members"] == [{"kind": "lightgbm", "file": "member-0.txt", "positive_weight": 1.0},
+                                   {"kind": "hist_gradient_boosting", "file": "member-1.skops", "positive_weight": 1.0},
+                                   {"kind": "logistic_regression", "file": "member-2.json", "positive_weight": 1.0}]
     assert set(json.loads((folder / "manifest.json").read_text())["files"]) == set(names) - {"manifest.json"}
     loaded = DecisionModel.load(folder)
     assert loaded.kind == "ensemble" and loaded.estimator.kinds == [k for k, _ in members]
@@ -74,6 +74,46 @@ def test_round_trip_saves_each_member_safely_and_gives_identical_scores(tmp_path
     np.testing.assert_array_equal(loaded.decide(loaded.scores(x)), model.decide(model.scores(x)))
     frame = pd.DataFrame(x, columns=NAMES)[["c", "a", "b"]]
     np.testing.assert_array_equal(loaded.scores(frame), model.scores(x))
+
+
+def test_members_fitted_with_class_weights_are_averaged_on_the_unweighted_scale(tmp_path: Path, data) -> None:
+    x, y = data
+    frame = pd.DataFrame(x, columns=NAMES)
+    plain = LogisticBaseline(NAMES, class_weight=None).fit(frame, y)
+    balanced = LogisticBaseline(NAMES, class_weight="balanced").fit(frame, y)
+    w = float((y == 0).sum() / (y == 1).sum())
+    p_plain, p_balanced = plain.predict_proba(frame)[:, 1], balanced.predict_proba(frame)[:, 1]
+    # Balanced weights inflate the probabilities (mean well above the base rate); undone, they are back near it.
+    undone = unweighted(p_balanced, w)
+    assert p_balanced.mean() - y.mean() > 0.06
+    assert abs(undone.mean() - y.mean()) < 0.02 and abs(undone.mean() - p_plain.mean()) < 0.02
+    members = [("logistic_regression", plain), ("logistic_regression", balanced)]
+    model = ensemble_model(members, [1.0, w])
+    np.testing.assert_allclose(model.raw_scores(x), (p_plain + undone) / 2, rtol=0, atol=1e-12)
+    raw_mean = ensemble_model(members).raw_scores(x)
+    assert np.abs(raw_mean - model.raw_scores(x)).max() > 0.05
+    loaded = DecisionModel.load(model.save(tmp_path / "weighted"))
+    assert loaded.estimator.positive_weights == [1.0, w]
+    np.testing.assert_array_equal(loaded.raw_scores(x), model.raw_scores(x))
+
+
+def test_an_ensemble_saved_before_member_weights_loads_as_unweighted(tmp_path: Path, data, members) -> None:
+    x, _ = data
+    folder = ensemble_model(members).save(tmp_path / "old")
+    _rewrite_pipeline(folder, lambda p: [m.pop("positive_weight") for m in p["members"]])
+    loaded = DecisionModel.load(folder)
+    assert loaded.estimator.positive_weights == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(loaded.scores(x), ensemble_model(members).scores(x))
+
+
+@pytest.mark.parametrize("weight", [0, -2.0, "balanced", None])
+def test_a_member_weight_that_is_not_a_positive_number_is_refused(tmp_path: Path, members, weight) -> None:
+    folder = ensemble_model(members).save(tmp_path / "bad")
+    _rewrite_pipeline(folder, lambda p: p["members"][1].update(positive_weight=weight))
+    with pytest.raises(IntegrityError, match=r"member 'member-1\.skops' the weight"):
+        DecisionModel.load(folder)
+    with pytest.raises(ValueError, match="one finite, positive weight"):
+        Ensemble(list(members), [1.0, 1.0])
 
 
 def test_lightgbm_members_score_through_the_compiled_trees(data, members) -> None:

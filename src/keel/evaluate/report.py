@@ -880,7 +880,9 @@ def _section_budget(doc: Document, o: TrainOutcome) -> None:
     if o.best.kind == "ensemble":
         doc.text(f"{o.best.name} is the mean of the uncalibrated probabilities of "
                  + "; ".join(f"{name} ({', '.join(f'{_code(k)} = {v}' for k, v in p.items()) or 'defaults'})"
-                             for name, p in o.best.params.get("members", {}).items()) + ", then calibrated.")
+                             for name, p in o.best.params.get("members", {}).items())
+                 + ", each with its class weight undone (p / (p + w (1 - p)) for a positive row's weight w), then"
+                 " calibrated.")
     else:
         doc.text(f"Chosen hyper-parameters of {o.best.name}: "
                  + (", ".join(f"{_code(k)} = {v}" for k, v in o.best.params.items()) or "defaults") + ".")
