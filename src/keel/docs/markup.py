@@ -1,13 +1,15 @@
-"""A small document model rendered to Markdown and to HTML alike (the generated docs need nothing more).
+"""A small document model rendered to Markdown and to HTML alike: the generated docs and the training report.
 
 Inline marks: ```code```, ``**bold**`` and links ``[text](target)``. A target starting with ``@`` names another
 page of the docs (``@design``, ``@model-card-v3``, ``@report-v3``, ``@monitor``); each renderer maps it to the
 right relative file (``design.md`` beside the Markdown, ``design.html`` inside the site), so links resolve in
-both without a server.
+both without a server. Figures are PNGs: the Markdown links the file (written beside it by the caller), the HTML
+embeds them, so a page opens offline.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import Callable, Mapping
@@ -29,25 +31,33 @@ code{padding:0 .2em}pre{padding:.6rem;overflow-x:auto}
 .human{border-left:4px solid #4a7bd0;padding:.2rem 1rem;background:#f7f9fe}
 .missing{border-left:4px solid #c0392b;padding:.2rem 1rem;background:#fdf3f2}
 .note{color:#5a6272;font-size:.9rem}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 """
 
 
 @dataclass
 class Block:
-    kind: str  # heading | text | bullets | table | code | human | missing | warning | note
+    kind: str  # heading | text | bullets | table | code | human | missing | warning | note | figure
     text: str = ""
     level: int = 2
     items: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
+    path: str = ""  # a figure's PNG, relative to the Markdown file
 
 
 @dataclass
 class Document:
-    """An ordered list of blocks; the builders append, the renderers read."""
+    """An ordered list of blocks; the builders append, the renderers read.
+
+    ``figures`` holds each figure's PNG and caption by its relative path; ``draw = False`` skips figures (the text
+    and tables are the same), for a quick text-only document.
+    """
 
     title: str
     blocks: list[Block] = field(default_factory=list)
+    figures: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    draw: bool = True
 
     def heading(self, text: str, level: int = 2) -> None:
         self.blocks.append(Block("heading", text=text, level=level))
@@ -77,6 +87,17 @@ class Document:
     def missing(self, text: str) -> None:
         """A visible hole: what a person still has to write, and where."""
         self.blocks.append(Block("missing", text=text))
+
+    def figure(self, path: str, draw: Callable[[], bytes], caption: str) -> None:
+        """A PNG drawn now (``draw()``) unless the document skips figures; ``path`` is where the caller writes it."""
+        if not self.draw:
+            return
+        self.figures[path] = (draw(), caption)
+        self.blocks.append(Block("figure", text=caption, path=path))
+
+
+def _same(target: str) -> str:
+    return target
 
 
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
@@ -123,7 +144,7 @@ def _cell_md(text: str, resolver: Resolver) -> str:
     return _inline_md(text, resolver).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(doc: Document, resolver: Resolver) -> str:
+def render_markdown(doc: Document, resolver: Resolver = _same) -> str:
     out: list[str] = [f"# {doc.title}"]
     for b in doc.blocks:
         if b.kind == "heading":
@@ -147,6 +168,8 @@ def render_markdown(doc: Document, resolver: Resolver) -> str:
             out.append("> **TO WRITE:** " + _inline_md(b.text, resolver))
         elif b.kind == "warning":
             out.append("> **WARNING:** " + _inline_md(b.text, resolver))
+        elif b.kind == "figure":
+            out.append(f"![{b.text}]({b.path})")
     return "\n\n".join(out) + "\n"
 
 
@@ -174,8 +197,10 @@ def _paragraphs(text: str) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def render_html(doc: Document, resolver: Resolver, nav: Mapping[str, str] | None = None) -> str:
-    """A standalone page: inline CSS, no scripts, no external resources; ``nav`` maps link text to @targets."""
+def render_html(doc: Document, resolver: Resolver = _same, nav: Mapping[str, str] | None = None, *,
+                css: str = "") -> str:
+    """A standalone page: inline CSS (``css`` added to the house style), no scripts, no external resources
+    (figures embedded); ``nav`` maps link text to @targets."""
     body: list[str] = []
     if nav:
         links = "".join(f'<a href="{html.escape(resolver(t[1:]) if t.startswith("@") else t)}">{html.escape(n)}</a>'
@@ -214,9 +239,13 @@ def render_html(doc: Document, resolver: Resolver, nav: Mapping[str, str] | None
             body.append(f'<p class="missing"><strong>TO WRITE:</strong> {_inline_html(b.text, resolver)}</p>')
         elif b.kind == "warning":
             body.append(f'<p class="missing"><strong>WARNING:</strong> {_inline_html(b.text, resolver)}</p>')
+        elif b.kind == "figure":
+            data = base64.b64encode(doc.figures[b.path][0]).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{_inline_html(b.text, resolver)}</figcaption></figure>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(doc.title)}</title><style>{_CSS}</style></head><body>\n"
+            f"<title>{html.escape(doc.title)}</title><style>{_CSS}{css}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 

@@ -20,15 +20,12 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
 import json
 import math
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from keel.docs import markup
 from keel.durations import format_duration
 from keel.errors import KeelError, TrainingError
 from keel.evaluate import metrics as M
@@ -117,124 +115,31 @@ def metric_label(metric: str, k: int | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ document
-@dataclass
-class Block:
-    """One piece of the report, rendered to Markdown and HTML alike."""
-
-    kind: str  # heading | text | warning | bullets | table | figure
-    text: str = ""
-    level: int = 2
-    items: list[str] = field(default_factory=list)
-    columns: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-
-
-@dataclass
-class Document:
-    blocks: list[Block] = field(default_factory=list)
-    figures: dict[str, tuple[bytes, str]] = field(default_factory=dict)
-    draw: bool = True
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(Block("heading", text=text, level=level))
-
-    def text(self, text: str) -> None:
-        self.blocks.append(Block("text", text=text))
-
-    def warning(self, text: str) -> None:
-        self.blocks.append(Block("warning", text=text))
+class Document(markup.Document):
+    """The report's document: the docs' model, minus empty bullet lists (a section with nothing to list says so in
+    its text)."""
 
     def bullets(self, items: list[str]) -> None:
         if items:
-            self.blocks.append(Block("bullets", items=list(items)))
+            super().bullets(items)
 
-    def table(self, columns: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(Block("table", columns=columns, rows=[[str(c) for c in r] for r in rows]))
-
-    def figure(self, key: str, draw: Callable[[], bytes], caption: str) -> None:
-        if not self.draw:
-            return
-        self.figures[key] = (draw(), caption)
-        self.blocks.append(Block("figure", text=key))
+    def figure(self, key: str, draw: Callable[[], bytes], caption: str) -> None:  # type: ignore[override]
+        """A figure by its key in :data:`FIGURES` (written to ``plots/<file>``)."""
+        super().figure(f"plots/{FIGURES[key]}", draw, caption)
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(doc: Document) -> str:
-    out: list[str] = []
-    for b in doc.blocks:
-        if b.kind == "heading":
-            out.append("#" * b.level + " " + b.text)
-        elif b.kind == "text":
-            out.append(b.text)
-        elif b.kind == "warning":
-            out.append("> **WARNING:** " + b.text)
-        elif b.kind == "bullets":
-            out.append("\n".join(f"- {item}" for item in b.items))
-        elif b.kind == "table":
-            lines = ["| " + " | ".join(_md_cell(c) for c in b.columns) + " |",
-                     "|" + "|".join("---" for _ in b.columns) + "|"]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
-        elif b.kind == "figure":
-            _png, caption = doc.figures[b.text]
-            out.append(f"![{caption}](plots/{FIGURES[b.text]})")
-    return "\n\n".join(out) + "\n"
-
-
-_BOLD = re.compile(r"\*\*(.+?)\*\*")
-
-
-def _inline_html(text: str) -> str:
-    """Escape text and turn the two inline marks the report uses (`code`, **bold**) into HTML."""
-    parts = text.split("`")
-    out = []
-    for i, part in enumerate(parts):
-        if i % 2:
-            out.append(f"<code>{html.escape(part)}</code>")
-        else:
-            out.append(_BOLD.sub(r"<strong>\1</strong>", html.escape(part)))
-    return "".join(out)
-
-
+# Numbers read down a column: right-aligned, the label column left.
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#1b1f23;line-height:1.45}
-h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{border-bottom:1px solid #ccc;margin-top:2em}
-table{border-collapse:collapse;margin:.8em 0;font-size:.88em}th,td{border:1px solid #ccc;padding:.25em .5em;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
-.warning{background:#fde8e8;border-left:6px solid #c00;padding:.6em 1em;font-weight:600}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+table td,table th{text-align:right}td:first-child,th:first-child{text-align:left}
 """
 
 
-def render_html(doc: Document, title: str) -> str:
-    body: list[str] = []
-    for b in doc.blocks:
-        if b.kind == "heading":
-            slug = re.sub(r"[^a-z0-9]+", "-", b.text.lower()).strip("-")
-            body.append(f'<h{b.level} id="{slug}">{_inline_html(b.text)}</h{b.level}>')
-        elif b.kind == "text":
-            body.append(f"<p>{_inline_html(b.text)}</p>")
-        elif b.kind == "warning":
-            body.append(f'<p class="warning">WARNING: {_inline_html(b.text)}</p>')
-        elif b.kind == "bullets":
-            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{_inline_html(c)}</th>" for c in b.columns)
-            rows = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b.kind == "figure":
-            png, caption = doc.figures[b.text]
-            data = base64.b64encode(png).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{_inline_html(caption)}</figcaption></figure>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
-            f"</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+def render_markdown(doc: Document) -> str:
+    return markup.render_markdown(doc)
+
+
+def render_html(doc: Document) -> str:
+    return markup.render_html(doc, css=_CSS)
 
 
 # --------------------------------------------------------------------------------------------- facts
@@ -959,8 +864,7 @@ def build_report(o: TrainOutcome, *, figures: bool = True) -> Document:
     """
     t = _test_facts(o)
     vs = verdicts(o)
-    doc = Document(draw=figures)
-    doc.heading(f"Training report: {o.spec.project.name}", level=1)
+    doc = Document(f"Training report: {o.spec.project.name}", draw=figures)
     beaten = beats_every_baseline(o, vs)
     doc.text(f"Chosen model **{o.best.name}** ({o.best.kind}), threshold {_num(t.threshold, 4)}; "
              f"{'beats every baseline' if beaten else 'does not beat every baseline'} on "
@@ -994,8 +898,7 @@ def write_report(outcome: TrainOutcome, out_dir: Path) -> dict[str, Path]:
     """
     out_dir = Path(out_dir)
     doc = build_report(outcome)
-    title = f"Training report: {outcome.spec.project.name}"
-    markdown, page = render_markdown(doc), render_html(doc, title)
+    markdown, page = render_markdown(doc), render_html(doc)
     metrics_text = json.dumps(report_metrics(outcome), indent=2, sort_keys=True, allow_nan=False) + "\n"
     with atomic_dir(out_dir) as tmp:
         # mkdtemp makes the folder private (0700); a report is meant to be read like any other file.
@@ -1004,10 +907,10 @@ def write_report(outcome: TrainOutcome, out_dir: Path) -> dict[str, Path]:
         (tmp / "report.html").write_text(page, encoding="utf-8")
         (tmp / "metrics.json").write_text(metrics_text, encoding="utf-8")
         (tmp / "plots").mkdir()
-        for key, (png, _caption) in doc.figures.items():
-            (tmp / "plots" / FIGURES[key]).write_bytes(png)
+        for path, (png, _caption) in doc.figures.items():
+            (tmp / path).write_bytes(png)
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "metrics": out_dir / "metrics.json"}
-    paths.update({key: out_dir / "plots" / FIGURES[key] for key in doc.figures})
+    paths.update({key: out_dir / "plots" / name for key, name in FIGURES.items() if f"plots/{name}" in doc.figures})
     return paths
 
 
