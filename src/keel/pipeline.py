@@ -162,7 +162,7 @@ def _train_run(spec: Spec, context: dict[str, Any]) -> tuple[str, dict[str, str]
     from keel.registry import Registry
     from keel.train import record, train
 
-    outcome = train(spec)
+    outcome = train(spec, fingerprint=_source_fingerprint(spec, context))  # the source is not streamed again
     run_dir = spec.resolve("reports") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     written = write_report(outcome, run_dir)
     info = record(outcome, Registry.from_spec(spec), artifacts={f"report/{p.name}": p for p in written.values()},

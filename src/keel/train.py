@@ -78,13 +78,18 @@ def _has_features(spec: Spec) -> bool:
     return bool(f.raw or f.row or f.windows or f.ratios)
 
 
-def load_dataset(spec: Spec, source: Source | None = None, progress: Progress | None = None) -> Dataset:
-    """Read the source, check its contract, compute point-in-time features and per-row costs."""
+def load_dataset(spec: Spec, source: Source | None = None, progress: Progress | None = None, *,
+                 fingerprint: str | None = None) -> Dataset:
+    """Read the source, check its contract, compute point-in-time features and per-row costs.
+
+    ``fingerprint``: the source's fingerprint when the caller just computed it (``keel pipeline`` keys its steps
+    on it), which saves streaming the whole source once more.
+    """
     say = progress or (lambda _m: None)
     src = source or source_from_spec(spec)
     contract = check_contract(spec, src)
     contract.raise_for_findings()
-    fingerprint = fingerprint_source(src)
+    fingerprint = fingerprint or fingerprint_source(src)
     data = spec.data
     order = [data.timestamp] if data.timestamp else None
     if order and data.id_column:
@@ -535,16 +540,17 @@ def _baseline_makers(spec: Spec, ds: Dataset) -> list[tuple[str, str, Callable[[
 
 
 def train(spec: Spec, *, source: Source | None = None, progress: Progress | None = None,
-          dataset: Dataset | None = None, trials: dict[str, int] | None = None) -> TrainOutcome:
+          dataset: Dataset | None = None, trials: dict[str, int] | None = None,
+          fingerprint: str | None = None) -> TrainOutcome:
     """Train and evaluate under the spec; returns the outcome (artifact not yet registered).
 
     ``trials`` fixes the number of search trials per model family (ignoring the time budget), which is how
-    ``keel reproduce`` replays a timeboxed search exactly.
+    ``keel reproduce`` replays a timeboxed search exactly. ``fingerprint``: see :func:`load_dataset`.
     """
     say = progress or (lambda _m: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    ds = dataset or load_dataset(spec, source, progress=say)
+    ds = dataset or load_dataset(spec, source, progress=say, fingerprint=fingerprint)
     seconds["data_and_features"] = time.perf_counter() - t0
     models = spec.models
     threads = models.threads

@@ -32,7 +32,7 @@ def statuses(output: str) -> dict[str, str]:
     return found
 
 
-def test_cached_dag_reruns_only_what_changed(project: Path) -> None:
+def test_cached_dag_reruns_only_what_changed(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = runner.invoke(app, ["pipeline", "run", "-s", str(project)])
     assert first.exit_code == 0, first.output
     ran = statuses(first.output)
@@ -57,9 +57,31 @@ def test_cached_dag_reruns_only_what_changed(project: Path) -> None:
 
     # New data changes the source fingerprint: everything downstream runs again.
     write_simulation(simulate(n_customers=300, n_terminals=600, n_days=71, seed=2), project.parent / "data")
+    import keel.data.fingerprint as fp
+    import keel.train
+
+    streamed: list[str] = []
+
+    def counted(source, *args, **kwargs):  # type: ignore[no-untyped-def]
+        streamed.append(source.describe())
+        return real(source, *args, **kwargs)
+
+    real = fp.fingerprint_source
+    monkeypatch.setattr(fp, "fingerprint_source", counted)
+    monkeypatch.setattr(keel.train, "fingerprint_source", counted)
     fourth = runner.invoke(app, ["pipeline", "run", "-s", str(project)])
     assert fourth.exit_code == 0, fourth.output
     assert statuses(fourth.output)["validate"] == "ran" and statuses(fourth.output)["train"] == "ran"
+    # The source is fingerprinted once per run (the steps' keys and the trained run share it), and the run
+    # records the new data's fingerprint, not the old one's.
+    assert len(streamed) == 1
+    from keel.data.sources import source_from_spec
+    from keel.registry import Registry
+    from keel.spec import load_spec
+
+    spec = load_spec(project)
+    latest = Registry.from_spec(spec).runs(limit=1)[0]
+    assert latest.data_fingerprint == real(source_from_spec(spec))
 
 
 def test_unknown_from_step_is_refused(project: Path) -> None:
