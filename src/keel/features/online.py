@@ -67,6 +67,7 @@ _EPOCH = datetime(1970, 1, 1)
 _NO_LABEL_AT = 2**62  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
 _INFINITIES = (math.inf, -math.inf)
+_BATCH_MIN = 16  # features_many(stage=True) of at least this many events tries the batch path (online_batch)
 
 
 def _key(value: Any) -> str:
@@ -925,9 +926,14 @@ class OnlineStore:
         :meth:`stage` ``(e)`` for each, so an event sees the earlier events of the same call.
 
         One lock hold and one pass for the whole sequence; the values are those :meth:`features` returns
-        (the same code), as a float64 matrix in :attr:`feature_names` order. An event whose features cannot be
+        (bit for bit), as a float64 matrix in :attr:`feature_names` order. An event whose features cannot be
         computed gets a NaN row, ``failed[i]`` set and is not staged (as a service does with a single event);
         a failed staging is reported in ``errors`` and does not stop the others.
+
+        With ``stage=True`` and at least 16 events, a batch that only appends to its entities' states (in time
+        order per entity, no event stored or sent twice, no label waiting for its event) is computed as a whole
+        (:mod:`keel.features.online_batch`: array searches over every event at once); any other batch is
+        replayed event by event.
         """
         n = len(events)
         rows: list[list[float]] = []
@@ -936,7 +942,7 @@ class OnlineStore:
         errors: list[tuple[int, str, Exception]] = []
         nan_row = [math.nan] * len(self._names)
         with self._lock:
-            if stage and n and self._windows:
+            if stage and n >= _BATCH_MIN and self._windows:
                 from keel.features.online_batch import features_batch
 
                 batch = features_batch(self, events)

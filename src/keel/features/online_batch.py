@@ -10,11 +10,13 @@ before it, exactly as if they had been staged one by one. Prunes run once per en
 only grows, and an in-order event is never at or before it), and the rows reach SQLite with the next
 :meth:`~keel.features.online.OnlineStore.commit_staged` as before.
 
-Counts, sums, means and label sums come from the states' exact prefix sums (bit-identical to ``math.fsum``
-over the window, as on the single-event path); any other aggregate, a column holding infinities, or a label
-sum that must scan (labels that arrived late) goes through ``_window_group`` itself for that event and window.
-Anything the plan cannot guarantee returns ``None`` before a state is touched, and the caller replays the
-batch event by event.
+The windows of every event are then found at once per entity: the entity states the batch touches are laid end
+to end in one sorted int64 array and each window edge is one ``np.searchsorted``. Counts, sums, means and label
+sums read the states' exact prefix sums (Python integers: the window sum is the exact sum rounded once, what
+``math.fsum`` gives, as on the single-event path) through C-level ``map`` calls. Any other aggregate (std, min,
+max), a state whose column holds infinities, or an event whose label sum must scan (labels that arrived after
+it) goes through ``_window_group`` itself for that event. Anything the plan cannot guarantee returns ``None``
+before a state is touched, and the caller replays the batch event by event.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import getitem, sub, truediv
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,9 +33,24 @@ import numpy as np
 from keel.features.offline import ratio_feature, row_value
 
 if TYPE_CHECKING:
-    from keel.features.online import FeatureBatch, OnlineStore
+    from keel.features.online import FeatureBatch, OnlineStore, _EntityState, _GroupPlan
 
-_FAST = frozenset({"count", "sum", "mean", "label_count", "label_rate"})
+_VECTOR = frozenset({"count", "sum", "mean", "label_count", "label_rate"})
+_NO_LABEL_AT = 2**62  # online._NO_LABEL_AT
+
+
+class _Entity:
+    """One entity column's part of a batch: the states it touches and where each event sits in them."""
+
+    __slots__ = ("entity", "keys", "own", "states", "u", "values")
+
+    def __init__(self, entity: str, keys: list[str]) -> None:
+        self.entity = entity
+        self.keys = keys
+        self.states: list[_EntityState] = []  # distinct, in order of first appearance
+        self.u: list[int] = []  # per event: its state's index in ``states``
+        self.own: list[int] = []  # per event: its index in its state once staged
+        self.values: list[list[float]] = []  # per value column of the entity, per event
 
 
 def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> FeatureBatch | None:
@@ -39,40 +58,35 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
     when the batch needs the event-by-event replay. Hold ``store._lock``."""
     from keel.features import online
 
-    n = len(events)
-    names = store._names
+    number = online._number
     try:
         times = [store._event_time(e) for e in events]
         ids = [store._event_id(e) for e in events]
-        keys = {entity: [store._entity_key(e, entity) for e in events] for entity in store._entities}
-        raw = [[online._number(e.get(d.column)) for e in events] for d in store._raw]
+        parts = [_Entity(entity, [store._entity_key(e, entity) for e in events]) for entity in store._entities]
+        raw = [[number(e.get(d.column)) for e in events] for d in store._raw]
         rows = [[row_value(r, e.get(r.column)) for e in events] for r in store._rows]
     except Exception:  # the replay reports it for the events concerned
         return None
-    fresh = store._freshness_ns
-    stale = np.zeros(n, dtype=bool)
-    plan_states: list[tuple[str, list[Any], list[int]]] = []  # (entity, state per event, own index per event)
-    columns: dict[str, list[list[float]]] = {}
-    for entity, entity_keys in keys.items():
-        states: dict[str, Any] = {}
-        last: dict[str, int] = {}
-        per_event = []
-        for key, t in zip(entity_keys, times, strict=True):
-            state = states.get(key)
-            if state is None:
-                state = states[key] = store._state(entity, key)
-                if state.times:
-                    last[key] = state.times[-1]
-            if t < last.get(key, t):
+    for part in parts:
+        index: dict[str, int] = {}
+        last: list[int] = []
+        u = part.u
+        for key, t in zip(part.keys, times, strict=True):
+            k = index.get(key)
+            if k is None:
+                k = index[key] = len(part.states)
+                state = store._state(part.entity, key)
+                part.states.append(state)
+                last.append(state.times[-1] if state.times else t)
+            if t < last[k]:
                 return None  # out of time order for this entity: the replay inserts in the middle
-            last[key] = t
-            per_event.append(state)
-        values = [[online._number(e.get(c)) for e in events] for c in store._columns[entity]]
-        for column in values:
-            if any(v in online._INFINITIES for v in column):
+            last[k] = t
+            u.append(k)
+        for c in store._columns[part.entity]:
+            column = [number(e.get(c)) for e in events]
+            if any(v in online._INFINITIES for v in column):  # the replay keeps such a column exact
                 return None
-        plan_states.append((entity, per_event, []))
-        columns[entity] = values
+            part.values.append(column)
     if any(i is not None for i in ids):
         seen: set[str] = set()
         for event_id in ids:
@@ -82,114 +96,217 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
                 return None  # sent twice, already stored, or its label is waiting for it
             seen.add(event_id)
 
-    # Stage: append every event to its states (the batch is in time order per state), rows for the commit.
-    staged = store._staged
-    owners = store._owners
-    for entity, per_event, own in plan_states:
-        entity_columns = store._columns[entity]
-        values = columns[entity]
-        entity_keys = keys[entity]
-        for j, state in enumerate(per_event):
-            t = times[j]
-            event_id = ids[j]
-            if fresh is not None and state.times and t - state.times[-1] > fresh:
-                stale[j] = True
-            vals = {c: values[m][j] for m, c in enumerate(entity_columns)}
-            own.append(state.insert(t, event_id, vals))
-            key = entity_keys[j]
-            staged.append((entity, key, event_id, t, store._vals_text(entity, vals)))
-            if event_id is not None:
-                owners.setdefault(event_id, []).append((entity, key))
+    sizes = [[len(s.times) for s in part.states] for part in parts]
+    staged = len(store._staged)
+    try:
+        return _stage_and_compute(store, events, parts, times, ids, raw, rows)
+    except Exception:  # e.g. a window sum beyond the float range: undo, and the replay reports it per event
+        _undo(store, parts, sizes, staged, ids)
+        return None
 
-    # Features, column by column.
+
+def _stage_and_compute(
+    store: OnlineStore,
+    events: Sequence[Mapping[str, Any]],
+    parts: list[_Entity],
+    times: list[int],
+    ids: list[str | None],
+    raw: list[list[float]],
+    rows: list[list[float]],
+) -> FeatureBatch:
+    from keel.features import online
+
+    n = len(events)
+    number = online._number
+    stale = np.zeros(n, dtype=bool)
+    for part in parts:
+        _stage(store, part, times, ids, stale)
+    owners = store._owners
+    key_lists = [part.keys for part in parts]
+    entities = [part.entity for part in parts]
+    for event_id, *event_keys in zip(ids, *key_lists, strict=True):
+        if event_id is not None:
+            owners[event_id] = list(zip(entities, event_keys, strict=True))
+
+    names = store._names
     index = {name: i for i, name in enumerate(names)}
     matrix = np.empty((n, len(names)), dtype=np.float64)
     for d, column in zip(store._raw, raw, strict=True):
         matrix[:, index[d.name]] = column
     for r, column in zip(store._rows, rows, strict=True):
         matrix[:, index[r.name]] = column
-    for entity, per_event, own in plan_states:
-        for plan in store._plans[entity]:
-            _plan_columns(plan, per_event, own, times, matrix, index)
+    for part in parts:
+        _windows(store, part, times, matrix, index)
     known = set(index) - {q.name for q in store._ratios}  # a ratio reads the ratios computed before it
     for q in store._ratios:
         num = matrix[:, index[q.numerator]] if q.numerator in known else [
-            online._number(e.get(q.numerator)) for e in events]
+            number(e.get(q.numerator)) for e in events]
         den = matrix[:, index[q.denominator]] if q.denominator in known else [
-            online._number(e.get(q.denominator)) for e in events]
+            number(e.get(q.denominator)) for e in events]
         matrix[:, index[q.name]] = ratio_feature(num, den)
         known.add(q.name)
 
     store._staging = True  # the prunes' deletes go with the next commit, after these rows' inserts
     try:
-        for entity, per_event, _ in plan_states:
-            done: set[int] = set()
-            for key, state in zip(keys[entity], per_event, strict=True):
-                if id(state) not in done:
-                    done.add(id(state))
-                    store._prune(entity, key, state)
+        for part in parts:
+            for key, state in zip(_first_keys(part), part.states, strict=True):
+                store._prune(part.entity, key, state)
     finally:
         store._staging = False
     return online.FeatureBatch(matrix, stale, np.zeros(n, dtype=bool), [])
 
 
-def _plan_columns(
-    plan: Any, per_event: list[Any], own: list[int], times: list[int], matrix: np.ndarray, index: dict[str, int]
-) -> None:
-    """One window group's features for every event (each stored at ``own[j]`` in ``per_event[j]``)."""
+def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], staged: int, ids: list[str | None]
+          ) -> None:
+    """Take the batch's events back out of their states (appends only: cut every list back to its old length;
+    prefix sums rescaled to a finer grid meanwhile stay exact), the owner map and the staged rows."""
+    batch_ids = {i for i in ids if i is not None}
+    for part, lengths in zip(parts, sizes, strict=True):
+        for state, m in zip(part.states, lengths, strict=True):
+            del state.times[m:], state.ids[m:], state.labels[m:], state.label_at[m:]
+            for column in state.values.values():
+                del column[m:]
+            for prefix in [*(state.sums or {}).values(), state.label_sums]:
+                if prefix is not None:
+                    del prefix.sums[m + 1:], prefix.valid[m + 1:]
+            state.id_set -= batch_ids
+    for event_id in batch_ids:
+        store._owners.pop(event_id, None)
+    del store._staged[staged:]
+
+
+def _first_keys(part: _Entity) -> list[str]:
+    """The key of each of ``part.states``."""
+    keys: list[str] = [""] * len(part.states)
+    for key, k in zip(part.keys, part.u, strict=True):
+        keys[k] = key
+    return keys
+
+
+def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | None], stale: np.ndarray) -> None:
+    """Append each event to its state (as ``_EntityState.insert`` does for an event in time order, prefix sums
+    included) and queue its row for the next commit; flag events whose state was older than the freshness."""
+    entity = part.entity
+    columns = store._columns[entity]
+    fresh = store._freshness_ns
+    for state in part.states:  # built now if missing, then kept up to date below
+        state.prefix()
+        state.label_prefix()
+    staged = store._staged
+    states, values, own = part.states, part.values, part.own
+    for j, (k, key, t, event_id) in enumerate(zip(part.u, part.keys, times, ids, strict=True)):
+        state = states[k]
+        tl = state.times
+        if fresh is not None and tl and t - tl[-1] > fresh:
+            stale[j] = True
+        own.append(len(tl))
+        tl.append(t)
+        state.ids.append(event_id)
+        if event_id is not None:
+            state.id_set.add(event_id)
+        state.labels.append(0.0)
+        state.label_at.append(_NO_LABEL_AT)
+        labels = state.label_sums
+        labels.sums.append(labels.sums[-1])  # a zero label: adds nothing, counts as valid
+        labels.valid.append(labels.valid[-1] + 1)
+        sums = state.sums
+        vals = {}
+        for m, c in enumerate(columns):
+            v = values[m][j]
+            vals[c] = v
+            state.values[c].append(v)
+            prefix = sums[c]
+            if v != v:
+                prefix.sums.append(prefix.sums[-1])
+                prefix.valid.append(prefix.valid[-1])
+                continue
+            num, den = v.as_integer_ratio()
+            k = den.bit_length() - 1
+            if k > prefix.shift:
+                prefix.push(v)  # rescales the sums built so far to the finer grid
+            else:
+                prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
+                prefix.valid.append(prefix.valid[-1] + 1)
+        staged.append((entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"))
+
+
+def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.ndarray, index: dict[str, int]) -> None:
+    """Every window feature of one entity for every event of the batch, with C-level ``map`` calls over the
+    events (``bisect_right`` in each event's state, the exact prefix sums at the window's edges)."""
     from keel.features.online import _window_group
 
-    n = len(per_event)
-    items = plan.items
-    out = [[0.0] * n for _ in items]
-    delay, window = plan.delay_ns, plan.window_ns
-    fast = all(a in _FAST and (column or a not in ("sum", "mean")) for _, a, column, _ in items)
-    value_columns = {column for _, aggregate, column, _ in items if column and aggregate in ("sum", "mean")}
-    reads_label = any(label for *_, label in items)
-    zero_delay = plan.zero_delay
-    after_own = 1 if plan.include_current else 0  # zero delay: the window ends after the event or before it
-    for j in range(n):
-        state = per_event[j]
-        t = times[j]
-        if fast:
-            sums = state.sums
-            ok = sums is not None and all(sums[c].exact for c in value_columns)
-            if ok and reads_label:
-                labels = state.label_sums
-                ok = labels is not None and labels.exact and t >= state.late_label
-        if not (fast and ok):
-            row: dict[str, float] = {}
-            _window_group(state, plan, t, None, own[j], row)
-            for m, (name, *_) in enumerate(items):
-                out[m][j] = row[name]
+    n = len(times)
+    states = part.states
+    per_event = list(map(states.__getitem__, part.u))
+    state_times = [s.times for s in per_event]
+    own = np.array(part.own, dtype=np.int64)
+    t_np = np.array(times, dtype=np.int64)
+    scan: list[tuple[_GroupPlan, list[int]]] = []  # (window group, events) for _window_group
+    prefixes: dict[str | None, tuple[list[list[int]], list[list[int]], list[int], np.ndarray]] = {}
+
+    def prefix_of(column: str | None) -> tuple[list[list[int]], list[list[int]], list[int], np.ndarray]:
+        """Per event: its state's exact prefix sums, valid counts and ``2**shift`` of a column (None: labels),
+        and whether they can give the window sum."""
+        if column not in prefixes:
+            chosen = [s.label_sums if column is None else s.sums[column] for s in states]  # type: ignore[index]
+            ok = np.array([p.exact for p in chosen], dtype=bool)[part.u]  # type: ignore[union-attr]
+            if column is None:  # labels that arrived after an event: scanned with their arrival times
+                ok &= t_np >= np.array([min(s.late_label, 2**63 - 1) for s in per_event], dtype=np.int64)
+            per = list(map(chosen.__getitem__, part.u))
+            prefixes[column] = ([p.sums for p in per], [p.valid for p in per],  # type: ignore[union-attr]
+                                [1 << p.shift for p in per], ok)  # type: ignore[union-attr]
+        return prefixes[column]
+
+    for plan in store._plans[part.entity]:
+        items = plan.items
+        if not all(a in _VECTOR and (column or a not in ("sum", "mean")) for _, a, column, _ in items):
+            scan.append((plan, list(range(n))))
             continue
-        end = t - delay
-        hi = own[j] + after_own if zero_delay else bisect_right(state.times, end)
-        lo = bisect_right(state.times, end - window)
-        if lo > hi:
-            lo = hi
+        end = [t - plan.delay_ns for t in times]
+        if plan.zero_delay:
+            hi = own + 1 if plan.include_current else own
+        else:
+            hi = np.fromiter(map(bisect_right, state_times, end), dtype=np.int64, count=n)
+        start = map(sub, end, repeat(plan.window_ns))
+        lo = np.minimum(np.fromiter(map(bisect_right, state_times, start), dtype=np.int64, count=n), hi)
         count = hi - lo
+        hi_l, lo_l = hi.tolist(), lo.tolist()
+        missed = np.zeros(n, dtype=bool)
         label_total = None
-        for m, (_, aggregate, column, _) in enumerate(items):
+        for name, aggregate, column, reads_label in items:
+            col = index[name]
             if aggregate == "count":
-                out[m][j] = float(count)
-            elif aggregate == "sum" or aggregate == "mean":
-                prefix = sums[column]
-                total = prefix.sums[hi] - prefix.sums[lo]
-                valid = prefix.valid[hi] - prefix.valid[lo]
-                value = total / (1 << prefix.shift) if total else 0.0
-                if aggregate == "mean":
-                    out[m][j] = value / valid if valid > 0 else math.nan
-                else:
-                    out[m][j] = value if valid else 0.0
-            else:
+                matrix[:, col] = count
+                continue
+            sums, valid, scale, ok = prefix_of(None if reads_label else column)
+            missed |= ~ok
+            if reads_label:
                 if label_total is None:
-                    label_sums = state.label_sums
-                    total = label_sums.sums[hi] - label_sums.sums[lo]
-                    label_total = total / (1 << label_sums.shift) if total else 0.0
-                if aggregate == "label_rate":
-                    out[m][j] = label_total / count if count > 0 else 0.0
+                    label_total = _range_sums(sums, lo_l, hi_l, scale)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    matrix[:, col] = (np.where(count > 0, label_total / count, 0.0) if aggregate == "label_rate"
+                                      else label_total)
+                continue
+            total = _range_sums(sums, lo_l, hi_l, scale)
+            n_valid = np.fromiter(map(sub, map(getitem, valid, hi_l), map(getitem, valid, lo_l)),
+                                  dtype=np.int64, count=n)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                if aggregate == "mean":
+                    matrix[:, col] = np.where(n_valid > 0, total / n_valid, math.nan)
                 else:
-                    out[m][j] = float(label_total)
-    for m, (name, *_) in enumerate(items):
-        matrix[:, index[name]] = out[m]
+                    matrix[:, col] = np.where(n_valid > 0, total, 0.0)
+        if missed.any():
+            scan.append((plan, np.flatnonzero(missed).tolist()))
+    for plan, todo in scan:  # the event-at-a-time path for what the arrays above do not cover
+        for j in todo:
+            row: dict[str, float] = {}
+            _window_group(per_event[j], plan, times[j], None, part.own[j], row)
+            for name, value in row.items():
+                matrix[j, index[name]] = value
+
+
+def _range_sums(sums: list[list[int]], lo: list[int], hi: list[int], scale: list[int]) -> np.ndarray:
+    """``(sums[j][hi[j]] - sums[j][lo[j]]) / scale[j]`` per event, in Python integers: the exact sum rounded once
+    (0.0 for an empty window, as on the single-event path)."""
+    exact = map(sub, map(getitem, sums, hi), map(getitem, sums, lo))
+    return np.fromiter(map(truediv, exact, scale), dtype=np.float64, count=len(lo))
