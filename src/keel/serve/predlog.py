@@ -24,11 +24,11 @@ Reading (what :mod:`keel.monitor` uses)::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import math
-import queue
 import sqlite3
 import struct
 import threading
@@ -167,7 +167,12 @@ class PredictionLog:
         self.path = Path(path)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        # A deque, not a queue.Queue: appending takes no lock and wakes nobody. The writer wakes every flush_ms,
+        # or when flush_rows rows are waiting, a flush is asked for, or the log closes: not once per request.
+        self._queue: collections.deque[Any] = collections.deque()
+        self._max_queue = max(1, int(max_queue))
+        self._rows = 0  # rows appended since the writer's last drain (decides when to wake it early)
+        self._wake = threading.Event()
         self._db = connect(self.path)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -191,7 +196,7 @@ class PredictionLog:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Queue one prediction record (keys of :data:`PREDICTION_COLUMNS`; ``inputs``/``features`` as dicts).
@@ -199,26 +204,29 @@ class PredictionLog:
         The record is queued as is and turned into a row (ISO times, JSON text) by the writer thread, off the
         request path: the caller must not mutate it (or the dicts it holds) afterwards.
         """
-        self._put(("p", record))
+        self._put(("p", record), 1)
 
     def append_many(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Queue records as one item (one queue operation for a whole batch; same rule as :meth:`append`)."""
         if records:
-            self._put(("P", records))
+            self._put(("P", records), len(records))
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
         """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
         received = iso(datetime.now(UTC))
         for event_id, label, at in labels:
-            self._put(("l", (str(event_id), float(label), iso(at), received)))
+            self._put(("l", (str(event_id), float(label), iso(at), received)), 1)
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: Any, rows: int) -> None:
         if self._closed:
             raise RuntimeError("The prediction log is closed.")
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._queue) >= self._max_queue:
             self.dropped += 1
+            return
+        self._queue.append(item)
+        self._rows += rows
+        if self._rows >= self.flush_rows and not self._wake.is_set():
+            self._wake.set()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far is on disk (for tests and shutdown)."""
@@ -226,7 +234,8 @@ class PredictionLog:
             self._write(self._drain())
             return
         done = threading.Event()
-        self._put(("f", done))
+        self._put(("f", done), 0)
+        self._wake.set()
         done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -234,7 +243,8 @@ class PredictionLog:
         if self._closed:
             return
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._queue.append(_STOP)
+            self._wake.set()
             self._thread.join(timeout)
             self._thread = None
         self._closed = True
@@ -249,35 +259,24 @@ class PredictionLog:
     # --- writer thread ------------------------------------------------------------------------------------
     def _drain(self) -> list[Any]:
         items = []
+        pop = self._queue.popleft
+        self._rows = 0
         while True:
             try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
+                items.append(pop())
+            except IndexError:
                 return items
 
     def _run(self) -> None:
-        buffer: list[Any] = []
-        deadline: float | None = None
-        rows = 0
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            stop = item is _STOP
-            if item is not None and not stop:
-                buffer.append(item)
-                rows += len(item[1]) if item[0] == "P" else 1
-                if deadline is None:
-                    deadline = time.monotonic() + self.flush_seconds
-            due = deadline is not None and time.monotonic() >= deadline
-            marker = bool(buffer) and buffer[-1][0] == "f"
-            if stop or due or marker or rows >= self.flush_rows:
-                if stop:
-                    buffer += [i for i in self._drain() if i is not _STOP]
-                self._write(buffer)
-                buffer, deadline, rows = [], None, 0
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            items = self._drain()
+            stop = any(i is _STOP for i in items)
+            if stop:
+                items = [i for i in items if i is not _STOP]
+            if items:
+                self._write(items)
             if stop:
                 return
 
