@@ -53,14 +53,14 @@ from keel.features.offline import finish_aggregate, ratio_feature, row_value, to
 _SCHEMA = """
 create table if not exists meta (k text primary key, v text not null);
 create table if not exists events (
-    seq integer primary key autoincrement,
+    seq integer primary key,
     entity text not null, key text not null, event_id text, t integer not null, vals text not null
 );
-create index if not exists events_by_entity on events (entity, key, t);
+drop index if exists events_by_entity;
 create table if not exists labels (event_id text primary key, label real not null, at integer not null);
 """
 _INSERT = "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)"
-_PRUNE = "delete from events where entity = ? and key = ? and t <= ?"
+_DELETE = "delete from events where seq = ?"
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -228,13 +228,17 @@ class _EntityState:
     labels: list[float] = field(default_factory=list)
     label_at: list[int] = field(default_factory=list)
     id_set: set[str] = field(default_factory=set)
+    # per event, its row's place on disk: [seq] once written, [0] while staged, [-1] dropped before written
+    cells: list[list[int]] = field(default_factory=list)
     sums: dict[str, _ExactPrefix] | None = None
     label_sums: _ExactPrefix | None = None
     late_label: int = -(2**63)
 
-    def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int) -> None:
+    def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int,
+               cell: list[int]) -> None:
         """Add a stored event known to be the latest so far (loading in time order)."""
         self.times.append(t)
+        self.cells.append(cell)
         self.ids.append(event_id)
         if event_id is not None:
             self.id_set.add(event_id)
@@ -245,11 +249,12 @@ class _EntityState:
         self._note_label(label, at)
         self.sums = self.label_sums = None  # rebuilt on first use
 
-    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float]) -> int:
+    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float], cell: list[int]) -> int:
         times = self.times
         if not times or times[-1] <= t:  # the usual case, events in time order: appends only
             i = len(times)
             times.append(t)
+            self.cells.append(cell)
             self.ids.append(event_id)
             if event_id is not None:
                 self.id_set.add(event_id)
@@ -268,6 +273,7 @@ class _EntityState:
             return i
         i = bisect.bisect_right(times, t)
         self.times.insert(i, t)
+        self.cells.insert(i, cell)
         self.ids.insert(i, event_id)
         if event_id is not None:
             self.id_set.add(event_id)
@@ -304,7 +310,7 @@ class _EntityState:
         k = bisect.bisect_right(self.times, before)
         if k:
             self.id_set.difference_update(self.ids[:k])
-            del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k]
+            del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k], self.cells[:k]
             for column in self.values.values():
                 del column[:k]
             for prefix in (self.sums or {}).values():
@@ -527,8 +533,10 @@ class OnlineStore:
         self._db.execute("pragma busy_timeout=10000")  # the group-commit connection may hold the write lock
         self._db.executescript(_SCHEMA)
         self._staging = False
-        self._staged: list[tuple[Any, ...]] = []  # event rows for the next commit_staged, in staging order
-        self._staged_prunes: dict[tuple[str, str], int] = {}  # (entity, key) -> delete rows with t <= this
+        self._staged: list[tuple[tuple[Any, ...], list[int]]] = []  # (row, cell) for the next commit_staged
+        self._staged_deletes: list[tuple[int]] = []  # seqs of written rows memory has dropped
+        self._loaded_all = False  # every entity's state is in memory (preload ran)
+        self._generation = 0  # counts _forget() calls: a commit started before one leaves memory alone
         self._writer: sqlite3.Connection | None = None
         self._writer_lock = threading.Lock()
         self._check_definitions()
@@ -575,18 +583,17 @@ class OnlineStore:
 
     # --- state --------------------------------------------------------------------------------------------
     def _state(self, entity: str, key: str) -> _EntityState:
+        """An entity's state: every state is loaded at once on the first miss (:meth:`preload`; the events table
+        has no per-entity index, which would cost most of each commit), after which a miss is a new entity."""
         cached = self._cache.get((entity, key))
         if cached is not None:
             return cached
-        state = _EntityState(values={c: [] for c in self._columns[entity]})
-        rows = self._db.execute(
-            "select e.event_id, e.t, e.vals, l.label, l.at from events e left join labels l"
-            " on l.event_id = e.event_id where e.entity = ? and e.key = ? order by e.t, e.seq",
-            (entity, key),
-        ).fetchall()
-        for row in rows:
-            self._append_stored(state, entity, key, row)
-        self._cache[(entity, key)] = state
+        if not self._loaded_all:
+            self.preload()
+            cached = self._cache.get((entity, key))
+            if cached is not None:
+                return cached
+        state = self._cache[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
         return state
 
     def _forget(self) -> None:
@@ -595,26 +602,30 @@ class OnlineStore:
         self._owners.clear()
         self._pending.clear()
         self._pending_complete = False
+        self._loaded_all = False
+        self._staged_deletes.clear()  # rows left on disk are pruned again when loaded: keeping them is safe
+        self._generation += 1
 
     def _append_stored(self, state: _EntityState, entity: str, key: str, row: Sequence[Any]) -> None:
-        """Add one stored event (event_id, t, vals, label, at) to an entity's in-memory state."""
-        event_id, t, vals, label, at = row
+        """Add one stored event (seq, event_id, t, vals, label, at) to an entity's in-memory state."""
+        seq, event_id, t, vals, label, at = row
         decoded = json.loads(vals)
         state.append(t, event_id, {c: _number(decoded.get(c)) for c in state.values},
-                     0.0 if label is None else float(label), 2**62 if at is None else int(at))
+                     0.0 if label is None else float(label), 2**62 if at is None else int(at), [seq])
         if event_id is not None:
             self._owners.setdefault(event_id, []).append((entity, key))
 
     def preload(self) -> int:
         """Load every entity's state into memory in one ordered pass; returns how many entities.
 
-        A service calls it at start, so its first requests do not each pay a per-entity load from SQLite
-        (measured: about half the time of a freshly started service's first requests).
+        A service calls it at start; a store that did not is loaded whole on its first request. Each loaded
+        state is pruned as it would have been in memory (rows at or before its newest time - horizon), so rows
+        whose deletion had not reached disk yet change nothing.
         """
         with self._lock:
             rows = self._db.execute(
-                "select e.entity, e.key, e.event_id, e.t, e.vals, l.label, l.at from events e left join labels l"
-                " on l.event_id = e.event_id order by e.entity, e.key, e.t, e.seq"
+                "select e.entity, e.key, e.seq, e.event_id, e.t, e.vals, l.label, l.at from events e left join"
+                " labels l on l.event_id = e.event_id order by e.entity, e.key, e.t, e.seq"
             ).fetchall()
             loaded: dict[tuple[str, str], _EntityState] = {}
             for entity, key, *row in rows:
@@ -625,15 +636,19 @@ class OnlineStore:
                     state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
             self._cache.update(loaded)
+            for (entity, key), state in loaded.items():
+                self._prune(entity, key, state)
             for state in self._cache.values():  # prefix sums now, not on each entity's first request
                 state.prefix()
                 state.label_prefix()
+            owners = self._owners
             self._pending = {
-                event_id: (float(label), int(at)) for event_id, label, at in self._db.execute(
-                    "select event_id, label, at from labels where event_id not in"
-                    " (select event_id from events where event_id is not null)")
+                event_id: (float(label), int(at))
+                for event_id, label, at in self._db.execute("select event_id, label, at from labels")
+                if event_id not in owners
             }
             self._pending_complete = True
+            self._loaded_all = True
             return len(loaded)
 
     def _event_time(self, event: Mapping[str, Any]) -> int:
@@ -748,8 +763,9 @@ class OnlineStore:
             if event_id is not None and not looked:  # one look-up per event, whatever the number of entities
                 known = self._known_label(event_id)
                 looked = True
-            i = state.insert(t, event_id, vals)
-            self._write_event((entity, key, event_id, t, self._vals_text(entity, vals)))
+            cell = [0]
+            i = state.insert(t, event_id, vals, cell)
+            self._write_event((entity, key, event_id, t, self._vals_text(entity, vals)), cell)
             if event_id is not None:
                 self._owners.setdefault(event_id, []).append((entity, key))
                 self._pending.pop(event_id, None)
@@ -763,8 +779,9 @@ class OnlineStore:
         if state.times[0] <= before:
             k = bisect.bisect_right(state.times, before)
             dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
+            cells = state.cells[:k]
             state.prune(before)
-            self._write_prune(entity, key, before)
+            self._drop_rows(cells)
             for old, label, at in dropped:
                 if old is not None and old in self._owners:
                     owners = [o for o in self._owners[old] if o != (entity, key)]
@@ -775,25 +792,28 @@ class OnlineStore:
                         if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
                             self._pending[old] = (label, at)
 
-    def _write_event(self, row: tuple[Any, ...]) -> None:
-        """Insert one ``(entity, key, event_id, t, vals)`` row now, or with the next commit when staging."""
+    def _write_event(self, row: tuple[Any, ...], cell: list[int]) -> None:
+        """Insert one ``(entity, key, event_id, t, vals)`` row now, or with the next commit when staging;
+        ``cell`` (the state's handle on the row) receives its ``seq`` once written."""
         if self._staging:
-            self._staged.append(row)
+            self._staged.append((row, cell))
         else:
-            self._db.execute(_INSERT, row)
+            cell[0] = int(self._db.execute(_INSERT, row).lastrowid or 0)
 
-    def _write_prune(self, entity: str, key: str, before: int) -> None:
-        """Delete an entity's rows at or before ``before`` (memory dropped them already).
-
-        Staged deletes run after the commit's inserts, one per entity with its latest bound: a row inserted
-        after a prune and at or before its bound is pruned from memory at once too (the bound only grows), so
-        deleting it with the rest leaves disk as a row-by-row replay would."""
-        if self._staging:
-            held = self._staged_prunes.get((entity, key))
-            if held is None or held < before:
-                self._staged_prunes[(entity, key)] = before
-        else:
-            self._db.execute(_PRUNE, (entity, key, before))
+    def _drop_rows(self, cells: list[list[int]]) -> None:
+        """Delete the rows of events memory dropped (housekeeping: a load prunes them again anyway). A row still
+        staged is never written; a written one is deleted now, or after the next commit's inserts."""
+        gone = []
+        for cell in cells:
+            if cell[0] > 0:
+                gone.append((cell[0],))
+            elif cell[0] == 0:
+                cell[0] = -1
+        if gone:
+            if self._staging:
+                self._staged_deletes.extend(gone)
+            else:
+                self._db.executemany(_DELETE, gone)
 
     def stage(self, event: Mapping[str, Any]) -> None:
         """Add an event to its entities' in-memory state now; its rows reach SQLite with the next
@@ -811,27 +831,35 @@ class OnlineStore:
 
     def commit_staged(self) -> int:
         """Write every staged row in one transaction on a connection of its own (one ``executemany`` for the
-        inserts, then one for the prunes, one per entity); return how many inserts and prunes.
+        inserts, then one for the deletes of rows memory has dropped); return how many rows were written.
 
-        Thread-safe, and it holds the store's lock only to take the staged rows, so features keep being
-        computed while SQLite writes. On a failure the in-memory state is dropped (it is reloaded from disk on
-        next use, so memory and disk never disagree) and the error is raised.
+        Thread-safe, and it holds the store's lock only to take the staged rows and to note their ``seq``, so
+        features keep being computed while SQLite writes. A staged row whose event was pruned before the
+        commit is not written at all (a load would prune it again). On a failure the in-memory state is dropped
+        (it is reloaded from disk on next use, so memory and disk never disagree) and the error is raised.
         """
         with self._writer_lock:
             with self._lock:
-                rows, self._staged = self._staged, []
-                prunes, self._staged_prunes = self._staged_prunes, {}
-            if not rows and not prunes:
+                taken, self._staged = self._staged, []
+                deletes, self._staged_deletes = self._staged_deletes, []
+                generation = self._generation
+            live = [(row, cell) for row, cell in taken if cell[0] != -1]
+            if not live and not deletes:
                 return 0
             if self._writer is None:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
                 self._writer.execute("pragma synchronous=normal")
                 self._writer.execute("pragma busy_timeout=10000")
             db = self._writer
+            first = 0
             try:
                 db.execute("begin immediate")
-                db.executemany(_INSERT, rows)
-                db.executemany(_PRUNE, [(entity, key, before) for (entity, key), before in prunes.items()])
+                if live:
+                    db.executemany(_INSERT, [row for row, _ in live])
+                    # One writer at a time (begin immediate): the rows got consecutive seqs ending at the last.
+                    first = int(db.execute("select last_insert_rowid()").fetchone()[0]) - len(live) + 1
+                if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
+                    db.executemany(_DELETE, deletes)
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -839,7 +867,14 @@ class OnlineStore:
                 with self._lock:
                     self._forget()
                 raise
-            return len(rows) + len(prunes)
+            with self._lock:
+                if generation == self._generation:  # else memory was reloaded: these cells are nobody's
+                    for seq, (_, cell) in enumerate(live, start=first):
+                        if cell[0] == -1:  # pruned while being written: delete it with the next commit
+                            self._staged_deletes.append((seq,))
+                        else:
+                            cell[0] = seq
+            return len(live) + len(deletes)
 
     def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
         """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.

@@ -163,7 +163,7 @@ def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], stag
     batch_ids = {i for i in ids if i is not None}
     for part, lengths in zip(parts, sizes, strict=True):
         for state, m in zip(part.states, lengths, strict=True):
-            del state.times[m:], state.ids[m:], state.labels[m:], state.label_at[m:]
+            del state.times[m:], state.ids[m:], state.labels[m:], state.label_at[m:], state.cells[m:]
             for column in state.values.values():
                 del column[m:]
             for prefix in [*(state.sums or {}).values(), state.label_sums]:
@@ -201,6 +201,8 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
             stale[j] = True
         own.append(len(tl))
         tl.append(t)
+        cell = [0]
+        state.cells.append(cell)
         state.ids.append(event_id)
         if event_id is not None:
             state.id_set.add(event_id)
@@ -227,7 +229,7 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
             else:
                 prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
                 prefix.valid.append(prefix.valid[-1] + 1)
-        staged.append((entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"))
+        staged.append(((entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"), cell))
 
 
 def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.ndarray, index: dict[str, int]) -> None:

@@ -1,0 +1,119 @@
+"""What the online store keeps on disk: rows by seq without a per-entity index, deletes as housekeeping, and loads
+that prune exactly as memory did, so a reopened store answers like the one that wrote it."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from keel.features.definitions import resolve_definitions
+from keel.features.online import OnlineStore
+from keel.spec import Data, Features
+
+BASE = pd.Timestamp("2024-03-01 00:00:00")
+DEFS = resolve_definitions(
+    Features.model_validate(
+        {
+            "windows": [
+                {"entity": "card", "aggregates": ["count", "mean"], "column": "amount", "windows": ["1h"]},
+                {"entity": "shop", "aggregates": ["count", "label_count"], "windows": ["1h"], "delay": "30m"},
+            ]
+        }
+    ),
+    Data.model_validate({"source": "x", "timestamp": "ts", "label": "y", "id_column": "id"}),
+)
+
+
+def open_store(path: Path) -> OnlineStore:
+    return OnlineStore(path, DEFS, timestamp="ts", label="y", id_column="id")
+
+
+def event(i: int, minute: int, card: int = 1, shop: int = 2, amount: float = 1.0) -> dict:
+    return {"id": i, "ts": BASE + timedelta(minutes=minute), "card": card, "shop": shop, "amount": amount}
+
+
+def rows_on_disk(path: Path) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        return db.execute("select entity, key, event_id, t from events order by seq").fetchall()
+
+
+def answers(store: OnlineStore, probes: list[dict]) -> np.ndarray:
+    return store.features_many(probes).matrix
+
+
+def test_an_event_pruned_before_its_commit_is_never_written_and_written_ones_are_deleted(tmp_path) -> None:
+    path = tmp_path / "s.sqlite"
+    with open_store(path) as store:
+        store.stage(event(1, 0))
+        store.stage(event(2, 200))  # 1 h 40 min later: event 1 leaves both 1 h (+30 min) windows in memory
+        assert store.commit_staged() == 2  # event 2's two rows; event 1's rows are never written
+        assert {r[2] for r in rows_on_disk(path)} == {"2"}
+        store.update(event(3, 400))  # event 2 is pruned now, its rows deleted at once
+        store.stage(event(4, 600))
+        store.commit_staged()  # staged: event 3's rows are deleted after the inserts of event 4
+        assert {r[2] for r in rows_on_disk(path)} == {"4"}
+
+
+def test_rows_left_on_disk_are_pruned_on_load_and_their_labels_wait_for_their_events(tmp_path) -> None:
+    """A crash between a commit and its deletes leaves old rows behind: loading prunes them as memory did, and
+    a label of such an event is found again if the event is sent again."""
+    path = tmp_path / "s.sqlite"
+    history = [event(i, 10 * i, card=i % 2, shop=i % 3, amount=0.5 * i) for i in range(30)]
+    with open_store(path) as store:
+        store.update_many(history)
+        store.add_label(3, 1, BASE)
+    with sqlite3.connect(path) as db:  # put back rows of events memory pruned long ago
+        db.executemany(
+            "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)",
+            [("card", "1", "3", int((BASE + timedelta(minutes=30)).value), '{"amount": 99.0}'),
+             ("shop", "0", "3", int((BASE + timedelta(minutes=30)).value), "{}")],
+        )
+    probes = [event(100 + k, 300 + k, card=k % 2, shop=k % 3) for k in range(4)]
+    resent = event(3, 290, card=1, shop=0)
+    with open_store(tmp_path / "clean.sqlite") as clean:
+        clean.update_many(history)
+        clean.add_label(3, 1, BASE)
+        want = answers(clean, probes)
+        clean.update(resent)
+        want_after = answers(clean, probes)
+    for preload in (True, False):
+        copy = tmp_path / f"copy-{preload}.sqlite"
+        shutil.copy(path, copy)
+        with open_store(copy) as reopened:
+            if preload:
+                reopened.preload()
+            assert np.array_equal(answers(reopened, probes), want, equal_nan=True)
+            assert reopened._pending == {"3": (1.0, int(BASE.value))}  # its rows were pruned: it waits
+            reopened.update(resent)
+            assert np.array_equal(answers(reopened, probes), want_after, equal_nan=True)
+        assert ("card", "1", "3", int((BASE + timedelta(minutes=30)).value)) not in rows_on_disk(copy)
+
+
+def test_a_store_written_with_the_per_entity_index_opens_and_answers_the_same(tmp_path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the earlier layout: autoincrement seq and an (entity, key, t) index
+        db.executescript(
+            "create table events (seq integer primary key autoincrement, entity text not null, key text not null,"
+            " event_id text, t integer not null, vals text not null);"
+            "create index events_by_entity on events (entity, key, t);"
+        )
+    history = [event(i, 7 * i, card=i % 3, amount=float(i)) for i in range(40)]
+    probes = [event(100 + k, 290 + k, card=k % 3) for k in range(3)]
+    with open_store(path) as old, open_store(tmp_path / "new.sqlite") as new:
+        for s in (old, new):
+            s.update_many(history[:20])
+            for e in history[20:]:
+                s.stage(e)
+            s.commit_staged()
+        assert np.array_equal(answers(old, probes), answers(new, probes), equal_nan=True)
+    with sqlite3.connect(path) as db:
+        assert db.execute("select name from sqlite_master where type = 'index' and tbl_name = 'events'"
+                          ).fetchall() == []
+    with open_store(path) as old, open_store(tmp_path / "new.sqlite") as new:
+        assert np.array_equal(answers(old, probes), answers(new, probes), equal_nan=True)
+        assert old.entity_count() == new.entity_count() == 3 + 1  # three cards, one shop
