@@ -195,13 +195,25 @@ def start_keel(setup: Setup, work: Path, *, log_level: str = "warning") -> Serve
 
 
 def warm_keel(server: Server, setup: Setup) -> None:
-    """Replay the history through the batch endpoint: the online store holds 20 days of state."""
+    """Replay the history through the batch endpoint: the online store holds 20 days of state. Then wait until the
+    server is idle (its prediction log written), so the first measured phase does not pay for the warm-up."""
     import httpx
 
     with httpx.Client(timeout=300) as c:
         for i in range(0, len(setup.history), 5000):
             c.post(f"{server.base}/v1/predict/batch",
                    json={"events": setup.history[i:i + 5000]}).raise_for_status()
+    wait_idle(server)
+
+
+def wait_idle(server: Server, *, busy: float = 0.05, seconds: float = 60.0) -> None:
+    """Wait (at most ``seconds``) until the server uses under ``busy`` of a core over half a second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        cpu0 = server.cpu_seconds()
+        time.sleep(0.5)
+        if not server.cpu_seconds() - cpu0 > busy * 0.5:  # NaN (no /proc): do not wait
+            return
 
 
 # --- measurements -------------------------------------------------------------------------------------------
@@ -216,15 +228,17 @@ class Row:
     rate: float = float("nan")
     unit: str = "req/s"
     errors: int = 0
+    load: float = float("nan")  # 1-minute load average when the phase ended
 
 
 def measured(server: Server, target: str, load: str, run: Callable[[], LoadResult], per: int = 1) -> Row:
+    wait_idle(server)  # every phase starts from an idle server (no backlog of the previous one)
     cpu0 = server.cpu_seconds()
     r = run()
     cpu = server.cpu_seconds() - cpu0
     done = max(1, r.answered) * per
     return Row(target, load, r, cpu / done * 1000.0, r.p50_ms, r.p99_ms, r.achieved_rate * per,
-               "events/s" if per > 1 else "req/s", r.failed)
+               "events/s" if per > 1 else "req/s", r.failed, os.getloadavg()[0])
 
 
 def bare_predict(setup: Setup, n: int = 3000) -> Row:
@@ -242,7 +256,7 @@ def bare_predict(setup: Setup, n: int = 3000) -> Row:
     lat = np.sort(np.array(times)) * 1000
     return Row("bare `DecisionModel.scores`, one row (compute floor)", "in-process loop", None,
                cpu / len(rows) * 1000, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
-               1000 / lat.mean())
+               1000 / lat.mean(), load=os.getloadavg()[0])
 
 
 def in_process_answer(setup: Setup, work: Path, n: int = 3000) -> Row:
@@ -279,7 +293,7 @@ def in_process_answer(setup: Setup, work: Path, n: int = 3000) -> Row:
     lat = np.sort(np.array(times)) * 1000
     return Row("keel answer path in-process (validation, features, model, log; no HTTP)", "in-process loop",
                None, cpu / len(times) * 1000, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
-               1000 / lat.mean())
+               1000 / lat.mean(), load=os.getloadavg()[0])
 
 
 def step_search(server: Server, take: Callable[[int], list[Any]], seconds: float) -> tuple[Row | None, list[Row]]:
@@ -424,22 +438,24 @@ def main() -> None:
         f" with {setup.n_days // 2} days of a 2,000-customer simulation, prediction log on, log level warning."
         " Load generator: bench/loadgen.py (raw asyncio streams, keep-alive, pre-encoded requests) on the same"
         " machine, so req/s are lower bounds; open-loop latencies are from each request's scheduled send time."
-        " `server CPU ms` is the server process tree's user+system CPU per request (per event for batch).",
+        " `server CPU ms` is the server process tree's user+system CPU per request (per event for batch); `load avg`"
+        " the machine's 1-minute load average as the phase ended. The warm-up is followed by a wait until the"
+        " server is idle.",
         "",
-        "| target | load | p50 ms | p99 ms | throughput | server CPU ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| target | load | p50 ms | p99 ms | throughput | server CPU ms | errors | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         digits = 3 if r.p50 < 1 else 2
         lines.append(f"| {r.target} | {r.load} | {fmt(r.p50, digits)} | {fmt(r.p99, digits)} |"
-                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {_errors(r)} |")
+                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {_errors(r)} | {fmt(r.load, 1)} |")
     lines += ["", "Step search, keel `/v1/predict` open loop (stops at the first step whose p99 exceeds 25 ms, that"
               " fails a request or misses its rate by more than 5%):", "",
-              "| offered req/s | achieved req/s | p50 ms | p99 ms | server CPU ms | errors |",
-              "|---:|---:|---:|---:|---:|---:|"]
+              "| offered req/s | achieved req/s | p50 ms | p99 ms | server CPU ms | errors | load avg |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     for s in steps:
         lines.append(f"| {s.result.target_rate if s.result else 0:,.0f} | {fmt(s.rate, 0)} | {fmt(s.p50)} |"
-                     f" {fmt(s.p99)} | {fmt(s.cpu_ms, 3)} | {s.errors} |")
+                     f" {fmt(s.p99)} | {fmt(s.cpu_ms, 3)} | {s.errors} | {fmt(s.load, 1)} |")
     vs = keel_closed.rate / mlflow_closed.rate if mlflow_closed and mlflow_closed.rate else float("nan")
 
     def verdict(ok: bool) -> str:
