@@ -228,7 +228,7 @@ class Row:
     rate: float = float("nan")
     unit: str = "req/s"
     errors: int = 0
-    load: float = float("nan")  # 1-minute load average when the phase ended
+    loadavg: float = float("nan")  # 1-minute load average when the phase ended
 
 
 def measured(server: Server, target: str, load: str, run: Callable[[], LoadResult], per: int = 1) -> Row:
@@ -256,7 +256,7 @@ def bare_predict(setup: Setup, n: int = 3000) -> Row:
     lat = np.sort(np.array(times)) * 1000
     return Row("bare `DecisionModel.scores`, one row (compute floor)", "in-process loop", None,
                cpu / len(rows) * 1000, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
-               1000 / lat.mean(), load=os.getloadavg()[0])
+               1000 / lat.mean(), loadavg=os.getloadavg()[0])
 
 
 def in_process_answer(setup: Setup, work: Path, n: int = 3000) -> Row:
@@ -293,7 +293,7 @@ def in_process_answer(setup: Setup, work: Path, n: int = 3000) -> Row:
     lat = np.sort(np.array(times)) * 1000
     return Row("keel answer path in-process (validation, features, model, log; no HTTP)", "in-process loop",
                None, cpu / len(times) * 1000, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
-               1000 / lat.mean(), load=os.getloadavg()[0])
+               1000 / lat.mean(), loadavg=os.getloadavg()[0])
 
 
 def step_search(server: Server, take: Callable[[int], list[Any]], seconds: float) -> tuple[Row | None, list[Row]]:
@@ -448,14 +448,14 @@ def main() -> None:
     for r in rows:
         digits = 3 if r.p50 < 1 else 2
         lines.append(f"| {r.target} | {r.load} | {fmt(r.p50, digits)} | {fmt(r.p99, digits)} |"
-                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {_errors(r)} | {fmt(r.load, 1)} |")
+                     f" {fmt(r.rate, 0)} {r.unit} | {fmt(r.cpu_ms, 3)} | {_errors(r)} | {fmt(r.loadavg, 1)} |")
     lines += ["", "Step search, keel `/v1/predict` open loop (stops at the first step whose p99 exceeds 25 ms, that"
               " fails a request or misses its rate by more than 5%):", "",
               "| offered req/s | achieved req/s | p50 ms | p99 ms | server CPU ms | errors | load avg |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for s in steps:
         lines.append(f"| {s.result.target_rate if s.result else 0:,.0f} | {fmt(s.rate, 0)} | {fmt(s.p50)} |"
-                     f" {fmt(s.p99)} | {fmt(s.cpu_ms, 3)} | {s.errors} | {fmt(s.load, 1)} |")
+                     f" {fmt(s.p99)} | {fmt(s.cpu_ms, 3)} | {s.errors} | {fmt(s.loadavg, 1)} |")
     vs = keel_closed.rate / mlflow_closed.rate if mlflow_closed and mlflow_closed.rate else float("nan")
 
     def verdict(ok: bool) -> str:
