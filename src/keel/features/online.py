@@ -67,7 +67,7 @@ _EPOCH = datetime(1970, 1, 1)
 _NO_LABEL_AT = 2**62  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
 _INFINITIES = (math.inf, -math.inf)
-_BATCH_MIN = 16  # features_many(stage=True) of at least this many events tries the batch path (online_batch)
+_BATCH_MIN = 32  # features_many(stage=True) of at least this many events tries the batch path (online_batch)
 
 
 def _key(value: Any) -> str:
@@ -965,7 +965,7 @@ class OnlineStore:
         computed gets a NaN row, ``failed[i]`` set and is not staged (as a service does with a single event);
         a failed staging is reported in ``errors`` and does not stop the others.
 
-        With ``stage=True`` and at least 16 events, a batch that only appends to its entities' states (in time
+        With ``stage=True`` and at least 32 events, a batch that only appends to its entities' states (in time
         order per entity, no event stored or sent twice, no label waiting for its event) is computed as a whole
         (:mod:`keel.features.online_batch`: array searches over every event at once); any other batch is
         replayed event by event.

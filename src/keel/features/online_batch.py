@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 _VECTOR = frozenset({"count", "sum", "mean", "label_count", "label_rate"})
 _NO_LABEL_AT = 2**62  # online._NO_LABEL_AT
+_NEVER = -(2**63)  # _EntityState.late_label of a state that never held a non-zero label
 
 
 class _Entity:
@@ -284,7 +285,7 @@ def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.nda
             missed |= ~ok
             if reads_label:
                 if label_total is None:
-                    label_total = _range_sums(sums, lo_l, hi_l, scale)
+                    label_total = _label_sums(per_event, sums, lo_l, hi_l, scale)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     matrix[:, col] = (np.where(count > 0, label_total / count, 0.0) if aggregate == "label_rate"
                                       else label_total)
@@ -305,6 +306,22 @@ def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.nda
             _window_group(per_event[j], plan, times[j], None, part.own[j], row)
             for name, value in row.items():
                 matrix[j, index[name]] = value
+
+
+def _label_sums(
+    per_event: list[_EntityState], sums: list[list[int]], lo: list[int], hi: list[int], scale: list[int]
+) -> np.ndarray:
+    """:func:`_range_sums` of the labels, 0.0 without a look for events whose state never held a non-zero label
+    (its ``late_label`` was never raised: every prefix sum is 0, and the window's sum is the 0.0 the division
+    would give)."""
+    some = [j for j, s in enumerate(per_event) if s.late_label != _NEVER]
+    if len(some) == len(per_event):
+        return _range_sums(sums, lo, hi, scale)
+    out = np.zeros(len(per_event), dtype=np.float64)
+    if some:
+        pick = [sums[j] for j in some], [lo[j] for j in some], [hi[j] for j in some], [scale[j] for j in some]
+        out[some] = _range_sums(*pick)
+    return out
 
 
 def _range_sums(sums: list[list[int]], lo: list[int], hi: list[int], scale: list[int]) -> np.ndarray:
