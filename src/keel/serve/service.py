@@ -554,8 +554,6 @@ class Service:
                 **item, "item": i, "time": now, "endpoint": endpoint,
                 "event_time": events[i].get(ts) if ts else None, "inputs": events[i], "features": feats[i],
             } for i, item in enumerate(out)])
-            self.metrics.log_pending.set(self.predlog.pending)
-            self.metrics.log_dropped.set(self.predlog.dropped)
         return out
 
     def _count(self, scores: Sequence[float | None], reasons: Sequence[str | None],

@@ -43,7 +43,9 @@ def ops_router() -> APIRouter:
     @router.get("/metrics", include_in_schema=False)
     async def metrics(service: ServiceDep) -> Response:
         if service.predlog is not None:
+            # Set when scraped, not per request (two gauge locks per answer).
             service.metrics.log_pending.set(service.predlog.pending)
+            service.metrics.log_dropped.set(service.predlog.dropped)
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
