@@ -636,8 +636,12 @@ class OnlineStore:
                     state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
             self._cache.update(loaded)
-            for (entity, key), state in loaded.items():
-                self._prune(entity, key, state)
+            staging, self._staging = self._staging, True  # deletes of rows left on disk: with the next commit
+            try:
+                for (entity, key), state in loaded.items():
+                    self._prune(entity, key, state)
+            finally:
+                self._staging = staging
             for state in self._cache.values():  # prefix sums now, not on each entity's first request
                 state.prefix()
                 state.label_prefix()
