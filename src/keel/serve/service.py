@@ -561,10 +561,11 @@ class Service:
         """Metrics of one request's answers: one increment per distinct label, one observation per score."""
         m = self.metrics
         m.events.inc(len(scores))
-        observe = m.scores.observe
-        for score in scores:
-            if score is not None:
-                observe(score)
+        if len(scores) == 1:
+            if scores[0] is not None:
+                m.scores.observe(scores[0])
+        else:
+            m.scores.observe_many(np.array([v for v in scores if v is not None], dtype=np.float64))
         children = self._children
         if len(scores) == 1:  # one event: no Counter to build
             counts: Any = ((("fallbacks", reasons[0]), 1),) if reasons[0] is not None else ()
