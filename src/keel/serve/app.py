@@ -192,7 +192,7 @@ class KeelAPI(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast = self.fast_path
         if (fast is not None and scope["type"] == "http" and scope["path"] in _FAST
-                and scope.get("method") == "POST" and not self.root_path):
+                and scope.get("method") == "POST" and not self.root_path and not scope.get("root_path")):
             await fast(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
