@@ -115,6 +115,7 @@ class _GroupCommit:
         self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._wake = threading.Condition()
         self._closed = False
+        self.busy = False  # a flush is being taken or written (read without a lock: a hint)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -141,6 +142,7 @@ class _GroupCommit:
                 if not self._waiting:
                     return
                 batch, self._waiting = self._waiting, []
+                self.busy = True
             error: BaseException | None = None
             try:
                 self._flush()
@@ -152,6 +154,7 @@ class _GroupCommit:
             for loop, futures in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # a loop closed meanwhile: nobody waits any more
                     loop.call_soon_threadsafe(_settle, futures, error)
+            self.busy = False
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -206,6 +209,7 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="keel-score")
         self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-reload")
         self._group: _GroupCommit | None = None
+        self._in_flight = 0  # answers begun and not finished
         self._pool_only: set[str] = set()  # versions that overran their budget inline: pool from now on
         self._overruns = 0  # consecutive inline answers over budget
         self._children: dict[tuple[str, Any], Any] = {}  # labelled metric children, by (metric, label)
@@ -481,10 +485,28 @@ class Service:
         A batch is answered as its events would be one by one, in order (each sees the earlier ones), with one
         pass over the online store, one model call on the feature matrix and one prediction-log append.
         """
+        self._in_flight += 1
+        try:
+            return await self._answer(events, request_id, endpoint=endpoint, started=started)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(self, events: Sequence[Mapping[str, Any]], request_id: str, *, endpoint: str,
+                      started: float) -> list[dict[str, Any]]:
         n = len(events)
         matrix, stale, failed, staged = self._features(events)
-        # The store writes while the model scores; the answer waits for both.
-        commit = self._commit() if staged else None
+        commit = None
+        if staged:
+            group = self._group
+            if self._in_flight == 1 and (group is None or not group.busy):
+                # Alone: nobody to share a group commit with, so write here, without two thread handoffs.
+                try:
+                    self._store.commit_staged()  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._store_failed("update", exc)
+            else:
+                # The store writes while the model scores; the answer waits for both.
+                commit = self._commit()
         loaded = self._loaded  # one read: the whole request uses one model even if a swap happens meanwhile
         scores: list[float | None] = [None] * n
         reasons: list[str | None] = [None] * n
