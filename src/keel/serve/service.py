@@ -2,9 +2,11 @@
 fallback, prediction log and metrics. :mod:`keel.serve.app` wires it into FastAPI.
 
 Per event: ``features = store.features(event)``, ``store.stage(event)`` (before any ``await``, so concurrent
-requests for the same entity see each other in arrival order, as the offline table does), then the model scores
-within ``serving.timeout_ms`` in a worker thread while the store's group commit writes the staged events (one
-SQLite transaction for every request staged meanwhile; the answer waits for it, so an answered event is on disk); the fallback rule answers when there is no model, it raises,
+requests for the same entity see each other in arrival order, as the offline table does), then the staged events
+are written: by the answer itself when it is the only one in flight (no thread handoff), else by the store's group
+commit thread while the model scores (one SQLite transaction for every request staged meanwhile); either way the
+answer waits for the write, so an answered event is on disk. The model scores within ``serving.timeout_ms``
+(inline for compiled trees, else in a worker thread); the fallback rule answers when there is no model, it raises,
 runs out of time, abstains, or (``features.stale_action = "fallback"``) an entity's state is stale.
 """
 
