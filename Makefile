@@ -50,7 +50,8 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
-	@echo "Results: bench/RESULTS.md"
+	@echo "== bench/bench_handbook.py --ceiling"; $(BIN)/python bench/bench_handbook.py --ceiling
+	@echo "Results: bench/RESULTS.md (the handbook runs with --ratios and --more take about an hour each: see there)"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
