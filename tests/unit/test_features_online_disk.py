@@ -117,3 +117,33 @@ def test_a_store_written_with_the_per_entity_index_opens_and_answers_the_same(tm
     with open_store(path) as old, open_store(tmp_path / "new.sqlite") as new:
         assert np.array_equal(answers(old, probes), answers(new, probes), equal_nan=True)
         assert old.entity_count() == new.entity_count() == 3 + 1  # three cards, one shop
+
+
+def test_commits_leave_the_log_checkpoint_to_a_background_thread(tmp_path, monkeypatch) -> None:
+    """A service commits on its event loop: SQLite's own checkpoint inside a commit stalled requests (up to 22 ms);
+    the store's thread copies the log into the database file instead, and nothing is lost either way."""
+    import os
+    import time
+
+    path = tmp_path / "s.sqlite"
+    store = open_store(path)
+    store.features_many([event(i, i) for i in range(40)], stage=True)
+    store.commit_staged()
+    assert store._writer.execute("pragma wal_autocheckpoint").fetchone()[0] == 0
+    busy, log_pages, copied = store.checkpoint()
+    assert busy == 0 and log_pages > 0 and copied == log_pages  # the commit left its pages in the log
+
+    monkeypatch.setattr(OnlineStore, "CHECKPOINT_ROWS", 10)
+    other = open_store(tmp_path / "t.sqlite")
+    size = os.path.getsize(tmp_path / "t.sqlite")
+    other.features_many([event(i, i, card=i) for i in range(200)], stage=True)
+    other.commit_staged()
+    deadline = time.monotonic() + 10
+    while os.path.getsize(tmp_path / "t.sqlite") <= size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.path.getsize(tmp_path / "t.sqlite") > size  # the thread copied the rows into the database file
+    other.close()
+    store.close()
+    assert len(rows_on_disk(path)) == 80  # 40 events x 2 entities, none old enough to prune
+    cards = [row for row in rows_on_disk(tmp_path / "t.sqlite") if row[0] == "card"]
+    assert len(cards) == 200  # one card each: none pruned, every staged row on disk

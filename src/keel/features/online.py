@@ -133,6 +133,54 @@ class FeatureRow(dict[str, float]):
         self.stale = bool(self.stale_entities)
 
 
+class _Checkpointer:
+    """Checkpoints the store's write-ahead log from a thread of its own, after every ``rows`` rows written.
+
+    SQLite otherwise checkpoints inside whichever commit crosses 1,000 log pages; SQLite releases the GIL while it
+    works, so a checkpoint here costs the serving loop nothing. PASSIVE: it never waits for, nor blocks, writers.
+    """
+
+    def __init__(self, path: Path, rows: int = 5_000) -> None:
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("pragma busy_timeout=10000")
+        self._rows = rows
+        self._pending = 0
+        self._lock = threading.Lock()  # one checkpoint at a time on this connection
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="keel-store-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wrote(self, rows: int) -> None:
+        self._pending += rows  # a hint, read and reset by the thread (a lost update delays a checkpoint)
+        if self._pending >= self._rows:
+            self._wake.set()
+
+    def run(self) -> tuple[int, int, int]:
+        with self._lock:
+            self._pending = 0
+            row = self._db.execute("pragma wal_checkpoint(passive)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            with contextlib.suppress(sqlite3.Error):  # busy or failed: the next one catches up
+                self.run()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("pragma wal_checkpoint(passive)")
+            self._db.close()
+
+
 @dataclass(frozen=True)
 class FeatureBatch:
     """What :meth:`OnlineStore.features_many` returns: ``matrix`` (events x features, float64), ``stale`` and
@@ -474,6 +522,9 @@ class OnlineStore:
     fields; ``freshness`` flags entity state older than this (``None``: never stale). Thread-safe (one lock).
     """
 
+    # Rows written (inserted or deleted) by commit_staged between two background checkpoints of the log.
+    CHECKPOINT_ROWS = 5_000
+
     def __init__(
         self,
         path: str | Path,
@@ -539,6 +590,7 @@ class OnlineStore:
         self._generation = 0  # counts _forget() calls: a commit started before one leaves memory alone
         self._writer: sqlite3.Connection | None = None
         self._writer_lock = threading.Lock()
+        self._checkpointer: _Checkpointer | None = None
         self._check_definitions()
 
     @classmethod
@@ -570,10 +622,22 @@ class OnlineStore:
 
     def close(self) -> None:
         self.commit_staged()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         with self._lock:
             if self._writer is not None:
                 self._writer.close()
             self._db.close()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy what the write-ahead log holds into the database file without blocking writers (SQLite's PASSIVE
+        checkpoint); returns SQLite's ``(busy, log pages, pages checkpointed)``. The staged-row commits leave this
+        to a background thread (see :meth:`commit_staged`)."""
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            return checkpointer.run()
+        row = self._db.execute("pragma wal_checkpoint(passive)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def __enter__(self) -> OnlineStore:
         return self
@@ -854,6 +918,10 @@ class OnlineStore:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
                 self._writer.execute("pragma synchronous=normal")
                 self._writer.execute("pragma busy_timeout=10000")
+                # No checkpoint inside a commit: a service commits on its event loop, and copying the log into
+                # the database file (with an fsync) stalled a request for up to 22 ms once per ~200 commits.
+                self._writer.execute("pragma wal_autocheckpoint=0")
+                self._checkpointer = _Checkpointer(self.path, self.CHECKPOINT_ROWS)
             db = self._writer
             first = 0
             try:
@@ -878,6 +946,8 @@ class OnlineStore:
                             self._staged_deletes.append((seq,))
                         else:
                             cell[0] = seq
+            if self._checkpointer is not None:
+                self._checkpointer.wrote(len(live) + len(deletes))
             return len(live) + len(deletes)
 
     def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
