@@ -67,6 +67,14 @@ def unweighted(p: np.ndarray, positive_weight: float) -> np.ndarray:
     return p / (p + positive_weight * (1.0 - p))
 
 
+def unweighted_mean(probabilities: Sequence[np.ndarray], positive_weights: Sequence[float]) -> np.ndarray:
+    """The mean of several models' probabilities, each first brought back to the unweighted scale."""
+    total = np.zeros_like(np.asarray(probabilities[0], dtype=np.float64))
+    for p, w in zip(probabilities, positive_weights, strict=True):
+        total += unweighted(np.asarray(p, dtype=np.float64), w)
+    return total / len(probabilities)
+
+
 @dataclass
 class Ensemble:
     """Members scored together: the mean of their uncalibrated positive-class probabilities, each on the
@@ -94,10 +102,7 @@ class Ensemble:
     def mean(self, member_probabilities: Sequence[np.ndarray]) -> np.ndarray:
         """The ensemble's raw score from its members' probabilities (in member order)."""
         assert self.positive_weights is not None
-        total = np.zeros_like(np.asarray(member_probabilities[0], dtype=np.float64))
-        for p, w in zip(member_probabilities, self.positive_weights, strict=True):
-            total += unweighted(np.asarray(p, dtype=np.float64), w)
-        return total / len(self.members)
+        return unweighted_mean(member_probabilities, self.positive_weights)
 
     @property
     def kinds(self) -> list[str]:
@@ -415,4 +420,4 @@ def _load_estimator(kind: str, path: Path) -> Any:
     raise IntegrityError(f"Unknown estimator file {path.name} for model kind {kind!r}.")
 
 
-__all__ = ["DecisionModel", "Ensemble", "sha256_file", "unweighted", "verify_manifest"]
+__all__ = ["DecisionModel", "Ensemble", "sha256_file", "unweighted", "unweighted_mean", "verify_manifest"]

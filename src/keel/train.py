@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from keel import expressions
-from keel.artifact import DecisionModel, Ensemble, encode_categories
+from keel.artifact import DecisionModel, Ensemble, encode_categories, unweighted_mean
 from keel.data.contracts import check_contract
 from keel.data.fingerprint import fingerprint_source
 from keel.data.sources import Source, source_from_spec
@@ -209,9 +209,9 @@ def fit_candidate(kind: str, params: dict[str, Any], X: np.ndarray, y: np.ndarra
 
     A ``class_weight`` entry in ``params`` (searched when models.class_weight = 'auto') overrides the spec's.
     """
+    w_pos = fitted_positive_weight(kind, params, y, class_weight=class_weight)
     params = dict(params)
     mode = params.pop("class_weight", class_weight)
-    w_pos = _positive_weight(y, "balanced" if mode == "auto" else mode)
     if kind == "lightgbm":
         import lightgbm as lgb
 
@@ -253,8 +253,8 @@ def _sk_weight(mode: str) -> str | None:
 
 def fitted_positive_weight(kind: str, params: dict[str, Any], y: np.ndarray, *, class_weight: str) -> float:
     """The weight of a positive row :func:`fit_candidate` gives ``kind`` with ``params`` on labels ``y`` (the
-    logistic baseline knows only 'balanced' or none); an ensemble undoes it before averaging (see
-    :func:`keel.artifact.unweighted`)."""
+    logistic baseline knows only 'balanced' or none), which an ensemble undoes before averaging (see
+    :func:`keel.artifact.unweighted`). A ``class_weight`` entry in ``params`` overrides the spec's."""
     mode = params.get("class_weight", class_weight)
     if kind == "logistic_regression":
         return _positive_weight(y, "balanced") if _sk_weight(mode) else 1.0
@@ -265,9 +265,8 @@ def member_mean(members: dict[str, Any], raws: dict[str, np.ndarray], y_train: n
                 class_weight: str) -> np.ndarray:
     """An ensemble's raw score from its members' raw scores (``members``: family -> chosen params), each member
     brought back to the unweighted scale it would have had without its class weight on ``y_train``."""
-    return Ensemble([(f, None) for f in members], [
-        fitted_positive_weight(f, p, y_train, class_weight=class_weight) for f, p in members.items()
-    ]).mean([raws[f] for f in members])
+    return unweighted_mean([raws[f] for f in members], [
+        fitted_positive_weight(f, p, y_train, class_weight=class_weight) for f, p in members.items()])
 
 
 def raw_scores(kind: str, model: Any, X: np.ndarray, threads: int = 0) -> np.ndarray:
@@ -907,8 +906,9 @@ def _train_prequential(spec: Spec, ds: Dataset, split: PrequentialSplit, say: Pr
     if models.ensemble == "mean" and len(models.candidates) > 1:
         # No new fit: the members' validation scores are the ones their search already computed.
         chosen_params["ensemble"] = {"members": {f: dict(chosen_params[f]) for f in models.candidates}}
-        ens_raw = [member_mean(chosen_params["ensemble"]["members"], {f: validation_raw[f][i] for f in models.candidates},
-                               ds.y[fold.train], class_weight=models.class_weight)
+        members = chosen_params["ensemble"]["members"]
+        ens_raw = [member_mean(members, {f: validation_raw[f][i] for f in members}, ds.y[fold.train],
+                               class_weight=models.class_weight)
                    for i, fold in enumerate(split.validation)]
         validation_detail["ensemble"] = ValidationScore.pooled(
             [fold_detail(f, s) for f, s in zip(split.validation, ens_raw, strict=True)])
