@@ -214,20 +214,22 @@ def ensure_segment_tables(conn: sqlite3.Connection) -> None:
         raise MonitorError(f"Cannot add the segment tables to the prediction log: {exc}.") from exc
 
 
-def _json_default(v: Any) -> Any:
+def json_default(v: Any) -> Any:
+    """What the log's JSON text holds for a value JSON has no type for: times as :func:`iso`, the rest as text."""
     return iso(v) if isinstance(v, datetime | pd.Timestamp) else str(v)
 
 
-_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+# orjson with the log's rules: times go through json_default (iso), numpy values and non-string keys as the stdlib.
+ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def _dumps(values: list[Any]) -> bytes:
     # orjson: a segment's text columns in a fifth of the stdlib's time (the writer holds the GIL meanwhile); the
     # stdlib for what orjson refuses (an int beyond 64 bits), which gives the same JSON values.
     try:
-        return orjson.dumps(values, default=_json_default, option=_ORJSON_OPTIONS)
+        return orjson.dumps(values, default=json_default, option=ORJSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError):
-        return json.dumps(values, separators=(",", ":"), default=_json_default).encode()
+        return json.dumps(values, separators=(",", ":"), default=json_default).encode()
 
 
 def _time_us(texts: list[str | None]) -> np.ndarray:

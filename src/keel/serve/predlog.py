@@ -46,12 +46,14 @@ from keel.logformat import (
     FEATURE_COLUMNS,
     LABEL_ROWS_FOR_LABEL,
     LABEL_ROWS_FOR_PREDICTIONS,
+    ORJSON_OPTIONS,
     encode_segment,
     ensure_feature_columns,
     ensure_segment_tables,
     feature_blob,
     feature_set_id,
     iso,
+    json_default,
     packer,
 )
 
@@ -104,13 +106,7 @@ SEGMENT_ROWS = 4096  # rows per columnar segment: 16 write batches of 256, decod
 _STOP = object()
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, datetime | pd.Timestamp):
-        return iso(v)
-    return str(v)
-
-
-_ENCODE = json.JSONEncoder(default=_json_default, separators=(",", ":")).encode
+_ENCODE = json.JSONEncoder(default=json_default, separators=(",", ":")).encode
 
 
 def _json_slow(value: Any) -> str:
@@ -120,22 +116,13 @@ def _json_slow(value: Any) -> str:
     return _ENCODE(value)
 
 
-def _orjson_default(v: Any) -> Any:
-    if isinstance(v, datetime | pd.Timestamp):
-        return iso(v)
-    return str(v)
-
-
-_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
 def _json(value: Any) -> str:
     """Compact JSON text of an input or feature dict: non-finite floats as null, times as :func:`iso`.
 
     orjson writes it (a tenth of the stdlib encoder's cost, the largest part of a log row); values it refuses
     (an int beyond 64 bits) take the stdlib path, which gives the same JSON values."""
     try:
-        return orjson.dumps(value, default=_orjson_default, option=_ORJSON_OPTIONS).decode()
+        return orjson.dumps(value, default=json_default, option=ORJSON_OPTIONS).decode()
     except (orjson.JSONEncodeError, TypeError):
         return _json_slow(value)
 
