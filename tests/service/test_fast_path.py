@@ -21,9 +21,7 @@ def _app(root: Path, model_dir: Path, *, fast: bool) -> FastAPI:
     app = create_app(make_spec(root, serving={"max_batch": 50, "max_body_bytes": 20_000}), PathProvider(model_dir))
     if not fast:  # the same app with the requests going through FastAPI's routing to the routes
         app.fast_path = None  # type: ignore[attr-defined]
-        for m in app.user_middleware:
-            if m.cls is ServiceMiddleware:
-                m.kwargs["models"] = None
+        assert all("models" not in m.kwargs for m in app.user_middleware if m.cls is ServiceMiddleware)
     return app
 
 

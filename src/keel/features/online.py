@@ -140,7 +140,7 @@ class _Checkpointer:
     works, so a checkpoint here costs the serving loop nothing. PASSIVE: it never waits for, nor blocks, writers.
     """
 
-    def __init__(self, path: Path, rows: int = 5_000) -> None:
+    def __init__(self, path: Path, rows: int) -> None:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("pragma busy_timeout=10000")
         self._rows = rows
@@ -175,10 +175,9 @@ class _Checkpointer:
         self._closed = True
         self._wake.set()
         self._thread.join()
-        with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("pragma wal_checkpoint(passive)")
-            self._db.close()
+        with contextlib.suppress(sqlite3.Error):
+            self.run()
+        self._db.close()
 
 
 @dataclass(frozen=True)

@@ -291,9 +291,9 @@ def create_app(spec: Any, provider: ModelProvider | None = None, *, store: Any =
     app.include_router(ops_router())
     app.include_router(admin_router())
     _document_request_models(app, models)
-    app.add_middleware(ServiceMiddleware, max_body_bytes=spec.serving.max_body_bytes, metrics=metrics,
-                       service=service, models=models)
-    # The prediction requests' own instance: it answers them all, so it never calls the app it wraps.
+    # Every other request: its id, size limit, metrics and log line, then FastAPI's routing.
+    app.add_middleware(ServiceMiddleware, max_body_bytes=spec.serving.max_body_bytes, metrics=metrics)
+    # The prediction requests' own instance, which KeelAPI hands them to: it answers them all itself.
     app.fast_path = ServiceMiddleware(app.router, max_body_bytes=spec.serving.max_body_bytes, metrics=metrics,
                                       service=service, models=models)
 
