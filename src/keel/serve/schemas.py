@@ -13,6 +13,7 @@ features read (for card fraud: ``transaction_id``, ``tx_datetime``, ``customer_i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -73,6 +74,9 @@ def _future_check(skew: timedelta, column: str) -> Any:
     return check
 
 
+_RULE_KINDS = frozenset({"int", "bool", "string", "float"})
+
+
 def _field_type(kind: str | None, column: str, bounds: Any, *, is_time: bool, skew: timedelta) -> Any:
     low = bounds.min if bounds is not None else None
     high = bounds.max if bounds is not None else None
@@ -91,6 +95,19 @@ def _field_type(kind: str | None, column: str, bounds: Any, *, is_time: bool, sk
 
 
 @dataclass(frozen=True)
+class FieldRule:
+    """What the request models accept in one event field, for validators that check a whole column at once
+    (:mod:`keel.serve.columns`): ``kind`` is ``time``, ``int``, ``bool``, ``string``, ``float`` or ``key`` (an
+    undeclared id or entity: an int or a string)."""
+
+    name: str
+    kind: str
+    low: float | None
+    high: float | None
+    nullable: bool
+
+
+@dataclass(frozen=True)
 class RequestModels:
     """The spec's request models: one event, a batch of events, and late labels."""
 
@@ -100,6 +117,10 @@ class RequestModels:
     fields: tuple[str, ...]
     id_column: str | None
     timestamp: str | None
+    rules: tuple[FieldRule, ...] = ()
+    max_batch: int = 0
+    max_future_skew: timedelta = timedelta(0)
+    columns: Any = None  # keel.serve.columns.BatchColumns: the batch body's column-wise fast path
 
 
 def event_fields(spec: Any) -> list[str]:
@@ -114,19 +135,25 @@ def build_request_models(spec: Any) -> RequestModels:
     """Generate the pydantic (v2) request models for a spec (see the module docstring)."""
     data = spec.data
     fields: dict[str, Any] = {}
+    rules: list[FieldRule] = []
     names = event_fields(spec)
     for column in names:
         kind = data.schema_.get(column)
         if kind is None and column not in (data.id_column, *data.entity_keys) and column != data.timestamp:
             kind = "float"
-        annotation = _field_type(kind, column, data.ranges.get(column), is_time=column == data.timestamp,
-                                 skew=data.max_future_skew)
-        role = ("event id" if column == data.id_column else "event time" if column == data.timestamp
+        bounds = data.ranges.get(column)
+        is_time = column == data.timestamp
+        annotation = _field_type(kind, column, bounds, is_time=is_time, skew=data.max_future_skew)
+        role = ("event id" if column == data.id_column else "event time" if is_time
                 else "entity key" if column in data.entity_keys else "feature input")
-        if column in data.nullable and column not in (data.id_column, data.timestamp, *data.entity_keys):
+        nullable = column in data.nullable and column not in (data.id_column, data.timestamp, *data.entity_keys)
+        if nullable:
             fields[column] = (annotation | None, Field(None, description=f"{role} (may be null)"))
         else:
             fields[column] = (annotation, Field(..., description=role))
+        rule_kind = "time" if is_time or kind == "timestamp" else kind if kind in _RULE_KINDS else "key"
+        rules.append(FieldRule(column, rule_kind, bounds.min if bounds is not None else None,
+                               bounds.max if bounds is not None else None, nullable))
     event = create_model("PredictRequest", __config__=_FORBID, __doc__="One raw event, as the source table holds it.",
                          **fields)
     batch = create_model(
@@ -151,8 +178,12 @@ def build_request_models(spec: Any) -> RequestModels:
         "LabelRequest", __config__=_FORBID,
         labels=(list[item], Field(..., min_length=1, max_length=spec.serving.max_batch)),  # type: ignore[valid-type]
     )
-    return RequestModels(event=event, batch=batch, labels=labels, fields=tuple(names),
-                         id_column=data.id_column, timestamp=data.timestamp)
+    models = RequestModels(event=event, batch=batch, labels=labels, fields=tuple(names),
+                           id_column=data.id_column, timestamp=data.timestamp, rules=tuple(rules),
+                           max_batch=spec.serving.max_batch, max_future_skew=data.max_future_skew)
+    from keel.serve.columns import BatchColumns  # it reads the rules above
+
+    return dataclasses.replace(models, columns=BatchColumns(models))
 
 
 # --- responses ----------------------------------------------------------------------------------------------
@@ -229,6 +260,7 @@ class ErrorResponse(BaseModel):
 __all__ = [
     "BatchPredictResponse",
     "ErrorResponse",
+    "FieldRule",
     "HealthResponse",
     "LabelResponse",
     "ModelResponse",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import math
@@ -401,15 +402,18 @@ class Service:
             staged = stage is not None
         return dict(row), bool(getattr(row, "stale", False)), staged
 
-    def _features(self, events: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    def _features(self, events: Sequence[Mapping[str, Any]], cols: Mapping[str, Any] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """(matrix in ``feature_names`` order, stale, failed, staged) for events in order; each event sees the
-        earlier ones (features, then staged for the group commit, before any ``await``)."""
+        earlier ones (features, then staged for the group commit, before any ``await``). ``cols``: the same
+        events as a column batch (:mod:`keel.serve.columns`), for a store that reads columns."""
         n = len(events)
         store = self._store
         many = getattr(store, "features_many", None)
         if many is not None and getattr(store, "feature_names", None) == self.feature_names:
+            by_columns = getattr(store, "features_columns", None) if cols is not None else None
             try:
-                batch = many(events, stage=True)
+                batch = many(events, stage=True) if by_columns is None else by_columns(cols, stage=True)
             except Exception as exc:
                 self._store_failed("features", exc)
                 return np.full((n, len(self.feature_names)), math.nan), np.zeros(n, bool), np.ones(n, bool), False
@@ -431,6 +435,27 @@ class Service:
             stale[i] = st
             staged = staged or g
         return matrix, stale, failed, staged
+
+    def _start_commit(self, staged: bool) -> asyncio.Future[None] | None:
+        """Write what the features staged: here when alone in flight (no thread handoffs), else through the group
+        commit (the store writes while the model scores; the answer awaits the returned future)."""
+        if not staged:
+            return None
+        group = self._group
+        if self._in_flight == 1 and (group is None or not group.busy):
+            try:
+                self._store.commit_staged()  # type: ignore[union-attr]
+            except Exception as exc:
+                self._store_failed("update", exc)
+            return None
+        return self._commit()
+
+    async def _end_commit(self, commit: asyncio.Future[None] | None) -> None:
+        if commit is not None:
+            try:
+                await commit
+            except Exception as exc:
+                self._store_failed("update", exc)
 
     def _commit(self) -> asyncio.Future[None]:
         if self._group is None:
@@ -497,18 +522,7 @@ class Service:
                       started: float) -> list[dict[str, Any]]:
         n = len(events)
         matrix, stale, failed, staged = self._features(events)
-        commit = None
-        if staged:
-            group = self._group
-            if self._in_flight == 1 and (group is None or not group.busy):
-                # Alone: nobody to share a group commit with, so write here, without two thread handoffs.
-                try:
-                    self._store.commit_staged()  # type: ignore[union-attr]
-                except Exception as exc:
-                    self._store_failed("update", exc)
-            else:
-                # The store writes while the model scores; the answer waits for both.
-                commit = self._commit()
+        commit = self._start_commit(staged)
         loaded = self._loaded  # one read: the whole request uses one model even if a swap happens meanwhile
         scores: list[float | None] = [None] * n
         reasons: list[str | None] = [None] * n
@@ -554,11 +568,7 @@ class Service:
             answers = self.fallback.decide([{**events[i], **(feats[i] or {})} for i in need])
             for i, action in zip(need, answers, strict=True):
                 decisions[i] = action
-        if commit is not None:
-            try:
-                await commit
-            except Exception as exc:
-                self._store_failed("update", exc)
+        await self._end_commit(commit)
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         version = loaded.version if loaded else None
         now = datetime.now(UTC)
@@ -577,6 +587,78 @@ class Service:
             self.predlog.append_many([{
                 **item, "item": i, "time": now, "endpoint": endpoint,
                 "event_time": events[i].get(ts) if ts else None, "inputs": events[i], "features": feats[i],
+            } for i, item in enumerate(out)])
+        return out
+
+    async def answer_columns(self, n: int, cols: Mapping[str, Any], request_id: str, *,
+                             started: float) -> list[dict[str, Any]]:
+        """:meth:`answer` for a batch already validated as columns (:mod:`keel.serve.columns`): the same answers,
+        log rows and metrics, computed column-wise (one array operation per step instead of one per event)."""
+        self._in_flight += 1
+        try:
+            return await self._answer_columns(n, cols, request_id, started=started)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer_columns(self, n: int, cols: Mapping[str, Any], request_id: str, *,
+                              started: float) -> list[dict[str, Any]]:
+        events = _LazyRows(n, cols, self.timestamp)
+        matrix, stale, failed, staged = self._features(events, cols)
+        commit = self._start_commit(staged)
+        loaded = self._loaded
+        scores = np.full(n, math.nan)
+        reasons = np.full(n, None, dtype=object)
+        decisions = np.full(n, None, dtype=object)
+        if loaded is None:
+            reasons[:] = fb.MODEL_UNAVAILABLE
+        else:
+            reasons[failed] = fb.FEATURES_UNAVAILABLE
+            ok = np.flatnonzero(~failed)
+            if ok.size:
+                result, reason = await self._score(loaded, matrix if ok.size == n else matrix[ok])
+                if result is None:
+                    reasons[ok] = reason
+                else:
+                    finite = np.isfinite(result)
+                    reasons[ok[~finite]] = fb.MODEL_ERROR
+                    scored = ok[finite]
+                    scores[scored] = result[finite]
+                    actions = loaded.model.decide(result[finite])
+                    decisions[scored] = actions
+                    if self.fallback.expression:
+                        reasons[scored[actions == "abstain"]] = fb.ABSTAIN
+        if self.stale_fallback:
+            reasons[stale & np.equal(reasons, None)] = fb.STALE_FEATURES
+        need = np.flatnonzero(np.not_equal(reasons, None))
+        if need.size:
+            names = self.feature_names
+            decisions[need] = self.fallback.decide([
+                {**events[i], **({} if failed[i] else dict(zip(names, matrix[i].tolist(), strict=True)))}
+                for i in need.tolist()])
+        await self._end_commit(commit)
+        latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        version = loaded.version if loaded else None
+        ids = cols[self.id_column] if self.id_column else itertools.repeat(None, n)
+        score_list = scores.tolist()
+        if need.size or not bool(np.isfinite(scores).all()):
+            score_list = [None if v != v else v for v in score_list]
+        reason_list = reasons.tolist()
+        stale_list = stale.tolist()
+        out = [{"request_id": f"{request_id}.{i}", "event_id": event_id, "score": score, "decision": decision,
+                "model_version": version, "fallback": reason is not None, "fallback_reason": reason,
+                "stale": st, "latency_ms": latency_ms}
+               for i, (event_id, score, decision, reason, st) in enumerate(
+                   zip(ids, score_list, decisions.tolist(), reason_list, stale_list, strict=True))]
+        self._count(score_list, reason_list, decisions.tolist(), stale_list)
+        if self.predlog is not None:
+            now = datetime.now(UTC)
+            ts = self.timestamp
+            names = self.feature_names
+            rows = matrix.tolist()
+            self.predlog.append_many([{
+                **item, "item": i, "time": now, "endpoint": "batch",
+                "event_time": events[i].get(ts) if ts else None, "inputs": events[i],
+                "features": None if failed[i] else dict(zip(names, rows[i], strict=True)),
             } for i, item in enumerate(out)])
         return out
 
@@ -639,6 +721,28 @@ class Service:
             "training_data": training, "metrics": metrics if isinstance(metrics, dict) else {},
             "source": loaded.source, "loaded_at": loaded.loaded_at,
         }
+
+
+class _LazyRows(Sequence[dict[str, Any]]):
+    """The events of a column batch as rows, built only if a reader asks (a store without ``features_columns``, the
+    fallback rule, the log's row path): the column path never needs them."""
+
+    def __init__(self, n: int, cols: Mapping[str, Any], timestamp: str | None) -> None:
+        self.n, self.cols, self.timestamp = n, cols, timestamp
+        self._rows: list[dict[str, Any]] | None = None
+
+    def _all(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            from keel.serve.columns import row_view
+
+            self._rows = row_view(self.n, dict(self.cols), self.timestamp)
+        return self._rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._all()[i]
 
 
 __all__ = ["LoadedModel", "Service"]

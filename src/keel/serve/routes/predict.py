@@ -70,9 +70,15 @@ async def predict_body(service: Any, models: RequestModels, endpoint: str, body:
         state["outcome"] = "fallback" if first["fallback"] else "ok"
         state["summary"] = {"fallback": first["fallback"], "model_version": first["model_version"]}
         return orjson.dumps(first)
-    batch = validate_body(body, models.batch)
-    events = batch.model_dump()["events"]  # one pydantic-core call for the whole batch
-    out = await service.answer(events, request_id, endpoint="batch", started=started)
+    # Well-formed batches are validated column by column (keel.serve.columns); anything else, errors included,
+    # goes through the request models.
+    parsed = models.columns.parse(body) if models.columns is not None else None
+    if parsed is not None and hasattr(service, "answer_columns"):
+        out = await service.answer_columns(*parsed, request_id, started=started)
+    else:
+        batch = validate_body(body, models.batch)
+        events = batch.model_dump()["events"]  # one pydantic-core call for the whole batch
+        out = await service.answer(events, request_id, endpoint="batch", started=started)
     fallbacks = sum(o["fallback"] for o in out)
     state["outcome"] = "fallback" if fallbacks else "ok"
     state["summary"] = {"events": len(out), "fallbacks": fallbacks}
