@@ -26,6 +26,7 @@ import json
 import math
 import sqlite3
 import threading
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -59,7 +60,7 @@ create table if not exists events (
 drop index if exists events_by_entity;
 create table if not exists labels (event_id text primary key, label real not null, at integer not null);
 """
-_INSERT = "insert into events (entity, key, event_id, t, vals) values (?, ?, ?, ?, ?)"
+_INSERT = "insert into events (seq, entity, key, event_id, t, vals) values (?, ?, ?, ?, ?, ?)"
 _DELETE = "delete from events where seq = ?"
 
 
@@ -216,7 +217,7 @@ class _ExactPrefix:
         shift = max((den.bit_length() - 1 for _, den in filter(None, ratios)), default=0)
         self.shift = shift
         self.sums = [0, *accumulate(0 if r is None else r[0] << (shift - r[1].bit_length() + 1) for r in ratios)]
-        self.valid = [0, *accumulate(1 if x == x else 0 for x in values)]
+        self.valid = array("q", [0, *accumulate(1 if x == x else 0 for x in values)])
 
     def _term(self, x: float) -> tuple[int, int]:
         """(scaled value, valid) of one value, rescaling the stored sums when it needs a finer grid."""
@@ -262,30 +263,29 @@ class _ExactPrefix:
 
 @dataclass
 class _EntityState:
-    """One entity's recent events, in (time, arrival) order.
+    """One entity's recent events, in (time, arrival) order, as compact columns (``array``: 8 bytes a value).
 
     ``sums`` (per value column) and ``label_sums`` are exact prefix sums built on first use and kept up to date
     by every change made through the methods below; ``late_label`` is the latest arrival time of any non-zero
     label (an upper bound): events at or after it see every label, so their label sums come from the prefix.
     """
 
-    times: list[int] = field(default_factory=list)
+    times: array = field(default_factory=lambda: array("q"))  # int64 nanoseconds
     ids: list[str | None] = field(default_factory=list)
-    values: dict[str, list[float]] = field(default_factory=dict)
-    labels: list[float] = field(default_factory=list)
-    label_at: list[int] = field(default_factory=list)
+    values: dict[str, array] = field(default_factory=dict)  # float64 per value column
+    labels: array = field(default_factory=lambda: array("d"))
+    label_at: array = field(default_factory=lambda: array("q"))
     id_set: set[str] = field(default_factory=set)
-    # per event, its row's place on disk: [seq] once written, [0] while staged, [-1] dropped before written
-    cells: list[list[int]] = field(default_factory=list)
+    seqs: array = field(default_factory=lambda: array("q"))  # per event, its row's seq on disk (once written)
     sums: dict[str, _ExactPrefix] | None = None
     label_sums: _ExactPrefix | None = None
     late_label: int = -(2**63)
 
     def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int,
-               cell: list[int]) -> None:
+               seq: int) -> None:
         """Add a stored event known to be the latest so far (loading in time order)."""
         self.times.append(t)
-        self.cells.append(cell)
+        self.seqs.append(seq)
         self.ids.append(event_id)
         if event_id is not None:
             self.id_set.add(event_id)
@@ -296,12 +296,12 @@ class _EntityState:
         self._note_label(label, at)
         self.sums = self.label_sums = None  # rebuilt on first use
 
-    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float], cell: list[int]) -> int:
+    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float], seq: int) -> int:
         times = self.times
         if not times or times[-1] <= t:  # the usual case, events in time order: appends only
             i = len(times)
             times.append(t)
-            self.cells.append(cell)
+            self.seqs.append(seq)
             self.ids.append(event_id)
             if event_id is not None:
                 self.id_set.add(event_id)
@@ -320,7 +320,7 @@ class _EntityState:
             return i
         i = bisect.bisect_right(times, t)
         self.times.insert(i, t)
-        self.cells.insert(i, cell)
+        self.seqs.insert(i, seq)
         self.ids.insert(i, event_id)
         if event_id is not None:
             self.id_set.add(event_id)
@@ -357,7 +357,7 @@ class _EntityState:
         k = bisect.bisect_right(self.times, before)
         if k:
             self.id_set.difference_update(self.ids[:k])
-            del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k], self.cells[:k]
+            del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k], self.seqs[:k]
             for column in self.values.values():
                 del column[:k]
             for prefix in (self.sums or {}).values():
@@ -573,7 +573,8 @@ class OnlineStore:
         if self._windows and not timestamp:
             raise FeatureError("Window features need an event time, but no timestamp column was given.")
         self._cache: dict[tuple[str, str], _EntityState] = {}
-        self._owners: dict[str, list[tuple[str, str]]] = {}
+        # event id -> the in-memory states holding it (one per entity column)
+        self._owners: dict[str, tuple[_EntityState, ...]] = {}
         self._lock = threading.RLock()
         self._depth = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -583,14 +584,19 @@ class OnlineStore:
         self._db.execute("pragma busy_timeout=10000")  # the group-commit connection may hold the write lock
         self._db.executescript(_SCHEMA)
         self._staging = False
-        self._staged: list[tuple[tuple[Any, ...], list[int]]] = []  # (row, cell) for the next commit_staged
+        # Rows ``(seq, entity, key, event_id, t, vals)`` for the next commit_staged; each row's seq is chosen when
+        # it is staged (the states keep plain int seqs, no per-row handle waiting for SQLite's rowid).
+        self._staged: list[tuple[Any, ...]] = []
+        self._staged_seqs: set[int] = set()  # seqs of the rows in _staged
+        self._skipped: set[int] = set()  # staged rows memory dropped before their commit: never written
+        self._in_flight: set[int] = set()  # seqs a commit is writing now (deleted with the next commit if dropped)
         self._staged_deletes: list[tuple[int]] = []  # seqs of written rows memory has dropped
         self._loaded_all = False  # every entity's state is in memory (preload ran)
-        self._generation = 0  # counts _forget() calls: a commit started before one leaves memory alone
         self._writer: sqlite3.Connection | None = None
         self._writer_lock = threading.Lock()
         self._checkpointer: _Checkpointer | None = None
         self._check_definitions()
+        self._next_seq = int(self._db.execute("select coalesce(max(seq), 0) + 1 from events").fetchone()[0])
 
     @classmethod
     def from_spec(cls, spec: Any, path: str | Path | None = None) -> OnlineStore:
@@ -656,7 +662,7 @@ class OnlineStore:
             cached = self._cache.get((entity, key))
             if cached is not None:
                 return cached
-        state = self._cache[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
+        state = self._cache[(entity, key)] = _EntityState(values={c: array("d") for c in self._columns[entity]})
         return state
 
     def _forget(self) -> None:
@@ -667,16 +673,15 @@ class OnlineStore:
         self._pending_complete = False
         self._loaded_all = False
         self._staged_deletes.clear()  # rows left on disk are pruned again when loaded: keeping them is safe
-        self._generation += 1
 
     def _append_stored(self, state: _EntityState, entity: str, key: str, row: Sequence[Any]) -> None:
         """Add one stored event (seq, event_id, t, vals, label, at) to an entity's in-memory state."""
         seq, event_id, t, vals, label, at = row
         decoded = json.loads(vals)
         state.append(t, event_id, {c: _number(decoded.get(c)) for c in state.values},
-                     0.0 if label is None else float(label), 2**62 if at is None else int(at), [seq])
+                     0.0 if label is None else float(label), 2**62 if at is None else int(at), seq)
         if event_id is not None:
-            self._owners.setdefault(event_id, []).append((entity, key))
+            self._owners[event_id] = (*self._owners.get(event_id, ()), state)
 
     def preload(self) -> int:
         """Load every entity's state into memory in one ordered pass; returns how many entities.
@@ -696,7 +701,7 @@ class OnlineStore:
                     continue
                 state = loaded.get((entity, key))
                 if state is None:
-                    state = loaded[(entity, key)] = _EntityState(values={c: [] for c in self._columns[entity]})
+                    state = loaded[(entity, key)] = _EntityState(values={c: array("d") for c in self._columns[entity]})
                 self._append_stored(state, entity, key, row)
             self._cache.update(loaded)
             staging, self._staging = self._staging, True  # deletes of rows left on disk: with the next commit
@@ -782,14 +787,12 @@ class OnlineStore:
         pending = self._pending.get(event_id)
         if pending is not None:
             return pending
-        for entity, key in self._owners.get(event_id, ()):
-            state = self._cache.get((entity, key))
-            if state is not None:  # the event is still in another entity's window: its label is there
-                i = state.ids.index(event_id)
-                if state.label_at[i] != _NO_LABEL_AT:
-                    return state.labels[i], state.label_at[i]
-                if self._pending_complete:
-                    return None
+        for state in self._owners.get(event_id, ()):  # the event is in another entity's window: its label is there
+            i = state.ids.index(event_id)
+            if state.label_at[i] != _NO_LABEL_AT:
+                return state.labels[i], state.label_at[i]
+            if self._pending_complete:
+                return None
         if self._pending_complete:
             return None
         row = self._db.execute("select label, at from labels where event_id = ?", (event_id,)).fetchone()
@@ -830,11 +833,12 @@ class OnlineStore:
             if event_id is not None and not looked:  # one look-up per event, whatever the number of entities
                 known = self._known_label(event_id)
                 looked = True
-            cell = [0]
-            i = state.insert(t, event_id, vals, cell)
-            self._write_event((entity, key, event_id, t, self._vals_text(entity, vals)), cell)
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            i = state.insert(t, event_id, vals, seq)
+            self._write_event((seq, entity, key, event_id, t, self._vals_text(entity, vals)))
             if event_id is not None:
-                self._owners.setdefault(event_id, []).append((entity, key))
+                self._owners[event_id] = (*self._owners.get(event_id, ()), state)
                 self._pending.pop(event_id, None)
                 if known is not None:
                     state.set_label(i, known[0], known[1])
@@ -846,12 +850,12 @@ class OnlineStore:
         if state.times[0] <= before:
             k = bisect.bisect_right(state.times, before)
             dropped = list(zip(state.ids[:k], state.labels[:k], state.label_at[:k], strict=True))
-            cells = state.cells[:k]
+            seqs = state.seqs[:k]
             state.prune(before)
-            self._drop_rows(cells)
+            self._drop_rows(seqs)
             for old, label, at in dropped:
                 if old is not None and old in self._owners:
-                    owners = [o for o in self._owners[old] if o != (entity, key)]
+                    owners = tuple(o for o in self._owners[old] if o is not state)
                     if owners:
                         self._owners[old] = owners
                     else:
@@ -859,23 +863,28 @@ class OnlineStore:
                         if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
                             self._pending[old] = (label, at)
 
-    def _write_event(self, row: tuple[Any, ...], cell: list[int]) -> None:
-        """Insert one ``(entity, key, event_id, t, vals)`` row now, or with the next commit when staging;
-        ``cell`` (the state's handle on the row) receives its ``seq`` once written."""
+    def _write_event(self, row: tuple[Any, ...]) -> None:
+        """Insert one ``(seq, entity, key, event_id, t, vals)`` row now, or with the next commit when staging."""
         if self._staging:
-            self._staged.append((row, cell))
+            self._staged.append(row)
+            self._staged_seqs.add(row[0])
         else:
-            cell[0] = int(self._db.execute(_INSERT, row).lastrowid or 0)
+            self._db.execute(_INSERT, row)
 
-    def _drop_rows(self, cells: list[list[int]]) -> None:
+    def _drop_rows(self, seqs: Iterable[int]) -> None:
         """Delete the rows of events memory dropped (housekeeping: a load prunes them again anyway). A row still
-        staged is never written; a written one is deleted now, or after the next commit's inserts."""
+        staged is never written; one a commit is writing is deleted with the next commit; a written one is deleted
+        now, or after the next commit's inserts when staging."""
         gone = []
-        for cell in cells:
-            if cell[0] > 0:
-                gone.append((cell[0],))
-            elif cell[0] == 0:
-                cell[0] = -1
+        staged, in_flight = self._staged_seqs, self._in_flight
+        for seq in seqs:
+            if seq in staged:
+                staged.discard(seq)
+                self._skipped.add(seq)
+            elif seq in in_flight:
+                self._staged_deletes.append((seq,))
+            else:
+                gone.append((seq,))
         if gone:
             if self._staging:
                 self._staged_deletes.extend(gone)
@@ -900,7 +909,7 @@ class OnlineStore:
         """Write every staged row in one transaction on a connection of its own (one ``executemany`` for the
         inserts, then one for the deletes of rows memory has dropped); return how many rows were written.
 
-        Thread-safe, and it holds the store's lock only to take the staged rows and to note their ``seq``, so
+        Thread-safe, and it holds the store's lock only to take the staged rows, so
         features keep being computed while SQLite writes. A staged row whose event was pruned before the
         commit is not written at all (a load would prune it again). On a failure the in-memory state is dropped
         (it is reloaded from disk on next use, so memory and disk never disagree) and the error is raised.
@@ -909,9 +918,11 @@ class OnlineStore:
             with self._lock:
                 taken, self._staged = self._staged, []
                 deletes, self._staged_deletes = self._staged_deletes, []
-                generation = self._generation
-            live = [(row, cell) for row, cell in taken if cell[0] != -1]
+                self._in_flight, self._staged_seqs = self._staged_seqs, set()
+                skipped, self._skipped = self._skipped, set()
+            live = [row for row in taken if row[0] not in skipped] if skipped else taken
             if not live and not deletes:
+                self._in_flight = set()
                 return 0
             if self._writer is None:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -922,13 +933,10 @@ class OnlineStore:
                 self._writer.execute("pragma wal_autocheckpoint=0")
                 self._checkpointer = _Checkpointer(self.path, self.CHECKPOINT_ROWS)
             db = self._writer
-            first = 0
             try:
                 db.execute("begin immediate")
                 if live:
-                    db.executemany(_INSERT, [row for row, _ in live])
-                    # One writer at a time (begin immediate): the rows got consecutive seqs ending at the last.
-                    first = int(db.execute("select last_insert_rowid()").fetchone()[0]) - len(live) + 1
+                    db.executemany(_INSERT, live)
                 if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
                     db.executemany(_DELETE, deletes)
                 db.execute("commit")
@@ -936,15 +944,11 @@ class OnlineStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("rollback")
                 with self._lock:
+                    self._in_flight = set()
                     self._forget()
                 raise
             with self._lock:
-                if generation == self._generation:  # else memory was reloaded: these cells are nobody's
-                    for seq, (_, cell) in enumerate(live, start=first):
-                        if cell[0] == -1:  # pruned while being written: delete it with the next commit
-                            self._staged_deletes.append((seq,))
-                        else:
-                            cell[0] = seq
+                self._in_flight = set()
             if self._checkpointer is not None:
                 self._checkpointer.wrote(len(live) + len(deletes))
             return len(live) + len(deletes)
@@ -965,10 +969,7 @@ class OnlineStore:
                 (key, value, at_ns),
             )
             found = False
-            for entity, entity_key in self._owners.get(key, []):
-                state = self._cache.get((entity, entity_key))
-                if state is None:
-                    continue
+            for state in self._owners.get(key, ()):
                 for i, stored in enumerate(state.ids):
                     if stored == key:
                         state.set_label(i, value, at_ns)

@@ -123,11 +123,10 @@ def _stage_and_compute(
     for part in parts:
         _stage(store, part, times, ids, stale)
     owners = store._owners
-    key_lists = [part.keys for part in parts]
-    entities = [part.entity for part in parts]
-    for event_id, *event_keys in zip(ids, *key_lists, strict=True):
+    per_event_states = [list(map(part.states.__getitem__, part.u)) for part in parts]
+    for event_id, *states in zip(ids, *per_event_states, strict=True):
         if event_id is not None:
-            owners[event_id] = list(zip(entities, event_keys, strict=True))
+            owners[event_id] = tuple(states)
 
     names = store._names
     index = {name: i for i, name in enumerate(names)}
@@ -164,7 +163,7 @@ def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], stag
     batch_ids = {i for i in ids if i is not None}
     for part, lengths in zip(parts, sizes, strict=True):
         for state, m in zip(part.states, lengths, strict=True):
-            del state.times[m:], state.ids[m:], state.labels[m:], state.label_at[m:], state.cells[m:]
+            del state.times[m:], state.ids[m:], state.labels[m:], state.label_at[m:], state.seqs[m:]
             for column in state.values.values():
                 del column[m:]
             for prefix in [*(state.sums or {}).values(), state.label_sums]:
@@ -173,6 +172,7 @@ def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], stag
             state.id_set -= batch_ids
     for event_id in batch_ids:
         store._owners.pop(event_id, None)
+    store._staged_seqs.difference_update(row[0] for row in store._staged[staged:])
     del store._staged[staged:]
 
 
@@ -195,6 +195,9 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
         state.label_prefix()
     staged = store._staged
     states, values, own = part.states, part.values, part.own
+    first = store._next_seq
+    store._next_seq = first + len(times)
+    store._staged_seqs.update(range(first, first + len(times)))
     for j, (k, key, t, event_id) in enumerate(zip(part.u, part.keys, times, ids, strict=True)):
         state = states[k]
         tl = state.times
@@ -202,8 +205,8 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
             stale[j] = True
         own.append(len(tl))
         tl.append(t)
-        cell = [0]
-        state.cells.append(cell)
+        seq = first + j
+        state.seqs.append(seq)
         state.ids.append(event_id)
         if event_id is not None:
             state.id_set.add(event_id)
@@ -230,7 +233,7 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
             else:
                 prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
                 prefix.valid.append(prefix.valid[-1] + 1)
-        staged.append(((entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"), cell))
+        staged.append((seq, entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"))
 
 
 def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.ndarray, index: dict[str, int]) -> None:
