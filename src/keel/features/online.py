@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import accumulate
+from itertools import accumulate, repeat
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,30 @@ def _time_ns(value: Any, column: str) -> int:
         return int(ts.as_unit("ns").value)
     except (OverflowError, ValueError) as exc:  # outside 1677..2262: nanoseconds do not fit in 64 bits
         raise FeatureError(f"The event's {column!r} value {value!r} is out of range: {exc}.") from None
+
+
+def _batch_length(cols: Mapping[str, Any]) -> int:
+    """The number of events of a column batch (every column has it)."""
+    lengths = {len(column) for column in cols.values()}
+    if len(lengths) > 1:
+        raise FeatureError(f"The columns of the batch differ in length ({sorted(lengths)}).",
+                           hint="Give every field one value per event.")
+    return lengths.pop() if lengths else 0
+
+
+def _row_view(n: int, cols: Mapping[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
+    """The events of a column batch as dicts: the timestamp as ``datetime`` (microseconds), numpy columns as
+    Python values, lists as they are."""
+    out: dict[str, list[Any]] = {}
+    for name, column in cols.items():
+        if name == timestamp and isinstance(column, np.ndarray) and column.dtype.kind == "M":
+            out[name] = column.astype("datetime64[us]").astype(datetime).tolist()
+        elif isinstance(column, np.ndarray):
+            out[name] = column.tolist()
+        else:
+            out[name] = list(column)
+    names = list(out)
+    return [dict(zip(names, row, strict=True)) for row in zip(*out.values(), strict=True)] if n else []
 
 
 def _number(value: Any) -> float:
@@ -587,7 +611,10 @@ class OnlineStore:
         # Rows ``(seq, entity, key, event_id, t, vals)`` for the next commit_staged; each row's seq is chosen when
         # it is staged (the states keep plain int seqs, no per-row handle waiting for SQLite's rowid).
         self._staged: list[tuple[Any, ...]] = []
-        self._staged_seqs: set[int] = set()  # seqs of the rows in _staged
+        # The batch path's rows as columns, built into rows by the commit: (first seq, entity, keys, event ids,
+        # times, value columns in _columns[entity] order); the rows' seqs run from the first on.
+        self._staged_blocks: list[tuple[int, str, list[str], list[str | None], list[int], list[list[float]]]] = []
+        self._staged_seqs: set[int] = set()  # seqs of the rows in _staged and _staged_blocks
         self._skipped: set[int] = set()  # staged rows memory dropped before their commit: never written
         self._in_flight: set[int] = set()  # seqs a commit is writing now (deleted with the next commit if dropped)
         self._staged_deletes: list[tuple[int]] = []  # seqs of written rows memory has dropped
@@ -811,6 +838,17 @@ class OnlineStore:
                 parts.append(f"{name}: {v!r}")
         return "{" + ", ".join(parts) + "}"
 
+    def _vals_texts(self, entity: str, columns: Sequence[Sequence[float]], n: int) -> list[str]:
+        """:meth:`_vals_text` of ``n`` events given as value columns (finite floats or NaN)."""
+        names = self._vals_json[entity]
+        if not names:
+            return ["{}"] * n
+        parts = [[f"{name}: null" if v != v else f"{name}: {v!r}" for v in column]
+                 for (_, name), column in zip(names, columns, strict=True)]
+        if len(parts) == 1:
+            return ["{" + p + "}" for p in parts[0]]
+        return ["{" + ", ".join(p) + "}" for p in zip(*parts, strict=True)]
+
     def _add(self, event: Mapping[str, Any], seen: list[Any] | None = None) -> None:
         """Add an event to its entities' state; ``seen`` is what :meth:`_compute` just saw of it (same lock
         hold, nothing changed since), else everything is looked up here."""
@@ -917,10 +955,17 @@ class OnlineStore:
         with self._writer_lock:
             with self._lock:
                 taken, self._staged = self._staged, []
+                blocks, self._staged_blocks = self._staged_blocks, []
                 deletes, self._staged_deletes = self._staged_deletes, []
                 self._in_flight, self._staged_seqs = self._staged_seqs, set()
                 skipped, self._skipped = self._skipped, set()
-            live = [row for row in taken if row[0] not in skipped] if skipped else taken
+            live = taken
+            for first, entity, keys, ids, times, columns in blocks:
+                n = len(keys)
+                live += zip(range(first, first + n), repeat(entity, n), keys, ids, times,
+                            self._vals_texts(entity, columns, n), strict=True)
+            if skipped:
+                live = [row for row in live if row[0] not in skipped]
             if not live and not deletes:
                 self._in_flight = set()
                 return 0
@@ -1044,38 +1089,60 @@ class OnlineStore:
         (:mod:`keel.features.online_batch`: array searches over every event at once); any other batch is
         replayed event by event.
         """
+        with self._lock:
+            if stage and len(events) >= _BATCH_MIN and self._windows:
+                from keel.features.online_batch import features_batch
+
+                batch = features_batch(self, events)
+                if batch is not None:
+                    return batch
+            return self._replay(events, stage)
+
+    def features_columns(self, cols: Mapping[str, Any], *, stage: bool = True) -> FeatureBatch:
+        """:meth:`features_many` of a column batch, the same result bit for bit (matrix, flags, errors, staged
+        rows): ``cols`` maps the event fields to columns of equal length, the timestamp as a ``datetime64``
+        array (naive UTC), float fields as float64 arrays and every other field as a list of its values.
+
+        The columns go to the batch path without a dict per event; a batch it cannot take (see
+        :meth:`features_many`) is replayed event by event on its row view (the timestamp as ``datetime``).
+        """
+        n = _batch_length(cols)
+        with self._lock:
+            if stage and n >= _BATCH_MIN and self._windows:
+                from keel.features.online_batch import columns_batch
+
+                batch = columns_batch(self, n, cols)
+                if batch is not None:
+                    return batch
+            return self._replay(_row_view(n, cols, self.timestamp), stage)
+
+    def _replay(self, events: Sequence[Mapping[str, Any]], stage: bool) -> FeatureBatch:
+        """:meth:`features_many` event by event; hold the lock."""
         n = len(events)
         rows: list[list[float]] = []
         stale = np.zeros(n, dtype=bool)
         failed = np.zeros(n, dtype=bool)
         errors: list[tuple[int, str, Exception]] = []
         nan_row = [math.nan] * len(self._names)
-        with self._lock:
-            if stage and n >= _BATCH_MIN and self._windows:
-                from keel.features.online_batch import features_batch
-
-                batch = features_batch(self, events)
-                if batch is not None:
-                    return batch
-            for i, event in enumerate(events):
-                seen: list[Any] | None = [] if stage else None
+        for i, event in enumerate(events):
+            seen: list[Any] | None = [] if stage else None
+            try:
+                values, st, _ = self._compute(event, seen)
+            except Exception as exc:
+                rows.append(nan_row)
+                failed[i] = True
+                errors.append((i, "features", exc))
+                continue
+            rows.append(values)
+            stale[i] = bool(st)
+            if stage:
+                self._staging = True
                 try:
-                    values, st, _ = self._compute(event, seen)
+                    self._add(event, seen)
                 except Exception as exc:
-                    rows.append(nan_row)
-                    failed[i] = True
-                    errors.append((i, "features", exc))
-                    continue
-                rows.append(values)
-                stale[i] = bool(st)
-                if stage:
-                    self._staging = True
-                    try:
-                        self._add(event, seen)
-                    except Exception as exc:
-                        errors.append((i, "update", exc))
-                    finally:
-                        self._staging = False
+                    errors.append((i, "update", exc))
+                finally:
+                    self._staging = False
         matrix = np.array(rows, dtype=np.float64).reshape(n, len(self._names))
         return FeatureBatch(matrix, stale, failed, errors)
 

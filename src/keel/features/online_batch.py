@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from itertools import repeat
 from operator import getitem, sub, truediv
 from typing import TYPE_CHECKING, Any
@@ -63,11 +64,34 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
     try:
         times = [store._event_time(e) for e in events]
         ids = [store._event_id(e) for e in events]
-        parts = [_Entity(entity, [store._entity_key(e, entity) for e in events]) for entity in store._entities]
+        keys = [[store._entity_key(e, entity) for e in events] for entity in store._entities]
         raw = [[number(e.get(d.column)) for e in events] for d in store._raw]
         rows = [[row_value(r, e.get(r.column)) for e in events] for r in store._rows]
     except Exception:  # the replay reports it for the events concerned
         return None
+
+    def column(name: str) -> list[float]:
+        return [number(e.get(name)) for e in events]
+
+    return batch_of(store, len(events), times, ids, keys, raw, rows, column)
+
+
+def batch_of(
+    store: OnlineStore,
+    n: int,
+    times: list[int],
+    ids: list[str | None],
+    keys: list[list[str]],
+    raw: Sequence[Sequence[float]],
+    rows: Sequence[Sequence[float]],
+    column: Callable[[str], list[float]],
+) -> FeatureBatch | None:
+    """:func:`features_batch` of a batch given as columns: event times (ns), ids and each entity's keys as
+    canonical text, raw and row features per definition, and ``column(name)``: a numeric field as floats
+    (NaN where missing). None when the batch needs the event-by-event replay. Hold ``store._lock``."""
+    from keel.features import online
+
+    parts = [_Entity(entity, entity_keys) for entity, entity_keys in zip(store._entities, keys, strict=True)]
     for part in parts:
         index: dict[str, int] = {}
         last: list[int] = []
@@ -84,10 +108,10 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
             last[k] = t
             u.append(k)
         for c in store._columns[part.entity]:
-            column = [number(e.get(c)) for e in events]
-            if any(v in online._INFINITIES for v in column):  # the replay keeps such a column exact
+            values = column(c)
+            if any(v in online._INFINITIES for v in values):  # the replay keeps such a column exact
                 return None
-            part.values.append(column)
+            part.values.append(values)
     if any(i is not None for i in ids):
         seen: set[str] = set()
         for event_id in ids:
@@ -98,9 +122,9 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
             seen.add(event_id)
 
     sizes = [[len(s.times) for s in part.states] for part in parts]
-    staged = len(store._staged)
+    staged = len(store._staged_blocks)
     try:
-        return _stage_and_compute(store, events, parts, times, ids, raw, rows)
+        return _stage_and_compute(store, n, parts, times, ids, raw, rows, column)
     except Exception:  # e.g. a window sum beyond the float range: undo, and the replay reports it per event
         _undo(store, parts, sizes, staged, ids)
         return None
@@ -108,17 +132,16 @@ def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> F
 
 def _stage_and_compute(
     store: OnlineStore,
-    events: Sequence[Mapping[str, Any]],
+    n: int,
     parts: list[_Entity],
     times: list[int],
     ids: list[str | None],
-    raw: list[list[float]],
-    rows: list[list[float]],
+    raw: Sequence[Sequence[float]],
+    rows: Sequence[Sequence[float]],
+    column: Callable[[str], list[float]],
 ) -> FeatureBatch:
     from keel.features import online
 
-    n = len(events)
-    number = online._number
     stale = np.zeros(n, dtype=bool)
     for part in parts:
         _stage(store, part, times, ids, stale)
@@ -139,10 +162,8 @@ def _stage_and_compute(
         _windows(store, part, times, matrix, index)
     known = set(index) - {q.name for q in store._ratios}  # a ratio reads the ratios computed before it
     for q in store._ratios:
-        num = matrix[:, index[q.numerator]] if q.numerator in known else [
-            number(e.get(q.numerator)) for e in events]
-        den = matrix[:, index[q.denominator]] if q.denominator in known else [
-            number(e.get(q.denominator)) for e in events]
+        num = matrix[:, index[q.numerator]] if q.numerator in known else column(q.numerator)
+        den = matrix[:, index[q.denominator]] if q.denominator in known else column(q.denominator)
         matrix[:, index[q.name]] = ratio_feature(num, den)
         known.add(q.name)
 
@@ -172,8 +193,9 @@ def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], stag
             state.id_set -= batch_ids
     for event_id in batch_ids:
         store._owners.pop(event_id, None)
-    store._staged_seqs.difference_update(row[0] for row in store._staged[staged:])
-    del store._staged[staged:]
+    for first, _, keys, *_ in store._staged_blocks[staged:]:
+        store._staged_seqs.difference_update(range(first, first + len(keys)))
+    del store._staged_blocks[staged:]
 
 
 def _first_keys(part: _Entity) -> list[str]:
@@ -186,27 +208,27 @@ def _first_keys(part: _Entity) -> list[str]:
 
 def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | None], stale: np.ndarray) -> None:
     """Append each event to its state (as ``_EntityState.insert`` does for an event in time order, prefix sums
-    included) and queue its row for the next commit; flag events whose state was older than the freshness."""
+    included) and queue its rows for the next commit as one block of columns (the commit builds the rows); flag
+    events whose state was older than the freshness."""
     entity = part.entity
     columns = store._columns[entity]
     fresh = store._freshness_ns
     for state in part.states:  # built now if missing, then kept up to date below
         state.prefix()
         state.label_prefix()
-    staged = store._staged
     states, values, own = part.states, part.values, part.own
     first = store._next_seq
     store._next_seq = first + len(times)
     store._staged_seqs.update(range(first, first + len(times)))
-    for j, (k, key, t, event_id) in enumerate(zip(part.u, part.keys, times, ids, strict=True)):
+    store._staged_blocks.append((first, entity, part.keys, ids, times, values))
+    for j, (k, t, event_id) in enumerate(zip(part.u, times, ids, strict=True)):
         state = states[k]
         tl = state.times
         if fresh is not None and tl and t - tl[-1] > fresh:
             stale[j] = True
         own.append(len(tl))
         tl.append(t)
-        seq = first + j
-        state.seqs.append(seq)
+        state.seqs.append(first + j)
         state.ids.append(event_id)
         if event_id is not None:
             state.id_set.add(event_id)
@@ -216,10 +238,8 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
         labels.sums.append(labels.sums[-1])  # a zero label: adds nothing, counts as valid
         labels.valid.append(labels.valid[-1] + 1)
         sums = state.sums
-        vals = {}
         for m, c in enumerate(columns):
             v = values[m][j]
-            vals[c] = v
             state.values[c].append(v)
             prefix = sums[c]
             if v != v:
@@ -233,7 +253,6 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
             else:
                 prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
                 prefix.valid.append(prefix.valid[-1] + 1)
-        staged.append((seq, entity, key, event_id, t, store._vals_text(entity, vals) if columns else "{}"))
 
 
 def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.ndarray, index: dict[str, int]) -> None:
@@ -332,3 +351,83 @@ def _range_sums(sums: list[list[int]], lo: list[int], hi: list[int], scale: list
     (0.0 for an empty window, as on the single-event path)."""
     exact = map(sub, map(getitem, sums, hi), map(getitem, sums, lo))
     return np.fromiter(map(truediv, exact, scale), dtype=np.float64, count=len(lo))
+
+
+_DAY_US = 86_400_000_000
+_HOUR_US = 3_600_000_000
+
+
+def columns_batch(store: OnlineStore, n: int, cols: Mapping[str, Any]) -> FeatureBatch | None:
+    """:func:`features_batch` of a column batch (the timestamp as ``datetime64``, float fields as float64
+    arrays, other fields as lists of validated values), without a dict per event; None when the batch needs the
+    event-by-event replay (the caller replays its row view). Hold ``store._lock``."""
+    from keel.features import online
+
+    key = online._key
+    stamp = cols.get(store.timestamp) if store.timestamp else None
+    if not isinstance(stamp, np.ndarray) or stamp.dtype.kind != "M" or len(stamp) != n:
+        return None
+    us = stamp.astype("datetime64[us]").view(np.int64)  # what the row view's datetimes hold
+    if n and (us.min() < _MIN_US or us.max() > _MAX_US):  # NaT, or nanoseconds beyond 64 bits
+        return None
+    times = (us * 1000).tolist()
+    if store.id_column is None or store.id_column not in cols:
+        ids: list[str | None] = [None] * n
+    else:
+        ids = _texts(cols[store.id_column], key, nullable=True)
+    keys = []
+    for entity in store._entities:
+        if entity not in cols:
+            return None  # the replay names the missing entity per event
+        keys.append(_texts(cols[entity], key, nullable=False))
+
+    def column(name: str) -> list[float]:
+        values = cols.get(name)
+        if values is None:
+            return [math.nan] * n
+        if isinstance(values, np.ndarray) and values.dtype == np.float64:
+            return values.tolist()
+        return list(map(online._number, values))
+
+    raw = [column(d.column) for d in store._raw]
+    rows: list[Sequence[float]] = []
+    stamps: list[Any] | None = None
+    for r in store._rows:
+        if r.column == store.timestamp and r.kind in ("is_weekend", "is_night", "hour", "weekday"):
+            rows.append(_time_part(r.kind, r.night_end_hour, us))
+            continue
+        values = cols.get(r.column)
+        if r.column == store.timestamp:
+            if stamps is None:
+                stamps = stamp.astype("datetime64[us]").astype(datetime).tolist()
+            values = stamps
+        elif isinstance(values, np.ndarray):
+            values = values.tolist()
+        rows.append([row_value(r, v) for v in (values if values is not None else [None] * n)])
+    return batch_of(store, n, times, ids, keys, raw, rows, column)
+
+
+_MIN_US = -(2**63 - 1) // 1000
+_MAX_US = (2**63 - 1) // 1000
+
+
+def _texts(values: Sequence[Any], key: Callable[[Any], str], *, nullable: bool) -> list[Any]:
+    """``_key`` of each value (``None`` stays ``None`` when ``nullable``), with one ``map(str)`` for plain ints."""
+    kinds = set(map(type, values))
+    if kinds <= {str}:
+        return list(values)
+    if kinds == {int}:
+        return list(map(str, values))
+    if nullable:
+        return [None if v is None else key(v) for v in values]
+    return list(map(key, values))
+
+
+def _time_part(kind: str, night_end_hour: int, us: np.ndarray) -> np.ndarray:
+    """A row feature of the event time, as :func:`~keel.features.offline.row_value` gives it per datetime
+    (weekday: 1970-01-01 was a Thursday)."""
+    if kind in ("is_weekend", "weekday"):
+        weekday = (us // _DAY_US + 3) % 7
+        return (weekday >= 5).astype(np.float64) if kind == "is_weekend" else weekday.astype(np.float64)
+    hour = (us // _HOUR_US) % 24
+    return (hour <= night_end_hour).astype(np.float64) if kind == "is_night" else hour.astype(np.float64)
