@@ -34,10 +34,13 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pandas as pd
 
@@ -46,15 +49,20 @@ from keel.logformat import (
     FEATURE_COLUMNS,
     LABEL_ROWS_FOR_LABEL,
     LABEL_ROWS_FOR_PREDICTIONS,
+    NAT,
     ORJSON_OPTIONS,
-    encode_segment,
+    SegmentPart,
+    datetimes_us,
+    encode_parts,
     ensure_feature_columns,
     ensure_segment_tables,
     feature_blob,
     feature_set_id,
     iso,
+    iso_us,
     json_default,
     packer,
+    part_of_rows,
 )
 
 log = logging.getLogger("keel.serve.predlog")
@@ -127,6 +135,221 @@ def _json(value: Any) -> str:
         return _json_slow(value)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class PredictionBatch:
+    """One request's answers column by column, for :meth:`PredictionLog.append_columns` (what the service's
+    per-event records say, without a dict per event). ``n`` rows:
+
+    - ``request_id``: the request's id; row ``i`` is ``f"{request_id}.{i}"``, or ``request_id`` itself when
+      ``endpoint == "predict"``; ``endpoint``: ``"predict"`` or ``"batch"``; ``time``: when it was answered (aware).
+    - ``inputs``: the validated events as columns (the column batch convention: the timestamp column a
+      ``datetime64`` array, numbers float64 arrays with NaN for None, every other field a list), in the events'
+      field order; ``timestamp``: the name of the timestamp column (each row's ``event_time``), or None.
+    - ``event_ids``: each row's event id (or None for none), or None when the spec has no id column.
+    - ``scores`` (float64, NaN: no score), ``decisions``, ``model_version``, ``fallback_reasons`` (None: the
+      model answered; a row falls back when it has a reason), ``stale`` (bool), ``latency_ms`` (the request's).
+    - ``features``: the float64 ``n x len(feature_names)`` matrix; ``failed``: rows without features (bool).
+
+    The caller must not change the arrays or lists afterwards (the writer thread reads them later).
+    """
+
+    request_id: str
+    endpoint: str
+    time: datetime
+    inputs: Mapping[str, Any]
+    event_ids: Sequence[Any] | None
+    timestamp: str | None
+    scores: np.ndarray
+    decisions: Sequence[str]
+    model_version: str | None
+    fallback_reasons: Sequence[str | None]
+    stale: np.ndarray
+    latency_ms: float
+    features: np.ndarray
+    feature_names: Sequence[str]
+    failed: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.decisions)
+
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_PLAIN = {int, float, bool, type(None)}
+_TEXT = {str, type(None)}
+
+
+def _split_json_list(data: bytes) -> list[str]:
+    """The element texts of a JSON list of scalars without commas inside (numbers, true/false, null)."""
+    text = data.decode()
+    return text[1:-1].split(",") if len(text) > 2 else []
+
+
+def _value_texts(values: Any) -> tuple[list[str], list[int]]:
+    """Each value's JSON text as it appears in :func:`_json` of its row's dict, and the rows whose text must come
+    from the stdlib instead (a value orjson refuses: an int beyond 64 bits)."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "M":
+            return [f'"{t}"' if t is not None else "null"
+                    for t in iso_us(values.astype("datetime64[us]").view("<i8"))], []
+        return _split_json_list(orjson.dumps(values, option=_NUMPY)), []
+    kinds = set(map(type, values))
+    if kinds <= _PLAIN:
+        try:
+            return _split_json_list(orjson.dumps(values)), []
+        except orjson.JSONEncodeError:
+            pass
+    elif kinds <= _TEXT:
+        joined = "".join(v for v in values if v is not None)
+        if '"' not in joined and "\\" not in joined and joined.isprintable():  # nothing to escape
+            return [f'"{v}"' if v is not None else "null" for v in values], []
+    texts, slow = [], []
+    for i, v in enumerate(values):
+        try:
+            texts.append(orjson.dumps(v, default=json_default, option=ORJSON_OPTIONS).decode())
+        except (orjson.JSONEncodeError, TypeError):
+            texts.append("null")
+            slow.append(i)
+    return texts, slow
+
+
+def _template(names: Sequence[str]) -> str:
+    """A %-format of a JSON object with these keys (in order), one ``%s`` per value text."""
+    keys = [orjson.dumps(str(k)).decode().replace("%", "%%") for k in names]
+    return "{" + ",".join(f"{k}:%s" for k in keys) + "}"
+
+
+def _row_value(values: Any, i: int) -> Any:
+    """Value ``i`` of an input column as the row's dict holds it (NaN numbers as None, times as datetimes)."""
+    v = values[i]
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "M":
+            return None if np.isnat(v) else iso(pd.Timestamp(v).to_pydatetime())
+        v = v.item()
+        return None if isinstance(v, float) and v != v else v
+    return v
+
+
+def _input_texts(cols: Mapping[str, Any], n: int) -> list[str]:
+    """The ``inputs`` JSON text of each row of a column batch: exactly :func:`_json` of the row's dict."""
+    if not cols:
+        return ["{}"] * n
+    texts, slow = [], set()
+    for values in cols.values():
+        t, bad = _value_texts(values)
+        texts.append(t)
+        slow.update(bad)
+    fmt = _template(list(cols))
+    out = [fmt % row for row in zip(*texts, strict=True)]
+    for i in slow:
+        out[i] = _json({k: _row_value(v, i) for k, v in cols.items()})
+    return out
+
+
+def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[Any, ...]], SegmentPart]:
+    """A :class:`PredictionBatch` as the rows (and segment part) its per-event records give, built column-wise.
+    ``feature_set(names)`` gives the id of a feature set."""
+    n = batch.n
+    rid = str(batch.request_id)
+    endpoint = str(batch.endpoint)
+    request_ids = [rid] * n if endpoint == "predict" else [f"{rid}.{i}" for i in range(n)]
+    time_text = iso(batch.time) or iso(datetime.now(UTC))
+    time_us = int(datetimes_us([batch.time])[0])
+    cols = batch.inputs
+    ts = batch.timestamp
+    inputs: dict[str, Any] = {}
+    for name, values in cols.items():
+        if isinstance(values, np.ndarray):
+            if values.dtype.kind == "M":
+                values = iso_us(values.astype("datetime64[us]").view("<i8"))
+            elif values.dtype.kind != "f":
+                values = values.tolist()
+            else:  # NaN stands for None: the segment holds numpy's NaN for it, whatever NaN the column has
+                nan = np.isnan(values)
+                if nan.any():
+                    values = np.where(nan, np.nan, values)
+        inputs[name] = values
+    if ts and ts in cols:
+        stamps = cols[ts]
+        if isinstance(stamps, np.ndarray) and stamps.dtype.kind == "M":
+            event_us = stamps.astype("datetime64[us]").view("<i8")
+            event_times = inputs[ts]
+        else:
+            event_us = datetimes_us(stamps)
+            event_times = iso_us(event_us)
+    else:
+        event_us = np.full(n, NAT, dtype="<i8")
+        event_times = [None] * n
+    ids = batch.event_ids
+    if ids is None:
+        event_ids: list[Any] = [None] * n
+    elif set(map(type, ids)) == {str}:
+        event_ids = list(ids)
+    else:
+        event_ids = [None if v is None else str(v) for v in ids]
+    scores = np.asarray(batch.scores, dtype="<f8")
+    finite = np.isfinite(scores)
+    score_list = scores.tolist()
+    if not finite.all():
+        score_list = [v if ok else None for v, ok in zip(score_list, finite.tolist(), strict=True)]
+        scores = np.where(finite, scores, np.nan)
+    decisions = list(batch.decisions) if set(map(type, batch.decisions)) == {str} else [
+        str(d) for d in batch.decisions]
+    reasons = list(batch.fallback_reasons)
+    fallback = [0 if r is None else 1 for r in reasons]
+    stale = np.asarray(batch.stale, dtype=bool).astype("u1")
+    latency = float(batch.latency_ms)
+    # features: JSON text from the matrix's value texts, blobs from its bytes
+    failed = np.asarray(batch.failed, dtype=bool)
+    names = list(batch.feature_names)
+    k = len(names)
+    matrix = np.ascontiguousarray(np.asarray(batch.features, dtype="<f8").reshape(n, k))
+    any_failed = bool(failed.any())
+    ok_rows = np.flatnonzero(~failed).tolist() if any_failed else range(n)
+    feature_texts: list[str | None] = [None] * n
+    blobs: list[bytes | None] = [None] * n
+    sets = np.full(n, -1, dtype="<i4")
+    fs: int | None = None
+    numeric = True
+    if len(ok_rows) and k:
+        fs = feature_set(tuple(names))
+        good = matrix[ok_rows] if any_failed else matrix
+        values = _split_json_list(orjson.dumps(good.ravel(), option=_NUMPY))
+        fmt = _template(names)
+        texts = [fmt % row for row in zip(*(values[j::k] for j in range(k)), strict=True)]
+        raw = good.tobytes()
+        width = 8 * k
+        row_blobs = [raw[j:j + width] for j in range(0, len(raw), width)]
+        if any_failed:
+            for j, i in enumerate(ok_rows):
+                feature_texts[i], blobs[i] = texts[j], row_blobs[j]
+            sets[ok_rows] = fs
+        else:
+            feature_texts, blobs = texts, row_blobs  # type: ignore[assignment]
+            sets[:] = fs
+        blob_bytes = raw
+    else:  # no features at all, or none: "{}" (as an empty dict's text) without a blob
+        for i in ok_rows:
+            feature_texts[i] = "{}"
+        numeric = not len(ok_rows)
+        blob_bytes = b""
+    fs_list = [fs] * n if not any_failed else [None if b is None else fs for b in blobs]
+    input_texts = _input_texts(cols, n)
+    mv = batch.model_version
+    rows = list(zip(request_ids, range(n), repeat(time_text, n), event_times, event_ids, repeat(endpoint, n),
+                    input_texts, feature_texts, score_list, decisions, repeat(mv, n), fallback, reasons,
+                    stale.tolist(), repeat(latency, n), blobs, fs_list, strict=False))
+    base = {
+        "request_id": request_ids, "item": np.arange(n, dtype="<i8"), "time": np.full(n, time_us, dtype="<i8"),
+        "event_time": event_us, "event_id": event_ids, "endpoint": [endpoint] * n, "score": scores,
+        "decision": decisions, "model_version": [mv] * n, "fallback": np.array(fallback, dtype="u1"),
+        "fallback_reason": reasons, "stale": stale, "latency_ms": np.full(n, latency, dtype="<f8"),
+    }
+    part = SegmentPart(n, base, sets, blob_bytes if numeric else b"", numeric, feature_texts, list(inputs), True,
+                       inputs)
+    return rows, part
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating) a prediction log for writing: WAL, normal sync, schema in place."""
     p = Path(path)
@@ -197,6 +420,13 @@ class PredictionLog:
         """Queue records as one item (one queue operation for a whole batch; same rule as :meth:`append`)."""
         if records:
             self._put(("P", records), len(records))
+
+    def append_columns(self, batch: PredictionBatch) -> None:
+        """Queue one request's answers held column-wise (:class:`PredictionBatch`): the same rows, text, blobs and
+        segments as :meth:`append_many` of its per-event records, built column by column by the writer (one queue
+        operation here; same rule as :meth:`append`: do not change the batch afterwards)."""
+        if batch.n:
+            self._put(("C", batch), batch.n)
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
         """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
@@ -283,25 +513,52 @@ class PredictionLog:
             fs = self._feature_sets[names] = feature_set_id(self._db, names)
         return blob, fs
 
+    def _feature_set(self, names: tuple[str, ...]) -> int:
+        fs = self._feature_sets.get(names)
+        if fs is None:
+            fs = self._feature_sets[names] = feature_set_id(self._db, names)
+        return fs
+
     def _write(self, items: list[Any]) -> None:
-        rows, inputs = [], []
+        rows: list[tuple[Any, ...]] = []
+        parts: list[Any] = []  # the rows' segment parts, in order: SegmentPart, or (rows, inputs) of records
+        run_rows: list[tuple[Any, ...]] = []
+        run_inputs: list[Any] = []
         times: dict[int, tuple[Any, str | None]] = {}  # the records of one request share one answer time
         for kind, payload in items:
             if kind in ("p", "P"):
                 for record in [payload] if kind == "p" else payload:
                     try:
-                        rows.append((*_prediction_row(record, times), *self._feature_row(record.get("features"))))
-                        inputs.append(record.get("inputs", {}))
+                        row = (*_prediction_row(record, times), *self._feature_row(record.get("features")))
                     except Exception as exc:  # one malformed record must not stop the writer thread
                         self.failures += 1
                         log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
+                        continue
+                    run_rows.append(row)
+                    run_inputs.append(record.get("inputs", {}))
+            elif kind == "C":
+                try:
+                    batch_rows, part = _batch_rows(payload, self._feature_set)
+                except Exception as exc:  # a malformed batch must not stop the writer thread
+                    self.failures += payload.n
+                    log.error(json.dumps({"event": "predlog_batch_invalid", "error": repr(exc)}))
+                    continue
+                if run_rows:
+                    rows.extend(run_rows)
+                    parts.append((run_rows, run_inputs))
+                    run_rows, run_inputs = [], []
+                rows.extend(batch_rows)
+                parts.append(part)
+        if run_rows:
+            rows.extend(run_rows)
+            parts.append((run_rows, run_inputs))
         labels = [i[1] for i in items if i[0] == "l"]
         if rows or labels:
             for attempt in range(3):
                 try:
                     self._db.execute("begin")
                     if rows:
-                        write_rows(self._db, rows, inputs, self._segments)
+                        write_rows(self._db, rows, None, self._segments, parts=parts)
                     if labels:
                         write_labels(self._db, labels)
                     self._db.execute("commit")
@@ -326,13 +583,21 @@ class PredictionLog:
         log.error(json.dumps({"event": "predlog_segment_failed", "rows": rows, "error": repr(exc)}))
 
 
+def _row_part(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> SegmentPart:
+    k = len(PREDICTION_COLUMNS)
+    return part_of_rows(rows, PREDICTION_COLUMNS, [d if isinstance(d, Mapping) else None for d in inputs],
+                        [r[k + 1] for r in rows], [r[k] for r in rows])
+
+
 def segment_of(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> bytes:
     """The columnar segment (keel.logformat) of rows as :class:`PredictionLog` writes them: the
     :data:`PREDICTION_COLUMNS` fields followed by the feature blob and feature set id; ``inputs`` the records' raw
     input dicts."""
-    k = len(PREDICTION_COLUMNS)
-    return encode_segment(rows, PREDICTION_COLUMNS, [d if isinstance(d, Mapping) else None for d in inputs],
-                          [r[k + 1] for r in rows], [r[k] for r in rows])
+    return encode_parts([_row_part(rows, inputs)])
+
+
+def _parts_segment(parts: Sequence[Any]) -> bytes:
+    return encode_parts([p if isinstance(p, SegmentPart) else _row_part(*p) for p in parts])
 
 
 class SegmentBuffer:
@@ -341,67 +606,74 @@ class SegmentBuffer:
     :meth:`stage` (after a batch's rows are inserted) writes a segment when enough rows are gathered or the batch
     does not follow the pending rows; :meth:`commit`/:meth:`rollback` keep or drop what was staged, as the
     transaction did. Rows whose segment is never written (a crash, a failed encoding) are read from their rows.
+    The pending rows are kept as parts (a column batch's :class:`SegmentPart`, or records' ``(rows, inputs)``),
+    encoded column by column when the segment is written.
     """
 
     def __init__(self, size: int = SEGMENT_ROWS, on_error: Any = None) -> None:
         self.size = max(1, int(size))
         self.on_error = on_error
         self.seq0: int | None = None
-        self.rows: list[tuple[Any, ...]] = []
-        self.inputs: list[Any] = []
-        self._staged: tuple[int | None, list[tuple[Any, ...]], list[Any]] | None = None
+        self.count = 0
+        self.parts: list[Any] = []
+        self._staged: tuple[int | None, int, list[Any]] | None = None
 
-    def _current(self) -> tuple[int | None, list[tuple[Any, ...]], list[Any]]:
-        return self._staged if self._staged is not None else (self.seq0, self.rows, self.inputs)
+    def _current(self) -> tuple[int | None, int, list[Any]]:
+        return self._staged if self._staged is not None else (self.seq0, self.count, self.parts)
 
-    def _write(self, db: sqlite3.Connection, seq0: int | None, rows: list[tuple[Any, ...]], inputs: list[Any]) -> None:
-        if seq0 is None or not rows:
+    def _write(self, db: sqlite3.Connection, seq0: int | None, count: int, parts: list[Any]) -> None:
+        if seq0 is None or not count:
             return
         try:
-            data = segment_of(rows, inputs)
+            data = _parts_segment(parts)
         except Exception as exc:  # the rows stay readable from the predictions table
             if self.on_error is not None:
-                self.on_error(len(rows), exc)
+                self.on_error(count, exc)
             return
-        db.execute(_INSERT_SEGMENT, (seq0, len(rows), data))
+        db.execute(_INSERT_SEGMENT, (seq0, count, data))
 
-    def stage(self, db: sqlite3.Connection, seq0: int, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> None:
-        p0, prows, pinputs = self._current()
-        if prows and p0 is not None and seq0 != p0 + len(prows):  # another writer came in between
-            self._write(db, p0, prows, pinputs)
-            prows, pinputs = [], []
-        if not prows:
+    def stage(self, db: sqlite3.Connection, seq0: int, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any] | None,
+              parts: Sequence[Any] | None = None) -> None:
+        """Add the rows just inserted from ``seq0`` on: their records' ``inputs``, or their ``parts`` (as
+        :meth:`PredictionLog` gathers them; then ``inputs`` is not read)."""
+        p0, count, pparts = self._current()
+        if count and p0 is not None and seq0 != p0 + count:  # another writer came in between
+            self._write(db, p0, count, pparts)
+            count, pparts = 0, []
+        if not count:
             p0 = seq0
-        prows, pinputs = [*prows, *rows], [*pinputs, *inputs]
-        if len(prows) >= self.size:
-            self._write(db, p0, prows, pinputs)
-            p0, prows, pinputs = None, [], []
-        self._staged = (p0, prows, pinputs)
+        new = list(parts) if parts is not None else [(rows, inputs)]
+        count, pparts = count + len(rows), [*pparts, *new]
+        if count >= self.size:
+            self._write(db, p0, count, pparts)
+            p0, count, pparts = None, 0, []
+        self._staged = (p0, count, pparts)
 
     def stage_flush(self, db: sqlite3.Connection) -> None:
         """Write the pending rows' segment whatever its size (at close)."""
-        p0, prows, pinputs = self._current()
-        self._write(db, p0, prows, pinputs)
-        self._staged = (None, [], [])
+        p0, count, pparts = self._current()
+        self._write(db, p0, count, pparts)
+        self._staged = (None, 0, [])
 
     def commit(self) -> None:
         if self._staged is not None:
-            self.seq0, self.rows, self.inputs = self._staged
+            self.seq0, self.count, self.parts = self._staged
             self._staged = None
 
     def rollback(self) -> None:
         self._staged = None
 
 
-def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any],
-               segments: SegmentBuffer | None) -> None:
+def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any] | None,
+               segments: SegmentBuffer | None, *, parts: Sequence[Any] | None = None) -> None:
     """Insert rows (:data:`PREDICTION_COLUMNS` + feature blob + set id) and the labels already known for them, and
-    stage them for a segment, inside the caller's transaction (which makes their ``seq`` consecutive)."""
+    stage them for a segment, inside the caller's transaction (which makes their ``seq`` consecutive). ``inputs``:
+    the records' raw input dicts, or ``parts`` the rows' segment parts (see :class:`SegmentBuffer`)."""
     db.executemany(_INSERT, rows)
     (last,) = db.execute("select last_insert_rowid()").fetchone()
     seq0 = int(last) - len(rows) + 1
     if segments is not None:
-        segments.stage(db, seq0, rows, inputs)
+        segments.stage(db, seq0, rows, inputs, parts)
     if db.execute("select exists (select 1 from labels)").fetchone()[0]:  # a label may come before its event
         db.execute(LABEL_ROWS_FOR_PREDICTIONS, (seq0,))
 
@@ -604,4 +876,4 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "read_labels", "read_predictions"]
+__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionBatch", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "read_labels", "read_predictions"]
