@@ -301,6 +301,7 @@ def datetimes_us(values: Sequence[Any]) -> np.ndarray:
 
 _INT, _NUMBERS = {int}, {int, float, type(None)}
 _NONE = type(None)
+_NONE_TYPES = {_NONE}
 
 
 def _kind_of(kinds: set[type]) -> str:
@@ -321,15 +322,17 @@ class SegmentPart:
     ``feature_texts``: the rows' JSON feature texts (read only when some part is not ``numeric``); ``input_keys``:
     the raw input fields (order of first appearance), ``uniform``: whether every row has exactly those fields;
     ``inputs``: each field's values, a list, or a float64 array where NaN stands for None (how a column batch
-    holds numbers; a value missing in a row is None).
+    holds numbers; a value missing in a row is None); ``input_types``: the types of a field's values, when the
+    caller knows them (saves a pass).
     """
 
-    __slots__ = ("base", "blobs", "feature_sets", "feature_texts", "input_keys", "inputs", "n", "numeric",
-                 "uniform")
+    __slots__ = ("base", "blobs", "feature_sets", "feature_texts", "input_keys", "input_types", "inputs", "n",
+                 "numeric", "uniform")
 
     def __init__(self, n: int, base: Mapping[str, Any], feature_sets: np.ndarray, blobs: bytes, numeric: bool,
                  feature_texts: Sequence[str | None], input_keys: Sequence[str], uniform: bool,
-                 inputs: Mapping[str, Any]) -> None:
+                 inputs: Mapping[str, Any], input_types: Mapping[str, set[type]] | None = None) -> None:
+        self.input_types = dict(input_types or {})
         self.n, self.base, self.feature_sets, self.blobs, self.numeric = n, base, feature_sets, blobs, numeric
         self.feature_texts, self.input_keys, self.uniform, self.inputs = feature_texts, input_keys, uniform, inputs
 
@@ -358,7 +361,12 @@ def part_of_rows(rows: Sequence[tuple[Any, ...]], columns: Sequence[str],
                        list(texts), list(fields), uniform, fields)
 
 
-def _types(values: Any) -> set[type]:
+def _types(values: Any, part: SegmentPart | None = None, field: str = "") -> set[type]:
+    if part is not None:
+        known = part.input_types.get(field)
+        if known is None:
+            known = part.input_types[field] = _types(values)
+        return known
     if isinstance(values, np.ndarray):  # float64, NaN for None
         nan = np.isnan(values)
         return ({_NONE} if nan.any() else set()) | ({float} if not nan.all() else set())
@@ -374,8 +382,24 @@ def _as_list(values: Any) -> list[Any]:
     return list(values)
 
 
-def _as_f8(values: Any) -> np.ndarray:
-    return values if isinstance(values, np.ndarray) else np.array(values, dtype="<f8")
+_NUMBER_DTYPES = {"f8": "<f8", "i8": "<i8", "u1": "u1", "t": "<i8"}
+
+
+def _numbers(columns: Sequence[Any], dtype: str) -> np.ndarray:
+    """Parts' values (lists or arrays; None in a list: NaN) as one array: lists side by side in one conversion."""
+    arrays: list[np.ndarray] = []
+    pending: list[Any] = []
+    for c in columns:
+        if isinstance(c, np.ndarray):
+            if pending:
+                arrays.append(np.array(pending, dtype=dtype))
+                pending = []
+            arrays.append(c.astype(dtype, copy=False))
+        else:
+            pending.extend(c)
+    if pending or not arrays:
+        arrays.append(np.array(pending, dtype=dtype))
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _json_values(values: list[Any]) -> bytes:
@@ -421,15 +445,15 @@ def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
     def joined(name: str) -> list[Any]:
         if len(parts) == 1:
             return _as_list(parts[0].base[name])
-        return [v for p in parts for v in _as_list(p.base[name])]
+        values: list[Any] = []
+        for p in parts:
+            values.extend(p.base[name])
+        return values
 
     for name in _SEGMENT_BASE:
         kind = _BASE_KIND[name]
         if kind in ("f8", "i8", "u1", "t"):
-            dtype = {"f8": "<f8", "i8": "<i8", "u1": "u1", "t": "<i8"}[kind]
-            arrays = [np.asarray(p.base[name], dtype=dtype) if not isinstance(p.base[name], list)
-                      else np.array(p.base[name], dtype=dtype) for p in parts]
-            put(name, kind, (np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)).tobytes())
+            put(name, kind, _numbers([p.base[name] for p in parts], _NUMBER_DTYPES[kind]).tobytes())
         elif kind == "cat":
             codes, values = _cat([p.base[name] for p in parts])
             put(name, kind, codes.tobytes(), values)
@@ -438,7 +462,10 @@ def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
     if all(p.numeric for p in parts):
         sets = [p.feature_sets for p in parts]
         put("features.set", "i4", (np.concatenate(sets) if sets else np.zeros(0, dtype="<i4")).astype("<i4").tobytes())
-        put("features.f64", "bytes", b"".join(p.blobs for p in parts))
+        blobs = [p.blobs for p in parts]  # into the segment's join, not joined twice
+        header["features.f64"] = ["bytes", offset, sum(map(len, blobs)), None]
+        chunks.extend(blobs)
+        offset += header["features.f64"][2]
     else:  # a value that is not a number: the rows' JSON texts
         texts = [t for p in parts for t in p.feature_texts]
         put("features.json", "jsonl", ("[" + ",".join("null" if t is None else t for t in texts) + "]").encode())
@@ -450,14 +477,19 @@ def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
         fields = list(dict.fromkeys(k for p in live for k in p.input_keys))
     for field in fields:
         columns = [p.inputs[field] if field in p.inputs else [None] * p.n for p in live]
-        kinds: set[type] = set().union(*map(_types, columns)) if columns else set()
+        kinds: set[type] = set().union(*(_types(c, p, field) if field in p.inputs else _NONE_TYPES
+                                         for c, p in zip(columns, live, strict=True)))
         kind = _kind_of(kinds)
         name = f"input.{field}"
         if kind == "f8":
-            put(name, kind, np.concatenate([_as_f8(c) for c in columns]).astype("<f8").tobytes())
+            put(name, kind, _numbers(columns, "<f8").tobytes())
             continue
-        values = columns[0] if len(columns) == 1 and isinstance(columns[0], list) else [
-            v for c in columns for v in _as_list(c)]
+        if len(columns) == 1 and isinstance(columns[0], list):
+            values = columns[0]
+        else:
+            values = []
+            for c in columns:
+                values.extend(_as_list(c) if isinstance(c, np.ndarray) else c)
         if kind == "i8":
             try:
                 put(name, kind, np.array(values, dtype="<i8").tobytes())

@@ -185,7 +185,7 @@ def _split_json_list(data: bytes) -> list[str]:
     return text[1:-1].split(",") if len(text) > 2 else []
 
 
-def _value_texts(values: Any) -> tuple[list[str], list[int]]:
+def _value_texts(values: Any, kinds: set[type] | None = None) -> tuple[list[str], list[int]]:
     """Each value's JSON text as it appears in :func:`_json` of its row's dict, and the rows whose text must come
     from the stdlib instead (a value orjson refuses: an int beyond 64 bits)."""
     if isinstance(values, np.ndarray):
@@ -193,7 +193,8 @@ def _value_texts(values: Any) -> tuple[list[str], list[int]]:
             return [f'"{t}"' if t is not None else "null"
                     for t in iso_us(values.astype("datetime64[us]").view("<i8"))], []
         return _split_json_list(orjson.dumps(values, option=_NUMPY)), []
-    kinds = set(map(type, values))
+    if kinds is None:
+        kinds = set(map(type, values))
     if kinds <= _PLAIN:
         try:
             return _split_json_list(orjson.dumps(values)), []
@@ -213,10 +214,18 @@ def _value_texts(values: Any) -> tuple[list[str], list[int]]:
     return texts, slow
 
 
-def _template(names: Sequence[str]) -> str:
-    """A %-format of a JSON object with these keys (in order), one ``%s`` per value text."""
-    keys = [orjson.dumps(str(k)).decode().replace("%", "%%") for k in names]
-    return "{" + ",".join(f"{k}:%s" for k in keys) + "}"
+def _objects(names: Sequence[str], texts: Sequence[Sequence[str]], n: int) -> list[str]:
+    """The JSON object text of each of ``n`` rows with keys ``names`` (in order) and the value texts ``texts``
+    (one list per key): one join and one split for all rows (no value text holds a NUL: JSON escapes it)."""
+    if not names:
+        return ["{}"] * n
+    keys = [orjson.dumps(str(k)).decode() for k in names]
+    width = 2 * len(keys)
+    parts: list[str | None] = [None] * (width * n)
+    for j, (key, values) in enumerate(zip(keys, texts, strict=True)):
+        parts[2 * j::width] = [("}\x00{" if j == 0 else ",") + key + ":"] * n
+        parts[2 * j + 1::width] = values
+    return ("".join(parts)[1:] + "}").split("\x00")[1:]  # type: ignore[arg-type]
 
 
 def _row_value(values: Any, i: int) -> Any:
@@ -230,17 +239,18 @@ def _row_value(values: Any, i: int) -> Any:
     return v
 
 
-def _input_texts(cols: Mapping[str, Any], n: int) -> list[str]:
-    """The ``inputs`` JSON text of each row of a column batch: exactly :func:`_json` of the row's dict."""
+def _input_texts(cols: Mapping[str, Any], n: int, values_of: Mapping[str, Any] | None = None,
+                 kinds: Mapping[str, set[type]] | None = None) -> list[str]:
+    """The ``inputs`` JSON text of each row of a column batch: exactly :func:`_json` of the row's dict.
+    ``values_of``: the columns with times as their text (same JSON), ``kinds``: the types in list columns."""
     if not cols:
         return ["{}"] * n
     texts, slow = [], set()
-    for values in cols.values():
-        t, bad = _value_texts(values)
+    for name in cols:
+        t, bad = _value_texts(cols[name] if values_of is None else values_of[name], (kinds or {}).get(name))
         texts.append(t)
         slow.update(bad)
-    fmt = _template(list(cols))
-    out = [fmt % row for row in zip(*texts, strict=True)]
+    out = _objects(list(cols), texts, n)
     for i in slow:
         out[i] = _json({k: _row_value(v, i) for k, v in cols.items()})
     return out
@@ -252,7 +262,7 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     n = batch.n
     rid = str(batch.request_id)
     endpoint = str(batch.endpoint)
-    request_ids = [rid] * n if endpoint == "predict" else [f"{rid}.{i}" for i in range(n)]
+    request_ids = [rid] * n if endpoint == "predict" else list(map((rid + ".").__add__, map(str, range(n))))
     time_text = iso(batch.time) or iso(datetime.now(UTC))
     time_us = int(datetimes_us([batch.time])[0])
     cols = batch.inputs
@@ -315,8 +325,7 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
         fs = feature_set(tuple(names))
         good = matrix[ok_rows] if any_failed else matrix
         values = _split_json_list(orjson.dumps(good.ravel(), option=_NUMPY))
-        fmt = _template(names)
-        texts = [fmt % row for row in zip(*(values[j::k] for j in range(k)), strict=True)]
+        texts = _objects(names, [values[j::k] for j in range(k)], len(ok_rows))
         raw = good.tobytes()
         width = 8 * k
         row_blobs = [raw[j:j + width] for j in range(0, len(raw), width)]
@@ -334,7 +343,8 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
         numeric = not len(ok_rows)
         blob_bytes = b""
     fs_list = [fs] * n if not any_failed else [None if b is None else fs for b in blobs]
-    input_texts = _input_texts(cols, n)
+    kinds = {name: set(map(type, v)) for name, v in inputs.items() if isinstance(v, list)}
+    input_texts = _input_texts(cols, n, inputs, kinds)
     mv = batch.model_version
     rows = list(zip(request_ids, range(n), repeat(time_text, n), event_times, event_ids, repeat(endpoint, n),
                     input_texts, feature_texts, score_list, decisions, repeat(mv, n), fallback, reasons,
@@ -346,8 +356,97 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
         "fallback_reason": reasons, "stale": stale, "latency_ms": np.full(n, latency, dtype="<f8"),
     }
     part = SegmentPart(n, base, sets, blob_bytes if numeric else b"", numeric, feature_texts, list(inputs), True,
-                       inputs)
+                       inputs, kinds)
     return rows, part
+
+
+def _time_texts(values: Sequence[Any]) -> tuple[list[str | None], np.ndarray]:
+    """:func:`iso` of each time (None: None) and its int64 microseconds, a numpy pass instead of a call each."""
+    us = datetimes_us(values)
+    return iso_us(us), us
+
+
+def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any) -> tuple[list[tuple[Any, ...]], SegmentPart]:
+    """The rows (and segment part) of per-event records, what :func:`_prediction_row` and ``feature_row`` give
+    for each, built a column at a time (times formatted together, inputs' times reused). Raises on a malformed
+    record (the caller then takes them one by one)."""
+    n = len(records)
+    get = [r.get for r in records]
+    request_ids = [r["request_id"] for r in records]
+    if set(map(type, request_ids)) != {str}:
+        request_ids = list(map(str, request_ids))
+    items = [int(g("item", 0)) for g in get]
+    time_values = [g("time") for g in get]
+    time_texts, time_us = _time_texts(time_values)
+    if None in time_texts:  # no answer time: now, as _prediction_row
+        now = datetime.now(UTC)
+        for i in [i for i, t in enumerate(time_texts) if t is None]:
+            time_texts[i], time_us[i] = iso(now), datetimes_us([now])[0]
+    event_values = [g("event_time") for g in get]
+    event_texts, event_us = _time_texts(event_values)
+    memo = {id(v): t for v, t in zip(event_values, event_texts, strict=True) if type(v) is datetime}
+
+    def default(v: Any) -> Any:  # an event's time in its inputs is its event_time: formatted once
+        text = memo.get(id(v))
+        return text if text is not None else json_default(v)
+
+    event_ids = [g("event_id") for g in get]
+    if set(map(type, event_ids)) - {str, type(None)}:
+        event_ids = [None if v is None else str(v) for v in event_ids]
+    endpoints = [str(g("endpoint", "predict")) for g in get]
+    inputs = [g("inputs", {}) for g in get]
+    input_texts = []
+    for d in inputs:
+        try:
+            input_texts.append(orjson.dumps(d, default=default, option=ORJSON_OPTIONS).decode())
+        except (orjson.JSONEncodeError, TypeError):
+            input_texts.append(_json_slow(d))
+    features = [g("features") for g in get]
+    feature_texts = [None if f is None else _json(f) for f in features]
+    scores: list[Any] = [g("score") for g in get]
+    if set(map(type, scores)) != {float}:
+        scores = [None if v is None else float(v) for v in scores]
+    scores = [v if v is None or math.isfinite(v) else None for v in scores]
+    decisions = [r["decision"] for r in records]
+    if set(map(type, decisions)) != {str}:
+        decisions = list(map(str, decisions))
+    versions = [g("model_version") for g in get]
+    fallback = [int(bool(g("fallback", False))) for g in get]
+    reasons = [g("fallback_reason") for g in get]
+    stale = [int(bool(g("stale", False))) for g in get]
+    latency = [float(g("latency_ms", 0.0)) for g in get]
+    blobs_sets = list(map(feature_row, features))
+    blobs = [b for b, _ in blobs_sets]
+    sets = [fs for _, fs in blobs_sets]
+    rows = list(zip(request_ids, items, time_texts, event_texts, event_ids, endpoints, input_texts, feature_texts,
+                    scores, decisions, versions, fallback, reasons, stale, latency, blobs, sets, strict=True))
+    base = {
+        "request_id": request_ids, "item": items, "time": time_us, "event_time": event_us, "event_id": event_ids,
+        "endpoint": endpoints, "score": scores, "decision": decisions, "model_version": versions,
+        "fallback": fallback, "fallback_reason": reasons, "stale": stale, "latency_ms": latency,
+    }
+    numeric = all(b is not None or t is None for b, t in zip(blobs, feature_texts, strict=True))
+    keys, uniform, fields = _input_fields([d if isinstance(d, Mapping) else None for d in inputs])
+    types = {k: set(map(type, values)) for k, values in fields.items()}
+    for k, values in fields.items():
+        if datetime in types[k]:  # as their JSON text: the times formatted above
+            fields[k] = [memo.get(id(v), v) if type(v) is datetime else v for v in values]
+            types[k] = set(map(type, fields[k]))
+    part = SegmentPart(n, base, np.array([-1 if fs is None else fs for fs in sets], dtype="<i4"),
+                       b"".join(b for b in blobs if b is not None) if numeric else b"", numeric, feature_texts,
+                       keys, uniform, fields, types)
+    return rows, part
+
+
+def _input_fields(dicts: Sequence[Mapping[str, Any] | None]) -> tuple[list[str], bool, dict[str, list[Any]]]:
+    """The raw input fields of rows as :func:`keel.logformat.part_of_rows` holds them."""
+    first = dicts[0] if dicts and dicts[0] else {}
+    keys = first.keys()
+    if all(d is not None and d.keys() == keys for d in dicts):
+        return list(keys), True, {k: [d[k] for d in dicts] for k in keys}  # type: ignore[index]
+    fields = {k: [None if d is None else d.get(k) for d in dicts] for k in dict.fromkeys(
+        k for d in dicts if d for k in d)}
+    return list(fields), False, fields
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -525,17 +624,36 @@ class PredictionLog:
         run_rows: list[tuple[Any, ...]] = []
         run_inputs: list[Any] = []
         times: dict[int, tuple[Any, str | None]] = {}  # the records of one request share one answer time
+        records: list[Mapping[str, Any]] = []
+
+        def close_run() -> None:
+            nonlocal run_rows, run_inputs
+            if records:
+                try:  # column by column (the usual case)
+                    record_rows, part = _records_rows(records, self._feature_row)
+                    rows.extend(record_rows)
+                    parts.append(part)
+                except Exception:  # a malformed record: one by one, so only it is lost
+                    for record in records:
+                        try:
+                            row = (*_prediction_row(record, times), *self._feature_row(record.get("features")))
+                        except Exception as exc:  # one malformed record must not stop the writer thread
+                            self.failures += 1
+                            log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
+                            continue
+                        run_rows.append(row)
+                        run_inputs.append(record.get("inputs", {}))
+                records.clear()
+            if run_rows:
+                rows.extend(run_rows)
+                parts.append((run_rows, run_inputs))
+                run_rows, run_inputs = [], []
+
         for kind, payload in items:
-            if kind in ("p", "P"):
-                for record in [payload] if kind == "p" else payload:
-                    try:
-                        row = (*_prediction_row(record, times), *self._feature_row(record.get("features")))
-                    except Exception as exc:  # one malformed record must not stop the writer thread
-                        self.failures += 1
-                        log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
-                        continue
-                    run_rows.append(row)
-                    run_inputs.append(record.get("inputs", {}))
+            if kind == "p":
+                records.append(payload)
+            elif kind == "P":
+                records.extend(payload)
             elif kind == "C":
                 try:
                     batch_rows, part = _batch_rows(payload, self._feature_set)
@@ -543,15 +661,10 @@ class PredictionLog:
                     self.failures += payload.n
                     log.error(json.dumps({"event": "predlog_batch_invalid", "error": repr(exc)}))
                     continue
-                if run_rows:
-                    rows.extend(run_rows)
-                    parts.append((run_rows, run_inputs))
-                    run_rows, run_inputs = [], []
+                close_run()
                 rows.extend(batch_rows)
                 parts.append(part)
-        if run_rows:
-            rows.extend(run_rows)
-            parts.append((run_rows, run_inputs))
+        close_run()
         labels = [i[1] for i in items if i[0] == "l"]
         if rows or labels:
             for attempt in range(3):
