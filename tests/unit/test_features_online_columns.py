@@ -192,7 +192,7 @@ def test_property_columns_equal_rows(tmp_path_factory, data) -> None:
         batch[data.draw(st.integers(0, n - 1))] = dict(history[-1])
     if data.draw(st.integers(0, 4)) == 0:
         batch[data.draw(st.integers(0, n - 1))]["id"] = None
-    labelled = data.draw(st.lists(st.integers(0, max(n_hist - 1, 0)), max_size=n_hist)) if history else []
+    labelled = data.draw(st.lists(st.integers(0, len(history) - 1), max_size=len(history))) if history else []
     labels = [(history[i]["id"], data.draw(st.sampled_from([0, 1])),
                history[i]["ts"] + timedelta(minutes=data.draw(st.integers(-60, 1200)))) for i in labelled]
     if data.draw(st.integers(0, 5)) == 0:  # a label waiting for a batch event

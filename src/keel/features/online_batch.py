@@ -44,12 +44,13 @@ _NEVER = -(2**63)  # _EntityState.late_label of a state that never held a non-ze
 class _Entity:
     """One entity column's part of a batch: the states it touches and where each event sits in them."""
 
-    __slots__ = ("entity", "keys", "own", "states", "u", "values")
+    __slots__ = ("entity", "first_keys", "keys", "own", "states", "u", "values")
 
     def __init__(self, entity: str, keys: list[str]) -> None:
         self.entity = entity
         self.keys = keys
         self.states: list[_EntityState] = []  # distinct, in order of first appearance
+        self.first_keys: list[str] = []  # their keys
         self.u: list[int] = []  # per event: its state's index in ``states``
         self.own: list[int] = []  # per event: its index in its state once staged
         self.values: list[list[float]] = []  # per value column of the entity, per event
@@ -92,34 +93,41 @@ def batch_of(
     from keel.features import online
 
     parts = [_Entity(entity, entity_keys) for entity, entity_keys in zip(store._entities, keys, strict=True)]
+    t_np = np.array(times, dtype=np.int64)
     for part in parts:
         index: dict[str, int] = {}
-        last: list[int] = []
-        u = part.u
-        for key, t in zip(part.keys, times, strict=True):
-            k = index.get(key)
-            if k is None:
-                k = index[key] = len(part.states)
-                state = store._state(part.entity, key)
-                part.states.append(state)
-                last.append(state.times[-1] if state.times else t)
-            if t < last[k]:
-                return None  # out of time order for this entity: the replay inserts in the middle
-            last[k] = t
-            u.append(k)
+        first = index.setdefault
+        part.u = [first(key, len(index)) for key in part.keys]  # each key's state, numbered by first appearance
+        entity = part.entity
+        part.first_keys = list(index)
+        part.states = [store._state(entity, key) for key in part.first_keys]
+        # Per state, the batch's times never go back, nor before the state's newest stored event (else the
+        # replay inserts in the middle).
+        u = np.array(part.u, dtype=np.int64)
+        order = np.argsort(u, kind="stable")
+        su, st = u[order], t_np[order]
+        new_state = np.ones(n, dtype=bool)
+        new_state[1:] = su[1:] != su[:-1]
+        if not np.all(new_state[1:] | (st[1:] >= st[:-1])):
+            return None
+        newest = np.array([s.times[-1] if s.times else _NEVER for s in part.states], dtype=np.int64)
+        if np.any(st[new_state] < newest):
+            return None
         for c in store._columns[part.entity]:
             values = column(c)
             if any(v in online._INFINITIES for v in values):  # the replay keeps such a column exact
                 return None
             part.values.append(values)
-    if any(i is not None for i in ids):
-        seen: set[str] = set()
-        for event_id in ids:
-            if event_id is None:
-                continue
-            if event_id in seen or event_id in store._owners or store._known_label(event_id) is not None:
-                return None  # sent twice, already stored, or its label is waiting for it
-            seen.add(event_id)
+    given = [i for i in ids if i is not None]
+    if given:  # none sent twice, already stored, or with its label waiting for it
+        seen = set(given)
+        if len(seen) != len(given) or not seen.isdisjoint(store._owners):
+            return None
+        if store._pending_complete:  # every waiting label is in _pending
+            if not seen.isdisjoint(store._pending):
+                return None
+        elif any(store._known_label(i) is not None for i in given):
+            return None
 
     sizes = [[len(s.times) for s in part.states] for part in parts]
     staged = len(store._staged_blocks)
@@ -170,8 +178,11 @@ def _stage_and_compute(
     store._staging = True  # the prunes' deletes go with the next commit, after these rows' inserts
     try:
         for part in parts:
-            for key, state in zip(_first_keys(part), part.states, strict=True):
-                store._prune(part.entity, key, state)
+            horizon = store._horizon[part.entity]
+            for key, state in zip(part.first_keys, part.states, strict=True):
+                times = state.times
+                if times[0] <= times[-1] - horizon:  # else nothing to prune (the test _prune starts with)
+                    store._prune(part.entity, key, state)
     finally:
         store._staging = False
     return online.FeatureBatch(matrix, stale, np.zeros(n, dtype=bool), [])
@@ -196,14 +207,6 @@ def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], stag
     for first, _, keys, *_ in store._staged_blocks[staged:]:
         store._staged_seqs.difference_update(range(first, first + len(keys)))
     del store._staged_blocks[staged:]
-
-
-def _first_keys(part: _Entity) -> list[str]:
-    """The key of each of ``part.states``."""
-    keys: list[str] = [""] * len(part.states)
-    for key, k in zip(part.keys, part.u, strict=True):
-        keys[k] = key
-    return keys
 
 
 def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | None], stale: np.ndarray) -> None:
