@@ -20,7 +20,7 @@ import json
 import math
 import sqlite3
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import itemgetter
@@ -382,6 +382,10 @@ def _as_list(values: Any) -> list[Any]:
     return list(values)
 
 
+def _nothing() -> None:
+    return None
+
+
 _NUMBER_DTYPES = {"f8": "<f8", "i8": "<i8", "u1": "u1", "t": "<i8"}
 
 
@@ -428,10 +432,12 @@ def _cat(parts: Sequence[Sequence[Any]]) -> tuple[np.ndarray, list[Any]]:
     return (np.concatenate(codes) if codes else np.zeros(0, dtype="<i4")), list(index)
 
 
-def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
+def encode_parts(parts: Sequence[SegmentPart], pause: Callable[[], Any] | None = None) -> bytes:
     """Consecutive parts as one columnar segment (format above): the bytes :func:`encode_segment` gives for all
-    their rows at once, from columns (a few numpy calls per column, no Python work per row for the usual ones)."""
+    their rows at once, from columns (a few numpy calls per column, no Python work per row for the usual ones).
+    ``pause`` is called between columns (a writer thread lets others have the GIL there)."""
     n = sum(p.n for p in parts)
+    pause = pause or _nothing
     header: dict[str, list[Any]] = {}
     chunks: list[bytes] = []
     offset = 0
@@ -451,6 +457,7 @@ def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
         return values
 
     for name in _SEGMENT_BASE:
+        pause()
         kind = _BASE_KIND[name]
         if kind in ("f8", "i8", "u1", "t"):
             put(name, kind, _numbers([p.base[name] for p in parts], _NUMBER_DTYPES[kind]).tobytes())
@@ -476,6 +483,7 @@ def encode_parts(parts: Sequence[SegmentPart]) -> bytes:
     else:
         fields = list(dict.fromkeys(k for p in live for k in p.input_keys))
     for field in fields:
+        pause()
         columns = [p.inputs[field] if field in p.inputs else [None] * p.n for p in live]
         kinds: set[type] = set().union(*(_types(c, p, field) if field in p.inputs else _NONE_TYPES
                                          for c, p in zip(columns, live, strict=True)))

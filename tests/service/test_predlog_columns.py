@@ -170,3 +170,24 @@ def test_a_batch_reads_back_as_its_answers(tmp_path: Path) -> None:
     assert seg["score"].tolist()[::2] == [0.25, 0.75] and np.isnan(seg["score"][1])
     assert seg["f"].tolist()[::2] == [1.0, 2.0] and seg["label"].tolist()[2] == 1.0
     assert np.isnan(seg["input.tx_amount"][1]) and seg["input.tx_amount"][2] == 3.0
+
+
+def test_a_malformed_record_loses_only_itself_and_rows_keep_their_order(tmp_path: Path) -> None:
+    batch = PredictionBatch(
+        request_id="b", endpoint="batch", time=NOW, inputs={"x": [1, 2]}, event_ids=None, timestamp=None,
+        scores=np.array([0.5, 0.5]), decisions=["a", "a"], model_version=None, fallback_reasons=[None, None],
+        stale=np.zeros(2, dtype=bool), latency_ms=1.0, features=np.zeros((2, 1)), feature_names=["f"],
+        failed=np.zeros(2, dtype=bool))
+    records = _records(batch)
+    good = [{**r, "request_id": f"r{i}"} for i, r in enumerate(records * 150)]
+    bad = {**records[0]}
+    del bad["decision"]
+    path = tmp_path / "log.sqlite"
+    log = PredictionLog(path, segment_rows=64)
+    log.append_many([*good[:200], bad, *good[200:]])
+    log.append_columns(batch)
+    log.close()
+    assert log.failures == 1
+    frame = read_predictions(path)
+    assert frame["request_id"].tolist() == [f"r{i}" for i in range(300)] + ["b.0", "b.1"]
+    assert len(pd.concat(read_log(path, batch_rows=1000))) == 302

@@ -175,6 +175,13 @@ class PredictionBatch:
 
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+RECORD_CHUNK = 128  # records turned into rows between two pauses of the writer
+
+
+def _pause() -> None:
+    """Let the other threads (the service's event loop) take the GIL: the writer's Python runs in stretches of a
+    millisecond or two, not for the interpreter's whole switch interval (5 ms) each time the loop wants it."""
+    time.sleep(0)
 _PLAIN = {int, float, bool, type(None)}
 _TEXT = {str, type(None)}
 
@@ -321,6 +328,7 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     sets = np.full(n, -1, dtype="<i4")
     fs: int | None = None
     numeric = True
+    _pause()
     if len(ok_rows) and k:
         fs = feature_set(tuple(names))
         good = matrix[ok_rows] if any_failed else matrix
@@ -344,7 +352,9 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
         blob_bytes = b""
     fs_list = [fs] * n if not any_failed else [None if b is None else fs for b in blobs]
     kinds = {name: set(map(type, v)) for name, v in inputs.items() if isinstance(v, list)}
+    _pause()
     input_texts = _input_texts(cols, n, inputs, kinds)
+    _pause()
     mv = batch.model_version
     rows = list(zip(request_ids, range(n), repeat(time_text, n), event_times, event_ids, repeat(endpoint, n),
                     input_texts, feature_texts, score_list, decisions, repeat(mv, n), fallback, reasons,
@@ -621,33 +631,31 @@ class PredictionLog:
     def _write(self, items: list[Any]) -> None:
         rows: list[tuple[Any, ...]] = []
         parts: list[Any] = []  # the rows' segment parts, in order: SegmentPart, or (rows, inputs) of records
-        run_rows: list[tuple[Any, ...]] = []
-        run_inputs: list[Any] = []
         times: dict[int, tuple[Any, str | None]] = {}  # the records of one request share one answer time
         records: list[Mapping[str, Any]] = []
 
         def close_run() -> None:
-            nonlocal run_rows, run_inputs
-            if records:
+            for at in range(0, len(records), RECORD_CHUNK):
+                chunk = records[at:at + RECORD_CHUNK]
+                _pause()
                 try:  # column by column (the usual case)
-                    record_rows, part = _records_rows(records, self._feature_row)
-                    rows.extend(record_rows)
-                    parts.append(part)
+                    record_rows, part = _records_rows(chunk, self._feature_row)
                 except Exception:  # a malformed record: one by one, so only it is lost
-                    for record in records:
+                    record_rows, inputs = [], []
+                    for record in chunk:
                         try:
                             row = (*_prediction_row(record, times), *self._feature_row(record.get("features")))
                         except Exception as exc:  # one malformed record must not stop the writer thread
                             self.failures += 1
                             log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
                             continue
-                        run_rows.append(row)
-                        run_inputs.append(record.get("inputs", {}))
-                records.clear()
-            if run_rows:
-                rows.extend(run_rows)
-                parts.append((run_rows, run_inputs))
-                run_rows, run_inputs = [], []
+                        record_rows.append(row)
+                        inputs.append(record.get("inputs", {}))
+                    part = (record_rows, inputs)
+                if record_rows:
+                    rows.extend(record_rows)
+                    parts.append(part)
+            records.clear()
 
         for kind, payload in items:
             if kind == "p":
@@ -710,7 +718,7 @@ def segment_of(rows: Sequence[tuple[Any, ...]], inputs: Sequence[Any]) -> bytes:
 
 
 def _parts_segment(parts: Sequence[Any]) -> bytes:
-    return encode_parts([p if isinstance(p, SegmentPart) else _row_part(*p) for p in parts])
+    return encode_parts([p if isinstance(p, SegmentPart) else _row_part(*p) for p in parts], _pause)
 
 
 class SegmentBuffer:
