@@ -93,7 +93,10 @@ def batch_of(
     from keel.features import online
 
     parts = [_Entity(entity, entity_keys) for entity, entity_keys in zip(store._entities, keys, strict=True)]
-    t_np = np.array(times, dtype=np.int64)
+    try:
+        t_np = np.array(times, dtype=np.int64)
+    except OverflowError:  # a time beyond 64-bit nanoseconds: the replay reports it per event
+        return None
     for part in parts:
         index: dict[str, int] = {}
         first = index.setdefault
@@ -121,10 +124,11 @@ def batch_of(
     given = [i for i in ids if i is not None]
     if given:  # none sent twice, already stored, or with its label waiting for it
         seen = set(given)
-        if len(seen) != len(given) or not seen.isdisjoint(store._owners):
+        # (``any(map(d.__contains__, ...))``: set.isdisjoint(dict) would walk the whole dict)
+        if len(seen) != len(given) or any(map(store._owners.__contains__, given)):
             return None
         if store._pending_complete:  # every waiting label is in _pending
-            if not seen.isdisjoint(store._pending):
+            if any(map(store._pending.__contains__, given)):
                 return None
         elif any(store._known_label(i) is not None for i in given):
             return None
