@@ -36,7 +36,7 @@ from keel.errors import ServingError
 from keel.features.definitions import feature_names, resolve_definitions
 from keel.serve import fallback as fb
 from keel.serve.metrics import ServiceMetrics
-from keel.serve.predlog import PredictionLog
+from keel.serve.predlog import PredictionBatch, PredictionLog
 from keel.serve.provider import ModelProvider
 from keel.serve.schemas import event_fields
 
@@ -643,23 +643,21 @@ class Service:
         if need.size or not bool(np.isfinite(scores).all()):
             score_list = [None if v != v else v for v in score_list]
         reason_list = reasons.tolist()
+        decision_list = decisions.tolist()
         stale_list = stale.tolist()
         out = [{"request_id": f"{request_id}.{i}", "event_id": event_id, "score": score, "decision": decision,
                 "model_version": version, "fallback": reason is not None, "fallback_reason": reason,
                 "stale": st, "latency_ms": latency_ms}
                for i, (event_id, score, decision, reason, st) in enumerate(
-                   zip(ids, score_list, decisions.tolist(), reason_list, stale_list, strict=True))]
-        self._count(score_list, reason_list, decisions.tolist(), stale_list)
+                   zip(ids, score_list, decision_list, reason_list, stale_list, strict=True))]
+        self._count(score_list, reason_list, decision_list, stale_list)
         if self.predlog is not None:
-            now = datetime.now(UTC)
-            ts = self.timestamp
-            names = self.feature_names
-            rows = matrix.tolist()
-            self.predlog.append_many([{
-                **item, "item": i, "time": now, "endpoint": "batch",
-                "event_time": events[i].get(ts) if ts else None, "inputs": events[i],
-                "features": None if failed[i] else dict(zip(names, rows[i], strict=True)),
-            } for i, item in enumerate(out)])
+            self.predlog.append_columns(PredictionBatch(
+                request_id=request_id, endpoint="batch", time=datetime.now(UTC), inputs=cols,
+                event_ids=cols[self.id_column] if self.id_column else None, timestamp=self.timestamp,
+                scores=scores, decisions=decision_list, model_version=version, fallback_reasons=reason_list,
+                stale=stale, latency_ms=latency_ms, features=matrix, feature_names=self.feature_names,
+                failed=failed))
         return out
 
     def _count(self, scores: Sequence[float | None], reasons: Sequence[str | None],
