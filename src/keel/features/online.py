@@ -616,7 +616,8 @@ class OnlineStore:
         self._staged_blocks: list[tuple[int, str, list[str], list[str | None], list[int], list[list[float]]]] = []
         self._staged_seqs: set[int] = set()  # seqs of the rows in _staged and _staged_blocks
         self._skipped: set[int] = set()  # staged rows memory dropped before their commit: never written
-        self._in_flight: set[int] = set()  # seqs a commit is writing now (deleted with the next commit if dropped)
+        # seqs the latest commit took (being written, or written): dropped, they are deleted with the next commit
+        self._in_flight: set[int] = set()
         self._staged_deletes: list[tuple[int]] = []  # seqs of written rows memory has dropped
         self._loaded_all = False  # every entity's state is in memory (preload ran)
         self._writer: sqlite3.Connection | None = None
@@ -911,7 +912,7 @@ class OnlineStore:
 
     def _drop_rows(self, seqs: Iterable[int]) -> None:
         """Delete the rows of events memory dropped (housekeeping: a load prunes them again anyway). A row still
-        staged is never written; one a commit is writing is deleted with the next commit; a written one is deleted
+        staged is never written; one the latest commit took is deleted with the next commit; any other is deleted
         now, or after the next commit's inserts when staging."""
         gone = []
         staged, in_flight = self._staged_seqs, self._in_flight
@@ -967,7 +968,6 @@ class OnlineStore:
             if skipped:
                 live = [row for row in live if row[0] not in skipped]
             if not live and not deletes:
-                self._in_flight = set()
                 return 0
             if self._writer is None:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -989,11 +989,8 @@ class OnlineStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("rollback")
                 with self._lock:
-                    self._in_flight = set()
                     self._forget()
                 raise
-            with self._lock:
-                self._in_flight = set()
             if self._checkpointer is not None:
                 self._checkpointer.wrote(len(live) + len(deletes))
             return len(live) + len(deletes)
