@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel.monitor.logread import read_log
+from keel.serve import predlog
 from keel.serve.predlog import PredictionBatch, PredictionLog, read_predictions
 
 T0 = datetime(2018, 4, 1)
@@ -107,6 +108,13 @@ def batches(draw: Any, names: tuple[str, ...]) -> PredictionBatch:
         latency_ms=draw(st.floats(0, 1e4)), features=matrix, feature_names=names, failed=failed)
 
 
+RECORDS_ROWS = predlog._records_rows
+
+
+def _refuse(*args: object) -> None:
+    raise ValueError("records one by one")
+
+
 NAMES = st.sampled_from([("tx_amount", "mean_1d", "nb%_tx"), ("naïve \"q\"",), ()])
 
 
@@ -119,26 +127,32 @@ def test_columns_write_what_the_records_write(tmp_path_factory: Any, data: Any, 
     flush_after = data.draw(st.lists(st.booleans(), min_size=len(requests), max_size=len(requests)))
     mixed = data.draw(st.lists(st.booleans(), min_size=len(requests), max_size=len(requests)))
     folder = tmp_path_factory.mktemp("logs")
-    paths = {way: folder / f"{way}.sqlite" for way in ("records", "columns", "mixed")}
-    for way, path in paths.items():
-        log = PredictionLog(path, segment_rows=segment_rows)  # not started: flush() writes in this thread
-        for j, batch in enumerate(requests):
-            use_columns = way == "columns" or (way == "mixed" and mixed[j])
-            if use_columns:
-                log.append_columns(batch)
-            else:
-                log.append_many(_records(batch))
-            if j == 1:
-                log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
-            if flush_after[j]:
-                log.flush()
-        log.close()
-        assert log.failures == 0
+    paths = {way: folder / f"{way}.sqlite" for way in ("records", "columns", "mixed", "one_by_one")}
+    try:
+        for way, path in paths.items():
+            log = PredictionLog(path, segment_rows=segment_rows)  # not started: flush() writes in this thread
+            # one_by_one: records through _prediction_row each (the writer's path when a record is malformed)
+            predlog._records_rows = _refuse if way == "one_by_one" else RECORDS_ROWS
+            for j, batch in enumerate(requests):
+                use_columns = way == "columns" or (way == "mixed" and mixed[j])
+                if use_columns:
+                    log.append_columns(batch)
+                else:
+                    log.append_many(_records(batch))
+                if j == 1:
+                    log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
+                if flush_after[j]:
+                    log.flush()
+            log.close()
+            assert log.failures == 0
+    finally:
+        predlog._records_rows = RECORDS_ROWS
     expected = _tables(paths["records"])
     assert sum(n for (_, n) in [(r[0], r[3]) for r in expected["prediction_segments"]]) == sum(
         b.n for b in requests)
     assert _tables(paths["columns"]) == expected
     assert _tables(paths["mixed"]) == expected
+    assert _tables(paths["one_by_one"]) == expected
 
 
 def test_a_batch_reads_back_as_its_answers(tmp_path: Path) -> None:

@@ -263,6 +263,16 @@ def _input_texts(cols: Mapping[str, Any], n: int, values_of: Mapping[str, Any] |
     return out
 
 
+def _matrix_rows(matrix: np.ndarray, names: Sequence[str]) -> tuple[list[str], list[bytes], bytes]:
+    """Each row's features JSON text (:func:`_json` of its dict) and float64 blob, and the blobs end to end."""
+    k = len(names)
+    values = _split_json_list(orjson.dumps(matrix.ravel(), option=_NUMPY))
+    texts = _objects(names, [values[j::k] for j in range(k)], len(matrix))
+    raw = matrix.tobytes()
+    width = 8 * k
+    return texts, [raw[j:j + width] for j in range(0, len(raw), width)], raw
+
+
 def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[Any, ...]], SegmentPart]:
     """A :class:`PredictionBatch` as the rows (and segment part) its per-event records give, built column-wise.
     ``feature_set(names)`` gives the id of a feature set."""
@@ -332,11 +342,7 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     if len(ok_rows) and k:
         fs = feature_set(tuple(names))
         good = matrix[ok_rows] if any_failed else matrix
-        values = _split_json_list(orjson.dumps(good.ravel(), option=_NUMPY))
-        texts = _objects(names, [values[j::k] for j in range(k)], len(ok_rows))
-        raw = good.tobytes()
-        width = 8 * k
-        row_blobs = [raw[j:j + width] for j in range(0, len(raw), width)]
+        texts, row_blobs, raw = _matrix_rows(good, names)
         if any_failed:
             for j, i in enumerate(ok_rows):
                 feature_texts[i], blobs[i] = texts[j], row_blobs[j]
@@ -412,7 +418,11 @@ def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any) -> tup
         except (orjson.JSONEncodeError, TypeError):
             input_texts.append(_json_slow(d))
     features = [g("features") for g in get]
+    # (per dict: orjson and one struct.pack are cheaper than gathering 128 dicts into a matrix first)
     feature_texts = [None if f is None else _json(f) for f in features]
+    blobs_sets = list(map(feature_row, features))
+    blobs = [b for b, _ in blobs_sets]
+    sets = [fs for _, fs in blobs_sets]
     scores: list[Any] = [g("score") for g in get]
     if set(map(type, scores)) != {float}:
         scores = [None if v is None else float(v) for v in scores]
@@ -425,9 +435,6 @@ def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any) -> tup
     reasons = [g("fallback_reason") for g in get]
     stale = [int(bool(g("stale", False))) for g in get]
     latency = [float(g("latency_ms", 0.0)) for g in get]
-    blobs_sets = list(map(feature_row, features))
-    blobs = [b for b, _ in blobs_sets]
-    sets = [fs for _, fs in blobs_sets]
     rows = list(zip(request_ids, items, time_texts, event_texts, event_ids, endpoints, input_texts, feature_texts,
                     scores, decisions, versions, fallback, reasons, stale, latency, blobs, sets, strict=True))
     base = {
