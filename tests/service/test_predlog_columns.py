@@ -73,7 +73,7 @@ def _records(batch: PredictionBatch) -> list[dict[str, Any]]:
 
 @st.composite
 def batches(draw: Any, names: tuple[str, ...]) -> PredictionBatch:
-    n = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 40))
     endpoint = draw(st.sampled_from(["batch", "predict"]))
     seconds = draw(st.lists(st.integers(-5 * 10**9, 5 * 10**9), min_size=n, max_size=n))
     micros = draw(st.lists(st.integers(0, 999_999), min_size=n, max_size=n))
