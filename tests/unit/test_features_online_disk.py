@@ -147,3 +147,21 @@ def test_commits_leave_the_log_checkpoint_to_a_background_thread(tmp_path, monke
     assert len(rows_on_disk(path)) == 80  # 40 events x 2 entities, none old enough to prune
     cards = [row for row in rows_on_disk(tmp_path / "t.sqlite") if row[0] == "card"]
     assert len(cards) == 200  # one card each: none pruned, every staged row on disk
+
+
+def test_two_stores_writing_one_file_lose_no_event(tmp_path) -> None:
+    """Each store picks its rows' seqs when staging; when another store of the same file took them meanwhile, the
+    commit writes its rows after the last one on disk and reloads memory from the file."""
+    path = tmp_path / "s.sqlite"
+    first, second = open_store(path), open_store(path)
+    first.stage(event(1, 0, card=1))
+    second.stage(event(2, 1, card=1))  # the same seq as event 1's rows
+    assert first.commit_staged() == 2
+    assert second.commit_staged() == 2
+    assert sorted(r[2] for r in rows_on_disk(path)) == ["1", "1", "2", "2"]
+    probe = [event(3, 2, card=1)]
+    assert second.features_many(probe).matrix[0, 0] == 3  # reloaded: both events count, and the probe
+    first.close()
+    second.close()
+    with open_store(path) as again:
+        assert again.features_many(probe).matrix[0, 0] == 3

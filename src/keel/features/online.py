@@ -980,8 +980,14 @@ class OnlineStore:
             db = self._writer
             try:
                 db.execute("begin immediate")
-                if live:
-                    db.executemany(_INSERT, live)
+                try:
+                    if live:
+                        db.executemany(_INSERT, live)
+                except sqlite3.IntegrityError:  # another store wrote these seqs to the same file meanwhile
+                    db.execute("rollback")  # (the rows before the clash were inserted)
+                    db.execute("begin immediate")
+                    self._write_renumbered(db, live)
+                    deletes = []  # the reload prunes those rows again
                 if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
                     db.executemany(_DELETE, deletes)
                 db.execute("commit")
@@ -994,6 +1000,16 @@ class OnlineStore:
             if self._checkpointer is not None:
                 self._checkpointer.wrote(len(live) + len(deletes))
             return len(live) + len(deletes)
+
+    def _write_renumbered(self, db: sqlite3.Connection, live: list[tuple[Any, ...]]) -> None:
+        """Insert ``live`` after the last row on disk, in the open transaction, when their seqs were taken by
+        another writer of the file; memory is then dropped and reloaded from disk on next use (so its seqs, and
+        the other writer's events, match the file)."""
+        base = int(db.execute("select coalesce(max(seq), 0) + 1 from events").fetchone()[0])
+        db.executemany(_INSERT, [(base + i, *row[1:]) for i, row in enumerate(live)])
+        with self._lock:
+            self._next_seq = max(self._next_seq, base + len(live))
+            self._forget()
 
     def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
         """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.
