@@ -382,24 +382,34 @@ def _time_texts(values: Sequence[Any]) -> tuple[list[str | None], np.ndarray]:
     return iso_us(us), us
 
 
-def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any) -> tuple[list[tuple[Any, ...]], SegmentPart]:
+def _record_times(records: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[str | None], np.ndarray, list[Any],
+                                                                   list[str | None], np.ndarray]:
+    """Records' answer and event times: values, :func:`iso` texts and microseconds, both in one numpy pass."""
+    time_values = [r.get("time") for r in records]
+    event_values = [r.get("event_time") for r in records]
+    texts, us = _time_texts([*time_values, *event_values])
+    n = len(records)
+    return time_values, texts[:n], us[:n], event_values, texts[n:], us[n:]
+
+
+def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any, times: Any = None
+                  ) -> tuple[list[tuple[Any, ...]], SegmentPart]:
     """The rows (and segment part) of per-event records, what :func:`_prediction_row` and ``feature_row`` give
-    for each, built a column at a time (times formatted together, inputs' times reused). Raises on a malformed
-    record (the caller then takes them one by one)."""
+    for each, built a column at a time (times formatted together, inputs' times reused). ``times``: their
+    :func:`_record_times`, when already done. Raises on a malformed record (the caller then takes them one by
+    one)."""
     n = len(records)
     get = [r.get for r in records]
     request_ids = [r["request_id"] for r in records]
     if set(map(type, request_ids)) != {str}:
         request_ids = list(map(str, request_ids))
     items = [int(g("item", 0)) for g in get]
-    time_values = [g("time") for g in get]
-    time_texts, time_us = _time_texts(time_values)
+    _, time_texts, time_us, event_values, event_texts, event_us = times or _record_times(records)
+    time_texts = list(time_texts)
     if None in time_texts:  # no answer time: now, as _prediction_row
         now = datetime.now(UTC)
         for i in [i for i, t in enumerate(time_texts) if t is None]:
             time_texts[i], time_us[i] = iso(now), datetimes_us([now])[0]
-    event_values = [g("event_time") for g in get]
-    event_texts, event_us = _time_texts(event_values)
     memo = {id(v): t for v, t in zip(event_values, event_texts, strict=True) if type(v) is datetime}
 
     def default(v: Any) -> Any:  # an event's time in its inputs is its event_time: formatted once
@@ -638,20 +648,27 @@ class PredictionLog:
     def _write(self, items: list[Any]) -> None:
         rows: list[tuple[Any, ...]] = []
         parts: list[Any] = []  # the rows' segment parts, in order: SegmentPart, or (rows, inputs) of records
-        times: dict[int, tuple[Any, str | None]] = {}  # the records of one request share one answer time
+        memo: dict[int, tuple[Any, str | None]] = {}  # the records of one request share one answer time
         records: list[Mapping[str, Any]] = []
 
         def close_run() -> None:
+            try:  # every record's times in one pass
+                times: Any = _record_times(records)
+            except Exception:
+                times = None
             for at in range(0, len(records), RECORD_CHUNK):
                 chunk = records[at:at + RECORD_CHUNK]
                 _pause()
                 try:  # column by column (the usual case)
-                    record_rows, part = _records_rows(chunk, self._feature_row)
+                    if times is None:
+                        raise ValueError("a record's time is not a time")
+                    record_rows, part = _records_rows(chunk, self._feature_row,
+                                                      [t[at:at + RECORD_CHUNK] for t in times])
                 except Exception:  # a malformed record: one by one, so only it is lost
                     record_rows, inputs = [], []
                     for record in chunk:
                         try:
-                            row = (*_prediction_row(record, times), *self._feature_row(record.get("features")))
+                            row = (*_prediction_row(record, memo), *self._feature_row(record.get("features")))
                         except Exception as exc:  # one malformed record must not stop the writer thread
                             self.failures += 1
                             log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
