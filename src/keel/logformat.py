@@ -348,17 +348,21 @@ def part_of_rows(rows: Sequence[tuple[Any, ...]], columns: Sequence[str],
     texts = by_name["features"]
     numeric = all(b is not None or t is None for b, t in zip(blobs, texts, strict=True))
     sets = np.array([-1 if s is None else s for s in feature_sets], dtype="<i4")
-    first = inputs[0] if n and inputs[0] else {}
+    keys, uniform, fields = input_fields(inputs)
+    return SegmentPart(n, base, sets, b"".join(b for b in blobs if b is not None) if numeric else b"", numeric,
+                       list(texts), keys, uniform, fields)
+
+
+def input_fields(inputs: Sequence[Mapping[str, Any] | None]) -> tuple[list[str], bool, dict[str, list[Any]]]:
+    """Rows' raw input dicts as columns: the fields (order of first appearance), whether every row has exactly
+    those, and each field's values (None where a row lacks it)."""
+    first = inputs[0] if inputs and inputs[0] else {}
     keys = first.keys()
     if all(d is not None and d.keys() == keys for d in inputs):  # the usual case: every request has the same fields
-        fields: dict[str, list[Any]] = {k: list(map(itemgetter(k), inputs)) for k in keys}  # type: ignore[arg-type]
-        uniform = True
-    else:
-        fields = {k: [None if d is None else d.get(k) for d in inputs] for k in dict.fromkeys(
-            k for d in inputs if d for k in d)}
-        uniform = False
-    return SegmentPart(n, base, sets, b"".join(b for b in blobs if b is not None) if numeric else b"", numeric,
-                       list(texts), list(fields), uniform, fields)
+        return list(keys), True, {k: list(map(itemgetter(k), inputs)) for k in keys}  # type: ignore[arg-type]
+    fields = {k: [None if d is None else d.get(k) for d in inputs] for k in dict.fromkeys(
+        k for d in inputs if d for k in d)}
+    return list(fields), False, fields
 
 
 def _types(values: Any, part: SegmentPart | None = None, field: str = "") -> set[type]:
@@ -571,6 +575,7 @@ __all__ = [
     "feature_set_id",
     "has_feature_columns",
     "has_segments",
+    "input_fields",
     "iso",
     "iso_us",
     "part_of_rows",

@@ -58,6 +58,7 @@ from keel.logformat import (
     ensure_segment_tables,
     feature_blob,
     feature_set_id,
+    input_fields,
     iso,
     iso_us,
     json_default,
@@ -453,7 +454,7 @@ def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any, times:
         "fallback": fallback, "fallback_reason": reasons, "stale": stale, "latency_ms": latency,
     }
     numeric = all(b is not None or t is None for b, t in zip(blobs, feature_texts, strict=True))
-    keys, uniform, fields = _input_fields([d if isinstance(d, Mapping) else None for d in inputs])
+    keys, uniform, fields = input_fields([d if isinstance(d, Mapping) else None for d in inputs])
     types = {k: set(map(type, values)) for k, values in fields.items()}
     for k, values in fields.items():
         if datetime in types[k]:  # as their JSON text: the times formatted above
@@ -463,17 +464,6 @@ def _records_rows(records: Sequence[Mapping[str, Any]], feature_row: Any, times:
                        b"".join(b for b in blobs if b is not None) if numeric else b"", numeric, feature_texts,
                        keys, uniform, fields, types)
     return rows, part
-
-
-def _input_fields(dicts: Sequence[Mapping[str, Any] | None]) -> tuple[list[str], bool, dict[str, list[Any]]]:
-    """The raw input fields of rows as :func:`keel.logformat.part_of_rows` holds them."""
-    first = dicts[0] if dicts and dicts[0] else {}
-    keys = first.keys()
-    if all(d is not None and d.keys() == keys for d in dicts):
-        return list(keys), True, {k: [d[k] for d in dicts] for k in keys}  # type: ignore[index]
-    fields = {k: [None if d is None else d.get(k) for d in dicts] for k in dict.fromkeys(
-        k for d in dicts if d for k in d)}
-    return list(fields), False, fields
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
