@@ -53,10 +53,28 @@ def test_an_event_pruned_before_its_commit_is_never_written_and_written_ones_are
         store.stage(event(2, 200))  # 1 h 40 min later: event 1 leaves both 1 h (+30 min) windows in memory
         assert store.commit_staged() == 2  # event 2's two rows; event 1's rows are never written
         assert {r[2] for r in rows_on_disk(path)} == {"2"}
-        store.update(event(3, 400))  # event 2 is pruned now, its rows deleted at once
-        store.stage(event(4, 600))
-        store.commit_staged()  # staged: event 3's rows are deleted after the inserts of event 4
+        store.update(event(3, 400))  # event 2 is pruned now: its rows are deleted with the next commit
+        store.stage(event(4, 600))  # staged: event 3's rows are deleted after the inserts of event 4
+        store.commit_staged()
+        assert {r[2] for r in rows_on_disk(path)} == {"2", "3", "4"}  # fewer than DELETE_ROWS deletes: they wait
+        store.commit_staged(deletes=True)
         assert {r[2] for r in rows_on_disk(path)} == {"4"}
+        store.stage(event(5, 800))
+        store.commit_staged()
+    assert {r[2] for r in rows_on_disk(path)} == {"5"}  # close writes the deletes still due
+
+
+def test_deletes_go_with_the_commit_once_enough_are_due(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(OnlineStore, "DELETE_ROWS", 4)
+    path = tmp_path / "s.sqlite"
+    with open_store(path) as store:
+        for i in range(4):
+            store.stage(event(i, 200 * i, card=i))  # each event prunes the shop's one before it
+            store.commit_staged()
+        assert len(rows_on_disk(path)) == 4 + 4  # 3 shop rows due: they wait
+        store.stage(event(9, 1000, card=9))
+        assert store.commit_staged() == 2 + 4  # 4 due: written with this commit's inserts
+        assert sorted(r[2] for r in rows_on_disk(path) if r[0] == "shop") == ["9"]
 
 
 def test_rows_left_on_disk_are_pruned_on_load_and_their_labels_wait_for_their_events(tmp_path) -> None:

@@ -62,6 +62,8 @@ create table if not exists labels (event_id text primary key, label real not nul
 """
 _INSERT = "insert into events (seq, entity, key, event_id, t, vals) values (?, ?, ?, ?, ?, ?)"
 _DELETE = "delete from events where seq = ?"
+_ONE_STATEMENT = 8  # up to this many rows without deletes: one multi-row INSERT
+_INSERTS = [_INSERT + ", (?, ?, ?, ?, ?, ?)" * (k - 1) for k in range(_ONE_STATEMENT + 1)]
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -547,6 +549,9 @@ class OnlineStore:
 
     # Rows written (inserted or deleted) by commit_staged between two background checkpoints of the log.
     CHECKPOINT_ROWS = 5_000
+    # Deletes of pruned rows (housekeeping: a load prunes those rows again) wait until this many are due, so most
+    # small commits are one INSERT statement (its own transaction) instead of begin + inserts + deletes + commit.
+    DELETE_ROWS = 256
 
     def __init__(
         self,
@@ -654,7 +659,7 @@ class OnlineStore:
             )
 
     def close(self) -> None:
-        self.commit_staged()
+        self.commit_staged(deletes=True)
         if self._checkpointer is not None:
             self._checkpointer.close()
         with self._lock:
@@ -944,20 +949,26 @@ class OnlineStore:
             finally:
                 self._staging = False
 
-    def commit_staged(self) -> int:
+    def commit_staged(self, *, deletes: bool = False) -> int:
         """Write every staged row in one transaction on a connection of its own (one ``executemany`` for the
-        inserts, then one for the deletes of rows memory has dropped); return how many rows were written.
+        inserts, then one for the deletes of rows memory has dropped, once :attr:`DELETE_ROWS` are due or with
+        ``deletes=True``); return how many rows were written. A few rows without deletes go in one INSERT
+        statement, its own transaction.
 
         Thread-safe, and it holds the store's lock only to take the staged rows, so
         features keep being computed while SQLite writes. A staged row whose event was pruned before the
         commit is not written at all (a load would prune it again). On a failure the in-memory state is dropped
         (it is reloaded from disk on next use, so memory and disk never disagree) and the error is raised.
         """
+        flush = deletes
         with self._writer_lock:
             with self._lock:
                 taken, self._staged = self._staged, []
                 blocks, self._staged_blocks = self._staged_blocks, []
-                deletes, self._staged_deletes = self._staged_deletes, []
+                if flush or len(self._staged_deletes) >= self.DELETE_ROWS:
+                    deletes, self._staged_deletes = self._staged_deletes, []
+                else:
+                    deletes = []
                 self._in_flight, self._staged_seqs = self._staged_seqs, set()
                 skipped, self._skipped = self._skipped, set()
             live = taken
@@ -979,6 +990,16 @@ class OnlineStore:
                 self._checkpointer = _Checkpointer(self.path, self.CHECKPOINT_ROWS)
             db = self._writer
             try:
+                if not deletes and len(live) <= _ONE_STATEMENT:
+                    try:
+                        db.execute(_INSERTS[len(live)], [v for row in live for v in row])
+                    except sqlite3.IntegrityError:  # (nothing written: one statement)
+                        db.execute("begin immediate")
+                        self._write_renumbered(db, live)
+                        db.execute("commit")
+                    if self._checkpointer is not None:
+                        self._checkpointer.wrote(len(live))
+                    return len(live)
                 db.execute("begin immediate")
                 try:
                     if live:
