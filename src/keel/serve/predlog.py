@@ -281,8 +281,9 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     rid = str(batch.request_id)
     endpoint = str(batch.endpoint)
     request_ids = [rid] * n if endpoint == "predict" else list(map((rid + ".").__add__, map(str, range(n))))
-    time_text = iso(batch.time) or iso(datetime.now(UTC))
-    time_us = int(datetimes_us([batch.time])[0])
+    answered = batch.time if batch.time is not None else datetime.now(UTC)
+    time_text = iso(answered)
+    time_us = int(datetimes_us([answered])[0])
     cols = batch.inputs
     ts = batch.timestamp
     inputs: dict[str, Any] = {}
