@@ -70,6 +70,7 @@ _EPOCH = datetime(1970, 1, 1)
 _NO_LABEL_AT = 2**62  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
 _INFINITIES = (math.inf, -math.inf)
+_MISSING = object()
 _BATCH_MIN = 32  # features_many(stage=True) of at least this many events tries the batch path (online_batch)
 
 
@@ -336,7 +337,15 @@ class _EntityState:
                 v = vals.get(c, math.nan)
                 column.append(v)
                 if sums is not None:
-                    sums[c].push(v)
+                    prefix = sums[c]
+                    if v == v and v not in _INFINITIES:  # push(v) without the call, on the state's grid
+                        num, den = v.as_integer_ratio()
+                        k = den.bit_length() - 1
+                        if k <= prefix.shift:
+                            prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
+                            prefix.valid.append(prefix.valid[-1] + 1)
+                            continue
+                    prefix.push(v)
             self.labels.append(0.0)
             self.label_at.append(_NO_LABEL_AT)
             label_sums = self.label_sums
@@ -526,7 +535,7 @@ def _window_group(
             elif aggregate == "max" and valid:
                 mx = max(vals)
         if reads_label and label_total is None:
-            labels = state.label_prefix() if t >= state.late_label else None
+            labels = (state.label_sums or state.label_prefix()) if t >= state.late_label else None
             if labels is not None and labels.exact:
                 label_total = _exact_total(labels, lo, hi, None)[0]
             else:
@@ -880,13 +889,20 @@ class OnlineStore:
             seq = self._next_seq
             self._next_seq = seq + 1
             i = state.insert(t, event_id, vals, seq)
-            self._write_event((seq, entity, key, event_id, t, self._vals_text(entity, vals)))
+            row = (seq, entity, key, event_id, t, self._vals_text(entity, vals))
+            if self._staging:  # with the next commit_staged
+                self._staged.append(row)
+                self._staged_seqs.add(seq)
+            else:
+                self._db.execute(_INSERT, row)
             if event_id is not None:
                 self._owners[event_id] = (*self._owners.get(event_id, ()), state)
                 self._pending.pop(event_id, None)
                 if known is not None:
                     state.set_label(i, known[0], known[1])
-            self._prune(entity, key, state)
+            times = state.times
+            if times[0] <= times[-1] - self._horizon[entity]:  # else _prune has nothing to drop
+                self._prune(entity, key, state)
 
     def _prune(self, entity: str, key: str, state: _EntityState) -> None:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
@@ -906,14 +922,6 @@ class OnlineStore:
                         del self._owners[old]
                         if at != _NO_LABEL_AT:  # back to waiting: the event may be sent again
                             self._pending[old] = (label, at)
-
-    def _write_event(self, row: tuple[Any, ...]) -> None:
-        """Insert one ``(seq, entity, key, event_id, t, vals)`` row now, or with the next commit when staging."""
-        if self._staging:
-            self._staged.append(row)
-            self._staged_seqs.add(row[0])
-        else:
-            self._db.execute(_INSERT, row)
 
     def _drop_rows(self, seqs: Iterable[int]) -> None:
         """Delete the rows of events memory dropped (housekeeping: a load prunes them again anyway). A row still
@@ -1087,8 +1095,10 @@ class OnlineStore:
             fresh = self._freshness_ns
             scaled: dict[str, tuple[int, int] | None] = {}  # the event's values, scaled once for every window
             for entity in self._entities:
-                key = self._entity_key(event, entity)
-                state = self._state(entity, key)
+                value = event.get(entity, _MISSING)
+                key = self._entity_key(event, entity) if value is _MISSING else (
+                    value if type(value) is str else _key(value))
+                state = self._cache.get((entity, key)) or self._state(entity, key)
                 if not state.times:
                     unknown.append(entity)
                 elif fresh is not None and t - state.times[-1] > fresh:
