@@ -205,3 +205,31 @@ def test_a_malformed_record_loses_only_itself_and_rows_keep_their_order(tmp_path
     frame = read_predictions(path)
     assert frame["request_id"].tolist() == [f"r{i}" for i in range(300)] + ["b.0", "b.1"]
     assert len(pd.concat(read_log(path, batch_rows=1000))) == 302
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(data=st.data(), names=NAMES, segment_rows=st.sampled_from([5, 4096]))
+def test_the_writer_process_writes_what_the_writer_thread_writes(tmp_path_factory: Any, data: Any,
+                                                                 names: tuple[str, ...], segment_rows: int) -> None:
+    requests = data.draw(st.lists(batches(names), min_size=1, max_size=5))
+    flush_after = data.draw(st.lists(st.booleans(), min_size=len(requests), max_size=len(requests)))
+    mixed = data.draw(st.lists(st.booleans(), min_size=len(requests), max_size=len(requests)))
+    folder = tmp_path_factory.mktemp("logs")
+    for way in ("thread", "process"):
+        # a write at each flush() and at close() only, in both modes (the same transactions, so the same segments)
+        log = PredictionLog(folder / f"{way}.sqlite", segment_rows=segment_rows, flush_rows=10**9,
+                            flush_ms=10**9, process=way == "process").start()
+        for j, batch in enumerate(requests):
+            if mixed[j]:
+                log.append_columns(batch)
+            else:
+                log.append_many(_records(batch))
+            if j == 1:
+                log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
+            if flush_after[j]:
+                log.flush()
+                assert log.written == sum(b.n for b in requests[:j + 1]) and log.pending == 0
+        log.close()
+        assert log.failures == 0 and log.written == sum(b.n for b in requests)
+    assert _tables(folder / "process.sqlite") == _tables(folder / "thread.sqlite")

@@ -480,6 +480,22 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return db
 
 
+class _Child:
+    """A writer process and what was sent to it but not yet acknowledged (message number -> rows, flush events)."""
+
+    def __init__(self, proc: Any, tx: Any, rx: Any) -> None:
+        self.proc = proc
+        self.tx = tx
+        self.rx = rx
+        self.inflight: dict[int, tuple[int, int, list[threading.Event]]] = {}  # number -> rows, items, events
+        self.written = 0
+        self.failures = 0
+        self.dead = False
+        self.stopping = False
+        self.started = time.monotonic()
+        self.receiver: threading.Thread | None = None
+
+
 class PredictionLog:
     """Batched, append-only writer. ``append``/``add_labels`` never block on disk; ``close`` flushes everything.
 
@@ -487,10 +503,18 @@ class PredictionLog:
     ``max_queue`` bounds memory if the disk stalls (records beyond it are dropped and counted in ``dropped``);
     ``segment_rows``: rows per columnar segment (consecutive write batches are gathered into one; the rows of a
     segment not yet written are read from their rows).
+
+    ``process=True``: the rows are built and written by a process of its own (:mod:`keel.serve.logwriter`); this
+    process only pickles the queued records every ``send_ms`` milliseconds and sends them over a pipe, so the
+    writer's Python does not hold this process's GIL. Same tables, same API: ``flush`` returns once everything
+    appended before it is committed; a writer process that dies is replaced (its unacknowledged records are
+    counted in ``failures`` and logged); ``close`` stops it after writing everything, killing it after
+    ``timeout`` if it is stuck. Without :meth:`start`, both modes write in the caller's thread at ``flush``/``close``.
     """
 
     def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
-                 max_queue: int = 1_000_000, segment_rows: int = SEGMENT_ROWS) -> None:
+                 max_queue: int = 1_000_000, segment_rows: int = SEGMENT_ROWS, process: bool = False,
+                 send_ms: float = 5.0) -> None:
         self.path = Path(path)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
@@ -507,11 +531,22 @@ class PredictionLog:
         self.dropped = 0
         self.failures = 0
         self._feature_sets: dict[tuple[str, ...], int] = {}
+        self._segment_rows = segment_rows
         self._segments = SegmentBuffer(segment_rows, on_error=self._segment_failed)
+        self.process = bool(process)
+        self._send_seconds = min(self.flush_seconds, max(0.0005, float(send_ms) / 1000.0))
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+        self._number = 0
+        self._inflight_items = 0
 
     def start(self) -> PredictionLog:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="keel-predlog", daemon=True)
+            if self.process:
+                self._db.close()  # the writer process has its own connection
+                self._thread = threading.Thread(target=self._send_loop, name="keel-predlog-sender", daemon=True)
+            else:
+                self._thread = threading.Thread(target=self._run, name="keel-predlog", daemon=True)
             self._thread.start()
         return self
 
@@ -523,7 +558,14 @@ class PredictionLog:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Queue items not yet written (in process mode: also those sent to the writer, not yet acknowledged)."""
+        return len(self._queue) + self._inflight_items
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id (process mode, started), else None."""
+        child = self._child
+        return None if child is None or child.dead else int(child.proc.pid)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Queue one prediction record (keys of :data:`PREDICTION_COLUMNS`; ``inputs``/``features`` as dicts).
@@ -576,6 +618,9 @@ class PredictionLog:
         """Flush every queued record and stop the writer. Safe to call twice."""
         if self._closed:
             return
+        if self._thread is not None and self.process:
+            self._close_process(timeout)
+            return
         if self._thread is not None:
             self._queue.append(_STOP)
             self._wake.set()
@@ -613,6 +658,175 @@ class PredictionLog:
                 self._write(items)
             if stop:
                 return
+
+    # --- writer process (process=True): the sender thread, the receiver thread -----------------------------
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(self._send_seconds)
+            self._wake.clear()
+            items = self._drain()
+            stop = any(i is _STOP for i in items)
+            if stop:
+                items = [i for i in items if i is not _STOP]
+            if items or stop:
+                self._send(items, stop)
+            elif self._child is not None and self._child.dead:
+                with contextlib.suppress(Exception):  # a writer that died is replaced before records come
+                    self._live_child()
+            if stop:
+                return
+
+    def _send(self, items: list[Any], stop: bool) -> None:
+        from keel.serve.logwriter import frame, item_rows
+
+        events = [i[1] for i in items if i[0] == "f"]
+        data = [i for i in items if i[0] != "f"] if events else items
+        if not data and not events and (self._child is None or self._child.dead):
+            return  # nothing to write and no writer to stop
+        rows = sum(map(item_rows, data))
+        number = self._number
+        self._number += 1
+        try:
+            try:
+                message = frame(number, rows, data, flush=bool(events), stop=stop)
+            except Exception:  # an item that does not pickle loses only itself
+                data, lost = self._picklable(data)
+                rows -= lost
+                message = frame(number, rows, data, flush=bool(events), stop=stop)
+            child = self._live_child()
+        except Exception as exc:  # no writer process could be started: these records are lost
+            with self._lock:
+                self.failures += rows
+            log.error(json.dumps({"event": "predlog_writer_unavailable", "rows": rows, "error": repr(exc)}))
+            for e in events:
+                e.set()
+            return
+        with self._lock:
+            child.inflight[number] = (rows, len(data), events)
+            self._inflight_items += len(data)
+            if stop:
+                child.stopping = True
+        try:
+            child.tx.send_bytes(message)
+        except OSError:  # the child is gone: what it had not acknowledged is counted, a new one takes over
+            self._child_died(child)
+        if stop:
+            with contextlib.suppress(OSError):
+                child.tx.close()
+
+    def _picklable(self, items: list[Any]) -> tuple[list[Any], int]:
+        import pickle
+
+        from keel.serve.logwriter import item_rows
+
+        good, lost = [], 0
+        for item in items:
+            try:
+                pickle.dumps(item, protocol=5)
+            except Exception as exc:
+                lost += item_rows(item)
+                log.error(json.dumps({"event": "predlog_record_invalid", "error": repr(exc)}))
+                continue
+            good.append(item)
+        with self._lock:
+            self.failures += lost
+        return good, lost
+
+    def _live_child(self) -> _Child:
+        child = self._child
+        if child is not None and not child.dead:
+            return child
+        from keel.serve.logwriter import spawn
+
+        if child is not None:  # a writer that dies at once (say, the log cannot be opened) is not restarted in a loop
+            time.sleep(max(0.0, child.started + 1.0 - time.monotonic()))
+        proc, tx, rx = spawn({"path": str(self.path), "flush_rows": self.flush_rows,
+                              "flush_ms": self.flush_seconds * 1000.0, "segment_rows": self._segment_rows})
+        child = _Child(proc, tx, rx)
+        child.receiver = threading.Thread(target=self._receive_loop, args=(child,), name="keel-predlog-receiver",
+                                          daemon=True)
+        self._child = child
+        child.receiver.start()
+        return child
+
+    def _receive_loop(self, child: _Child) -> None:
+        from keel.serve.logwriter import ACK
+
+        while True:
+            try:
+                number, written, failures = ACK.unpack(child.rx.recv_bytes())
+            except (EOFError, OSError, struct.error):
+                break
+            done: list[threading.Event] = []
+            with self._lock:
+                for k in [k for k in child.inflight if k <= number]:
+                    _, items, events = child.inflight.pop(k)
+                    self._inflight_items -= items
+                    done.extend(events)
+                self.written += written - child.written
+                self.failures += failures - child.failures
+                child.written, child.failures = written, failures
+            for e in done:
+                e.set()
+        self._child_died(child)
+
+    def _child_died(self, child: _Child, reason: str = "exited") -> None:
+        """The writer process is gone: count what it had not acknowledged, release flushes waiting for it."""
+        with self._lock:
+            if child.dead:
+                return
+            child.dead = True
+            lost = sum(rows for rows, _, _ in child.inflight.values())
+            events = [e for _, _, es in child.inflight.values() for e in es]
+            self._inflight_items -= sum(items for _, items, _ in child.inflight.values())
+            child.inflight.clear()
+            self.failures += lost
+            clean = child.stopping and not lost
+        with contextlib.suppress(OSError):
+            child.rx.close()
+        code = child.proc.poll()
+        if code is None and reason == "exited":
+            with contextlib.suppress(Exception):
+                code = child.proc.wait(timeout=5)
+        if not clean:
+            log.error(json.dumps({"event": "predlog_writer_died", "pid": child.proc.pid, "exitcode": code,
+                                  "reason": reason, "lost": lost}))
+        for e in events:
+            e.set()
+        if not child.stopping:
+            self._wake.set()  # the sender starts a new writer with the next records
+
+    def _close_process(self, timeout: float) -> None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._queue.append(_STOP)
+        self._wake.set()
+        assert self._thread is not None
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        child = self._child
+        if child is not None:
+            if child.receiver is not None:
+                child.receiver.join(max(0.0, deadline - time.monotonic()))
+            if child.proc.poll() is None:  # stuck (or still writing) past the timeout: stopped by force
+                with contextlib.suppress(OSError):
+                    child.proc.kill()
+                with contextlib.suppress(Exception):
+                    child.proc.wait(timeout=10)
+                self._child_died(child, reason="close_timeout")
+                with contextlib.suppress(OSError):
+                    child.tx.close()
+        self._thread.join(5.0)
+        self._thread = None
+        self._closed = True
+        left = [i for i in self._drain() if i is not _STOP]
+        from keel.serve.logwriter import item_rows
+
+        lost = sum(item_rows(i) for i in left)
+        if lost:
+            self.failures += lost
+            log.error(json.dumps({"event": "predlog_close_timeout", "rows": lost}))
+        for i in left:
+            if i[0] == "f":
+                i[1].set()
 
     def _feature_row(self, features: Mapping[str, Any] | None) -> tuple[bytes | None, int | None]:
         """The row's binary feature columns: (float64 blob, feature set id), or (None, None) for non-numbers."""
