@@ -224,6 +224,14 @@ class DecisionModel:
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """Actions for calibrated scores: positive action at or above the threshold, 'abstain' inside the band."""
         scores = np.asarray(scores, dtype=np.float64)
+        if scores.size == 1:  # one event (the API's common case): no temporary arrays
+            value = float(scores.reshape(-1)[0])
+            action = self.positive_action if value >= self.threshold else self.negative_action
+            if self.abstain_band is not None and self.abstain_band[0] <= value < self.abstain_band[1]:
+                action = "abstain"
+            single = np.empty(scores.shape, dtype=object)
+            single.reshape(-1)[0] = action
+            return single
         # A gather from a 2-element object array: 10x cheaper than np.where on strings then astype(object).
         choices = np.array([self.negative_action, self.positive_action], dtype=object)
         actions = choices[(scores >= self.threshold).astype(np.intp).reshape(-1)].reshape(scores.shape)

@@ -48,6 +48,17 @@ def test_decide_applies_threshold_and_abstain_band(data) -> None:
     assert list(actions) == ["approve", "abstain", "review", "review"]
 
 
+def test_decide_on_one_score_agrees_with_many(data) -> None:
+    model = lightgbm_model(*data)
+    grid = np.array([0.0, 0.1, 0.3, np.nextafter(0.3, 0), 0.35, np.nextafter(0.4, 0), 0.4, 0.9, 1.0, np.nan])
+    many = model.decide(grid)
+    for i, value in enumerate(grid):
+        for shape in ((1,), (1, 1), ()):
+            one = model.decide(np.full(shape, value))
+            assert one.shape == shape and one.dtype == object
+            assert one.reshape(-1)[0] == many[i], (value, shape)
+
+
 def test_sklearn_round_trip_through_skops(tmp_path: Path, data) -> None:
     x, y = data
     est = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(x, y)

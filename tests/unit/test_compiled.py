@@ -61,6 +61,37 @@ def test_scores_are_bit_identical_to_booster_predict(params: dict[str, object], 
     assert np.array_equal(forest.predict(rows[0]), expected[:1])  # one row
 
 
+def test_a_few_rows_go_through_per_thread_buffers_with_the_same_scores() -> None:
+    import threading
+
+    x, y = _data()
+    booster = _booster(x, y)
+    forest = compile_forest(booster.model_to_string(), booster, cache=False)
+    assert forest is not None
+    rows = _awkward_rows(x)
+    expected = booster.predict(rows)
+    for n in (1, 2, 7, 8, 9):  # 9: past the buffers
+        assert np.array_equal(forest.predict(rows[:n]), expected[:n])
+        assert np.array_equal(forest.predict(np.asfortranarray(rows[:n])), expected[:n])
+        assert np.array_equal(forest.predict(rows[1:2 * n + 1:2]), expected[1:2 * n + 1:2])
+    first = forest.predict(rows[:1])
+    forest.predict(rows[1:2])
+    assert np.array_equal(first, expected[:1])  # a result is a copy: the next call does not overwrite it
+    seen: list[bool] = []
+
+    def worker(offset: int) -> None:  # threads score at once, each through its own buffers
+        for i in range(300):
+            k = (offset + i) % len(rows)
+            seen.append(bool(np.array_equal(forest.predict(rows[k:k + 1]), expected[k:k + 1])))
+
+    threads = [threading.Thread(target=worker, args=(j * 17,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 1200 and all(seen)
+
+
 def test_the_missing_type_each_node_uses_is_reproduced() -> None:
     x, y = _data()
     types = set()
