@@ -24,13 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import pandas as pd
 
 from keel.errors import MonitorError
+
+if TYPE_CHECKING:  # pandas is imported where used: the log's writer process does without it
+    import pandas as pd
 
 
 def iso(value: datetime | pd.Timestamp | str | None) -> str | None:
@@ -46,6 +48,8 @@ def iso(value: datetime | pd.Timestamp | str | None) -> str | None:
             value = value.astimezone(UTC).replace(tzinfo=None)
         if value.year >= 1000:
             return value.isoformat(timespec="microseconds")
+    import pandas as pd
+
     ts = pd.Timestamp(value)
     if ts.tzinfo is not None:
         ts = ts.tz_convert("UTC").tz_localize(None)
@@ -216,7 +220,7 @@ def ensure_segment_tables(conn: sqlite3.Connection) -> None:
 
 def json_default(v: Any) -> Any:
     """What the log's JSON text holds for a value JSON has no type for: times as :func:`iso`, the rest as text."""
-    return iso(v) if isinstance(v, datetime | pd.Timestamp) else str(v)
+    return iso(v) if isinstance(v, datetime) else str(v)  # (a pandas Timestamp is a datetime)
 
 
 # orjson with the log's rules: times go through json_default (iso), numpy values and non-string keys as the stdlib.

@@ -57,6 +57,8 @@ def item_rows(item: Any) -> int:
         return len(payload)
     if kind == "C":
         return int(payload.n)
+    if kind == "c":  # (n, the pickled PredictionBatch)
+        return int(payload[0])
     return 1 if kind in ("p", "l") else 0
 
 
@@ -127,7 +129,7 @@ def child_main(data_fd: int, ack_fd: int, config_text: str) -> None:
                     log.error(json.dumps({"event": "predlog_message_invalid", "rows": count, "error": repr(exc)}))
                     got = []
                 if got:
-                    items.extend(got)
+                    items.extend(_unpickled(got, writer, log))
                     rows += count
                     if due is None:
                         due = time.monotonic() + writer.flush_seconds
@@ -148,6 +150,23 @@ def child_main(data_fd: int, ack_fd: int, config_text: str) -> None:
             acked = last
         if end:
             return
+
+
+def _unpickled(items: list[Any], writer: Any, log: Any) -> list[Any]:
+    """The queue items with each column batch pickled at append time (``("c", (n, bytes))``) loaded again."""
+    if not any(kind == "c" for kind, _ in items):
+        return items
+    out = []
+    for kind, payload in items:
+        if kind == "c":
+            try:
+                out.append(("C", pickle.loads(payload[1])))
+            except Exception as exc:
+                writer.failures += int(payload[0])
+                log.error(json.dumps({"event": "predlog_message_invalid", "rows": payload[0], "error": repr(exc)}))
+            continue
+        out.append((kind, payload))
+    return out
 
 
 def _no_pause() -> None:

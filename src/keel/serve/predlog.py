@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import pickle
 import sqlite3
 import struct
 import threading
@@ -38,11 +39,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import pandas as pd
 
 from keel.errors import MonitorError
 from keel.logformat import (
@@ -65,6 +65,9 @@ from keel.logformat import (
     packer,
     part_of_rows,
 )
+
+if TYPE_CHECKING:  # pandas is imported where used: the writer process (keel.serve.logwriter) does without it
+    import pandas as pd
 
 log = logging.getLogger("keel.serve.predlog")
 
@@ -241,6 +244,8 @@ def _row_value(values: Any, i: int) -> Any:
     v = values[i]
     if isinstance(values, np.ndarray):
         if values.dtype.kind == "M":
+            import pandas as pd
+
             return None if np.isnat(v) else iso(pd.Timestamp(v).to_pydatetime())
         v = v.item()
         return None if isinstance(v, float) and v != v else v
@@ -492,6 +497,7 @@ class _Child:
         self.failures = 0
         self.dead = False
         self.stopping = False
+        self.killed: str | None = None  # why this process ended it (the receiver may see the EOF first)
         self.started = time.monotonic()
         self.receiver: threading.Thread | None = None
 
@@ -514,7 +520,7 @@ class PredictionLog:
 
     def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
                  max_queue: int = 1_000_000, segment_rows: int = SEGMENT_ROWS, process: bool = False,
-                 send_ms: float = 5.0) -> None:
+                 send_ms: float = 200.0) -> None:
         self.path = Path(path)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
@@ -585,7 +591,11 @@ class PredictionLog:
         segments as :meth:`append_many` of its per-event records, built column by column by the writer (one queue
         operation here; same rule as :meth:`append`: do not change the batch afterwards)."""
         if batch.n:
-            self._put(("C", batch), batch.n)
+            if self.process and self._thread is not None:
+                # pickled here, while its arrays and lists are in the cache: the sender only joins the bytes
+                self._put(("c", (batch.n, pickle.dumps(batch, protocol=5))), batch.n)
+            else:
+                self._put(("C", batch), batch.n)
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
         """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
@@ -782,6 +792,7 @@ class PredictionLog:
             child.inflight.clear()
             self.failures += lost
             clean = child.stopping and not lost
+            reason = child.killed or reason
         with contextlib.suppress(OSError):
             child.rx.close()
         code = child.proc.poll()
@@ -807,6 +818,7 @@ class PredictionLog:
             if child.receiver is not None:
                 child.receiver.join(max(0.0, deadline - time.monotonic()))
             if child.proc.poll() is None:  # stuck (or still writing) past the timeout: stopped by force
+                child.killed = "close_timeout"
                 with contextlib.suppress(OSError):
                     child.proc.kill()
                 with contextlib.suppress(Exception):
@@ -1155,6 +1167,8 @@ def iter_predictions(
     and ``stale`` as bool, ``inputs`` as dicts) and, with ``expand_features``, one float column per feature
     (a feature whose name clashes with a base column is prefixed ``feature_``). Memory stays at one batch.
     """
+    import pandas as pd
+
     if on not in ("event_time", "time"):
         raise MonitorError(f"iter_predictions(on=...) must be 'event_time' or 'time'. Got {on!r} instead.")
     if batch_rows < 1:
@@ -1188,6 +1202,8 @@ def iter_predictions(
 
 
 def _frame(rows: list[tuple[Any, ...]], columns: list[str], expand: bool) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame.from_records(rows, columns=columns)
     frame["time"] = pd.to_datetime(frame["time"])
     frame["event_time"] = pd.to_datetime(frame["event_time"])
@@ -1206,6 +1222,8 @@ def _frame(rows: list[tuple[Any, ...]], columns: list[str], expand: bool) -> pd.
 def read_predictions(path: str | Path, start: datetime | str | None = None, end: datetime | str | None = None,
                      *, on: str = "event_time") -> pd.DataFrame:
     """All matching predictions in one frame (small logs; use :func:`iter_predictions` for large ones)."""
+    import pandas as pd
+
     frames = list(iter_predictions(path, start, end, on=on))
     if not frames:
         return pd.DataFrame(columns=["seq", *PREDICTION_COLUMNS])
@@ -1214,6 +1232,8 @@ def read_predictions(path: str | Path, start: datetime | str | None = None, end:
 
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Every label received: ``event_id`` (text), ``label`` (float), ``at`` and ``received`` (datetimes)."""
+    import pandas as pd
+
     db = _open_read(path)
     try:
         rows = db.execute("select event_id, label, at, received from labels order by at").fetchall()
