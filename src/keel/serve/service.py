@@ -421,7 +421,7 @@ class Service:
                 self._store_failed(op, error)
             if not batch.errors:
                 self._store_error = None
-            return batch.matrix, batch.stale, batch.failed, bool((~batch.failed).any())
+            return batch.matrix, batch.stale, batch.failed, not _all(batch.failed)
         matrix = np.full((n, len(self.feature_names)), math.nan)
         stale = np.zeros(n, bool)
         failed = np.zeros(n, bool)
@@ -530,7 +530,7 @@ class Service:
         if loaded is None:
             reasons = [fb.MODEL_UNAVAILABLE] * n
         else:
-            any_failed = bool(failed.any())
+            any_failed = _any(failed)
             ok = np.flatnonzero(~failed).tolist() if any_failed else range(n)
             if any_failed:
                 for i in np.flatnonzero(failed).tolist():
@@ -719,6 +719,15 @@ class Service:
             "training_data": training, "metrics": metrics if isinstance(metrics, dict) else {},
             "source": loaded.source, "loaded_at": loaded.loaded_at,
         }
+
+
+def _any(mask: np.ndarray) -> bool:
+    """``mask.any()`` without a numpy reduction for the few-event case (a reduction costs microseconds)."""
+    return any(mask.tolist()) if mask.size <= 16 else bool(mask.any())
+
+
+def _all(mask: np.ndarray) -> bool:
+    return all(mask.tolist()) if mask.size <= 16 else bool(mask.all())
 
 
 class _LazyRows(Sequence[dict[str, Any]]):
