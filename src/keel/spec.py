@@ -282,6 +282,9 @@ class Serving(_Section):
     prediction_log: str = Field("predictions.sqlite", description="Relative to state_dir.")
     log_flush_rows: int = Field(256, ge=1)
     log_flush_ms: float = Field(200.0, gt=0)
+    log_writer: Literal["process", "thread"] = Field(
+        "process", description="Where the prediction log's rows are built and written: a process of its own (off the "
+        "serving process's GIL) or a thread of the serving process (where starting a process is not allowed).")
     keep_alive_seconds: int = Field(
         75, ge=1, description="How long an idle client connection stays open. Keep it longer than the idle timeout "
         "of any proxy or load balancer in front: when the server closes first, a request sent on the closing "
