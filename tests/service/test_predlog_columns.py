@@ -118,6 +118,22 @@ def _refuse(*args: object) -> None:
 NAMES = st.sampled_from([("tx_amount", "mean_1d", "nb%_tx"), ("naïve \"q\"",), ()])
 
 
+def _append(log: PredictionLog, requests: list[PredictionBatch], columns: list[bool], flush_after: list[bool],
+            *, check: bool = False) -> None:
+    """Append each request as columns or as its records, labels after the second, flushing where asked."""
+    for j, batch in enumerate(requests):
+        if columns[j]:
+            log.append_columns(batch)
+        else:
+            log.append_many(_records(batch))
+        if j == 1:
+            log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
+        if flush_after[j]:
+            log.flush()
+            if check:  # everything appended so far is written once flush() returns
+                assert log.written == sum(b.n for b in requests[:j + 1]) and log.pending == 0
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data(), names=NAMES, segment_rows=st.sampled_from([5, 16, 4096]))
@@ -133,16 +149,7 @@ def test_columns_write_what_the_records_write(tmp_path_factory: Any, data: Any, 
             log = PredictionLog(path, segment_rows=segment_rows)  # not started: flush() writes in this thread
             # one_by_one: records through _prediction_row each (the writer's path when a record is malformed)
             predlog._records_rows = _refuse if way == "one_by_one" else RECORDS_ROWS
-            for j, batch in enumerate(requests):
-                use_columns = way == "columns" or (way == "mixed" and mixed[j])
-                if use_columns:
-                    log.append_columns(batch)
-                else:
-                    log.append_many(_records(batch))
-                if j == 1:
-                    log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
-                if flush_after[j]:
-                    log.flush()
+            _append(log, requests, [way == "columns" or (way == "mixed" and m) for m in mixed], flush_after)
             log.close()
             assert log.failures == 0
     finally:
@@ -220,16 +227,7 @@ def test_the_writer_process_writes_what_the_writer_thread_writes(tmp_path_factor
         # a write at each flush() and at close() only, in both modes (the same transactions, so the same segments)
         log = PredictionLog(folder / f"{way}.sqlite", segment_rows=segment_rows, flush_rows=10**9,
                             flush_ms=10**9, process=way == "process").start()
-        for j, batch in enumerate(requests):
-            if mixed[j]:
-                log.append_columns(batch)
-            else:
-                log.append_many(_records(batch))
-            if j == 1:
-                log.add_labels([(0, 1.0, T0), ("x", 0.0, T0)])
-            if flush_after[j]:
-                log.flush()
-                assert log.written == sum(b.n for b in requests[:j + 1]) and log.pending == 0
+        _append(log, requests, mixed, flush_after, check=True)
         log.close()
         assert log.failures == 0 and log.written == sum(b.n for b in requests)
     assert _tables(folder / "process.sqlite") == _tables(folder / "thread.sqlite")

@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from keel.serve.predlog import PredictionLog
+from keel.serve.predlog import PredictionBatch, PredictionLog
 
 NOW = datetime(2026, 11, 30, 4, 0, tzinfo=UTC)
 QUIET = {"flush_rows": 10**9, "flush_ms": 10**9}  # the child writes only when asked (flush, close, EOF)
@@ -134,16 +135,26 @@ def test_a_failed_write_in_the_writer_counts_its_rows_as_failures(tmp_path: Path
     assert _rows(path) == 5
 
 
-def test_a_record_that_does_not_pickle_loses_only_itself(tmp_path: Path) -> None:
+def _batch(n: int, ids: list[Any]) -> PredictionBatch:
+    return PredictionBatch(
+        request_id="b", endpoint="batch", time=NOW, inputs={"id": ids}, event_ids=None, timestamp=None,
+        scores=np.full(n, 0.5), decisions=["approve"] * n, model_version=None, fallback_reasons=[None] * n,
+        stale=np.zeros(n, dtype=bool), latency_ms=1.0, features=np.zeros((n, 1)), feature_names=["f"],
+        failed=np.zeros(n, dtype=bool))
+
+
+def test_a_record_or_batch_that_does_not_pickle_loses_only_itself(tmp_path: Path) -> None:
     path = tmp_path / "log.sqlite"
     bad = {**_records(1, first=99)[0], "inputs": {"id": lambda: 0}}
     with PredictionLog(path, process=True) as log:
         log.append_many(_records(3))
         log.append(bad)
+        log.append_columns(_batch(4, [1, 2, lambda: 0, 4]))
+        log.append_columns(_batch(2, [5, 6]))
         log.append_many(_records(2, first=3))
         log.flush()
-        assert log.failures == 1 and log.written == 5
-    assert _rows(path) == 5
+        assert log.failures == 5 and log.written == 7
+    assert _rows(path) == 7
 
 
 def test_close_with_a_stuck_writer_returns_after_its_timeout_and_ends_the_writer(

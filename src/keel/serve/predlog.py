@@ -1,7 +1,9 @@
 """The prediction log: every scored event and its answer, plus late labels, in SQLite (WAL). Monitoring reads it.
 
 The service appends records from the request path without waiting for the disk: a background thread batches
-them into one transaction every ``flush_rows`` records or ``flush_ms`` milliseconds, whichever comes first.
+them into one transaction every ``flush_rows`` records or ``flush_ms`` milliseconds, whichever comes first. With
+``process=True`` the rows are built and written by a process of its own (:mod:`keel.serve.logwriter`), which takes
+that work off the serving process's GIL.
 :meth:`PredictionLog.close` drains the queue, so a clean shutdown loses nothing.
 
 Tables::
@@ -593,9 +595,14 @@ class PredictionLog:
         if batch.n:
             if self.process and self._thread is not None:
                 # pickled here, while its arrays and lists are in the cache: the sender only joins the bytes
-                self._put(("c", (batch.n, pickle.dumps(batch, protocol=5))), batch.n)
-            else:
-                self._put(("C", batch), batch.n)
+                try:
+                    data: bytes | None = pickle.dumps(batch, protocol=5)
+                except Exception:  # the sender tries again and drops (counting it) what does not pickle
+                    data = None
+                if data is not None:
+                    self._put(("c", (batch.n, data)), batch.n)
+                    return
+            self._put(("C", batch), batch.n)
 
     def add_labels(self, labels: Sequence[tuple[Any, float, datetime]]) -> None:
         """Queue labels as ``(event_id, label, known_at)``; a later label for the same event replaces it."""
@@ -656,35 +663,43 @@ class PredictionLog:
             except IndexError:
                 return items
 
-    def _run(self) -> None:
+    def _loop(self, seconds: float, handle: Any) -> None:
+        """Every ``seconds``, or when woken: take the queue and ``handle(items, stop)``; return after the stop."""
         while True:
-            self._wake.wait(self.flush_seconds)
+            self._wake.wait(seconds)
             self._wake.clear()
             items = self._drain()
             stop = any(i is _STOP for i in items)
             if stop:
                 items = [i for i in items if i is not _STOP]
-            if items:
-                self._write(items)
+            handle(items, stop)
             if stop:
                 return
 
+    def _run(self) -> None:
+        self._loop(self.flush_seconds, lambda items, stop: items and self._write(items))
+
     # --- writer process (process=True): the sender thread, the receiver thread -----------------------------
     def _send_loop(self) -> None:
-        while True:
-            self._wake.wait(self._send_seconds)
-            self._wake.clear()
-            items = self._drain()
-            stop = any(i is _STOP for i in items)
-            if stop:
-                items = [i for i in items if i is not _STOP]
-            if items or stop:
+        self._loop(self._send_seconds, self._hand_over)
+
+    def _hand_over(self, items: list[Any], stop: bool) -> None:
+        if items or stop:
+            try:
                 self._send(items, stop)
-            elif self._child is not None and self._child.dead:
-                with contextlib.suppress(Exception):  # a writer that died is replaced before records come
-                    self._live_child()
-            if stop:
-                return
+            except Exception as exc:  # never expected; the sender must go on (or stop) whatever happens
+                from keel.serve.logwriter import item_rows
+
+                lost = sum(item_rows(i) for i in items if i[0] != "f")
+                with self._lock:
+                    self.failures += lost
+                log.error(json.dumps({"event": "predlog_send_failed", "rows": lost, "error": repr(exc)}))
+                for i in items:
+                    if i[0] == "f":
+                        i[1].set()
+        elif self._child is not None and self._child.dead:
+            with contextlib.suppress(Exception):  # a writer that died is replaced before records come
+                self._live_child()
 
     def _send(self, items: list[Any], stop: bool) -> None:
         from keel.serve.logwriter import frame, item_rows
