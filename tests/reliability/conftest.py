@@ -83,6 +83,36 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     return Project(root, root / "keel.toml", model, data, tx)
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started and that still run (the prediction log's writer), by their parent id."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    """Wait until every process of ``pids`` has exited (an orphaned log writer finishing its writes)."""
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes {pids} still run {timeout} s on"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from conftest import REPO, Project
+from conftest import REPO, Project, children, wait_gone
 from keel.features import offline
 from keel.features.offline import build_features, read_feature_table, read_lineage
 
@@ -59,15 +59,19 @@ def test_server_killed_under_load_restarts_with_its_log_and_store_consistent(
     rate, seconds = 40.0, 8.0
     events = timed_events(proj.transactions, FIELDS, count=int(rate * seconds))
     killed_at: list[float] = []
+    writers: list[int] = []
 
     def kill_midway(elapsed: float, partial: Any) -> None:
         if not killed_at and elapsed >= seconds / 2:
             killed_at.append(elapsed)
+            writers.extend(children(server.pid))  # the prediction log's writer process
             os.kill(server.pid, signal.SIGKILL)
 
     result = fixed_rate(server.base, events, rate=rate, seconds=seconds, timeout=3.0, on_tick=kill_midway)
     server.proc.wait(timeout=30)
     assert killed_at and server.proc.returncode == -signal.SIGKILL
+    # The log's writer process sees the pipe close, writes what it had received and exits: no orphan stays.
+    wait_gone(writers)
     assert result.ok > 0 and result.failed > 0  # some answered before the kill, the rest found no server
 
     log_db = spec.store_path(spec.serving.prediction_log)

@@ -40,10 +40,18 @@ STEP_SECONDS = 15.0  # ... and long enough for a backlog to show
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise AssertionError("no VmRSS")
+    """Resident memory of the server and the processes it started (the prediction log's writer)."""
+    from conftest import children
+
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:")) / 1024.0
+    assert total, "no VmRSS"
+    return total
 
 
 def _logged(db: Path) -> int:
