@@ -583,7 +583,7 @@ class Service:
         } for i in range(n)]
         self._count(scores, reasons, decisions, stale_list)
         if self.predlog is not None:
-            # One queue item for the whole request; the writer thread turns records into rows (ISO times, JSON).
+            # One queue item for the whole request; the log's writer (its process) turns records into rows.
             ts = self.timestamp
             self.predlog.append_many([{
                 **item, "item": i, "time": now, "endpoint": endpoint,
