@@ -115,14 +115,20 @@ def compare(tmp: Path, defs, history: list[dict], labels: list[tuple], batch: li
     assert out.stale.tolist() == expected_stale
     assert out.failed.tolist() == [bool(np.isnan(r).all()) for r in expected]
     assert one.commit_staged() == many.commit_staged()
-    last = max([e["ts"] for e in history + batch])
+    assert_same_state_after(one, many, tmp / "many.sqlite", defs, history + batch)
+
+
+def assert_same_state_after(reference, store, path: Path, defs, events: list[dict]) -> None:
+    """Probe events after the newest of ``events`` see the same features in ``store`` as in ``reference``, and
+    again once ``store`` is reopened from ``path`` (what its commits wrote reloads to the same state). Closes both."""
+    last = max([e["ts"] for e in events])
     probes = [event(10**6 + k, 0, card, shop, 1.5) | {"ts": last + timedelta(minutes=k)}
               for k, (card, shop) in enumerate([(0, 0), (1, 2), (2, 1), (7, 7)])]
-    want = one.features_many(probes).matrix  # not staged: each probe sees the state the batch left
-    assert np.array_equal(many.features_many(probes).matrix, want, equal_nan=True)
-    one.close()
-    many.close()
-    with open_store(tmp / "many.sqlite", defs) as again:  # what the commit wrote reloads to the same state
+    want = reference.features_many(probes).matrix  # not staged: each probe sees the state the batch left
+    assert np.array_equal(store.features_many(probes).matrix, want, equal_nan=True)
+    reference.close()
+    store.close()
+    with open_store(path, defs) as again:
         assert np.array_equal(again.features_many(probes).matrix, want, equal_nan=True)
 
 

@@ -14,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_features_online import DEFS, LABEL_DELAY, NAMES, assert_frames_equal, random_events, store_at
-from test_features_online_batch import ARRAYS, BASE, ODD, RICH, event, open_store
+from test_features_online_batch import (
+    ARRAYS,
+    BASE,
+    ODD,
+    RICH,
+    assert_same_state_after,
+    event,
+    in_order_batch,
+    open_store,
+)
 
 from keel.features import online_batch
 from keel.features.offline import compute_features
@@ -77,29 +86,15 @@ def compare(tmp: Path, defs, history: list[dict], labels: list[tuple], batch: li
     assert errors_of(got) == errors_of(want)
     assert cols_store.commit_staged() == rows_store.commit_staged()
     assert on_disk(tmp / "cols.sqlite") == on_disk(tmp / "rows.sqlite")
-    last = max([e["ts"] for e in history + batch])
-    probes = [event(10**6 + k, 0, card, shop, 1.5) | {"ts": last + timedelta(minutes=k)}
-              for k, (card, shop) in enumerate([(0, 0), (1, 2), (2, 1), (7, 7)])]
-    expect = rows_store.features_many(probes).matrix
-    assert np.array_equal(cols_store.features_many(probes).matrix, expect, equal_nan=True)
-    rows_store.close()
-    cols_store.close()
-    with open_store(tmp / "cols.sqlite", defs) as again:  # reloaded from disk: the same state
-        assert np.array_equal(again.features_many(probes).matrix, expect, equal_nan=True)
-
-
-def in_order(rng: np.random.Generator, first_id: int, start: int, n: int, amounts: list[float]) -> list[dict]:
-    minutes = start + np.sort(rng.integers(0, 600, n))
-    return [event(first_id + k, int(m), int(rng.integers(0, 3)), int(rng.integers(0, 3)), amounts[k % len(amounts)])
-            for k, m in enumerate(minutes)]
+    assert_same_state_after(rows_store, cols_store, tmp / "cols.sqlite", defs, history + batch)
 
 
 @pytest.mark.parametrize("defs", [ARRAYS, RICH], ids=["arrays", "rich"])
 def test_an_in_order_column_batch_takes_the_column_path_and_equals_the_rows(tmp_path, taken, defs) -> None:
     rng = np.random.default_rng(5)
-    history = in_order(rng, 0, 0, 120, [10.0, 57.16, np.nan, 0.01])
+    history = in_order_batch(rng, 0, 0, 120, [10.0, 57.16, np.nan, 0.01])
     labels = [(e["id"], 1, e["ts"] + timedelta(hours=int(rng.integers(1, 5)))) for e in history[::4]]
-    batch = in_order(rng, 1000, 700, 200, ODD)
+    batch = in_order_batch(rng, 1000, 700, 200, ODD)
     batch[3]["id"] = None
     batch[10]["ts"] = batch[9]["ts"]
     batch[11] |= {"card": 42, "shop": "43"}  # never seen; a text key
@@ -113,8 +108,8 @@ def test_an_in_order_column_batch_takes_the_column_path_and_equals_the_rows(tmp_
 )
 def test_column_batches_the_column_path_cannot_take_are_replayed_on_their_rows(tmp_path, taken, change) -> None:
     rng = np.random.default_rng(8)
-    history = in_order(rng, 0, 0, 80, [4.0, 6.5])
-    batch = in_order(rng, 1000, 650, 40, [1.0, 7.25])
+    history = in_order_batch(rng, 0, 0, 80, [4.0, 6.5])
+    batch = in_order_batch(rng, 1000, 650, 40, [1.0, 7.25])
     labels = [(history[5]["id"], 1, history[5]["ts"])]
     if change == "out_of_order":
         batch[21] = batch[21] | {"card": batch[20]["card"], "ts": batch[20]["ts"] - timedelta(minutes=1)}
@@ -133,7 +128,7 @@ def test_column_batches_the_column_path_cannot_take_are_replayed_on_their_rows(t
 
 
 def test_a_column_batch_without_an_entity_column_fails_each_event_as_the_rows_do(tmp_path) -> None:
-    batch = in_order(np.random.default_rng(2), 0, 0, 40, [1.0])
+    batch = in_order_batch(np.random.default_rng(2), 0, 0, 40, [1.0])
     cols = columns(batch)
     del cols["shop"]
     a, b = open_store(tmp_path / "a.sqlite", RICH), open_store(tmp_path / "b.sqlite", RICH)
