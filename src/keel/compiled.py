@@ -359,7 +359,6 @@ class CompiledForest:
             list(pool.map(lambda a, b: self._kernel(xp, op, int(a), int(b), rs, cs), bounds[:-1], bounds[1:]))
         return out
 
-
     def _predict_small(self, x: np.ndarray, n: int) -> np.ndarray:
         """A few rows through buffers of this thread whose addresses are taken once: reading an array's address
         (``.ctypes.data``) costs about as much as running the trees over one row."""

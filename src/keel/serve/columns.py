@@ -20,16 +20,14 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 
-from keel.serve.schemas import FieldRule, RequestModels
-
-_MAX_TEXT = 256  # the request models' max_length of a string field
-_CLOCK_SECONDS = 0.05  # one clock reading serves this long (as the request models' future-time check)
+from keel.serve.schemas import CLOCK_SECONDS, MAX_TEXT, FieldRule, RequestModels
 
 
 class BatchColumns:
@@ -39,7 +37,7 @@ class BatchColumns:
         self.rules = models.rules
         self.keys = frozenset(r.name for r in self.rules)
         self.max_batch = models.max_batch
-        self.skew = np.timedelta64(int(models.max_future_skew.total_seconds() * 1e6), "us")
+        self.skew = np.timedelta64(models.max_future_skew, "us")
         self._limit = (-1.0, np.datetime64(0, "us"))
         self._checks = [(rule, getattr(self, f"_{rule.kind}")) for rule in self.rules]
         self._getter = operator.itemgetter(*(rule.name for rule in self.rules))
@@ -48,7 +46,7 @@ class BatchColumns:
         tick = time.monotonic()
         if tick >= self._limit[0]:
             now = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us")
-            self._limit = (tick + _CLOCK_SECONDS, now + self.skew)
+            self._limit = (tick + CLOCK_SECONDS, now + self.skew)
         return self._limit[1]
 
     def parse(self, body: bytes) -> tuple[int, dict[str, Any]] | None:
@@ -144,7 +142,7 @@ _KEY = {int, str}
 
 def _text_lengths_ok(values: list[str]) -> bool:
     lengths = set(map(len, values))
-    return min(lengths) > 0 and max(lengths) <= _MAX_TEXT
+    return min(lengths) > 0 and max(lengths) <= MAX_TEXT
 
 
 def _within(column: np.ndarray, rule: FieldRule) -> bool:
@@ -152,7 +150,7 @@ def _within(column: np.ndarray, rule: FieldRule) -> bool:
             and (rule.high is None or bool((column <= rule.high).all())))
 
 
-def row_view(n: int, cols: dict[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
+def row_view(n: int, cols: Mapping[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
     """The events of a column batch as the request models' ``model_dump`` gives them (datetimes, floats)."""
     out: dict[str, list[Any]] = {}
     for name, column in cols.items():

@@ -48,7 +48,9 @@ EARLIEST = datetime(1970, 1, 1)
 
 # How long one reading of the clock serves the future-time check: a batch of 1,000 events reads it once, not
 # 1,000 times; the limit is at most this much earlier than exact (stricter, never looser).
-_CLOCK_SECONDS = 0.05
+CLOCK_SECONDS = 0.05
+# The longest text an id, key or string field may hold.
+MAX_TEXT = 256
 
 
 def _future_check(skew: timedelta, column: str) -> Any:
@@ -62,7 +64,7 @@ def _future_check(skew: timedelta, column: str) -> Any:
             raise ValueError(f"{column} {value.isoformat()} is before 1970-01-01; check the value")
         tick = time.monotonic()
         if tick >= cached[0]:
-            cached[0], cached[1] = tick + _CLOCK_SECONDS, datetime.now(UTC).replace(tzinfo=None) + skew
+            cached[0], cached[1] = tick + CLOCK_SECONDS, datetime.now(UTC).replace(tzinfo=None) + skew
         limit = cached[1]
         if value > limit:
             raise ValueError(
@@ -87,11 +89,11 @@ def _field_type(kind: str | None, column: str, bounds: Any, *, is_time: bool, sk
     if kind == "bool":
         return StrictBool
     if kind == "string":
-        return Annotated[StrictStr, Field(min_length=1, max_length=256)]
+        return Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT)]
     if kind == "float":
         return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
     # Undeclared type: an id or entity may be a number or text; anything else is a finite number.
-    return Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=256)], Field()]
+    return Annotated[StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT)], Field()]
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,6 @@ class FieldRule:
     kind: str
     low: float | None
     high: float | None
-    nullable: bool
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def build_request_models(spec: Any) -> RequestModels:
             fields[column] = (annotation, Field(..., description=role))
         rule_kind = "time" if is_time or kind == "timestamp" else kind if kind in _RULE_KINDS else "key"
         rules.append(FieldRule(column, rule_kind, bounds.min if bounds is not None else None,
-                               bounds.max if bounds is not None else None, nullable))
+                               bounds.max if bounds is not None else None))
     event = create_model("PredictRequest", __config__=_FORBID, __doc__="One raw event, as the source table holds it.",
                          **fields)
     batch = create_model(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import json
 import logging
 import math
@@ -639,9 +638,9 @@ class Service:
         await self._end_commit(commit)
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         version = loaded.version if loaded else None
-        ids = cols[self.id_column] if self.id_column else itertools.repeat(None, n)
+        ids = cols[self.id_column] if self.id_column else None
         score_list = scores.tolist()
-        if need.size or not bool(np.isfinite(scores).all()):
+        if need.size:  # a score is NaN only where a fallback reason is set
             score_list = [None if v != v else v for v in score_list]
         reason_list = reasons.tolist()
         decision_list = decisions.tolist()
@@ -650,12 +649,13 @@ class Service:
                 "model_version": version, "fallback": reason is not None, "fallback_reason": reason,
                 "stale": st, "latency_ms": latency_ms}
                for i, (event_id, score, decision, reason, st) in enumerate(
-                   zip(ids, score_list, decision_list, reason_list, stale_list, strict=True))]
+                   zip([None] * n if ids is None else ids, score_list, decision_list, reason_list, stale_list,
+                       strict=True))]
         self._count(score_list, reason_list, decision_list, stale_list)
         if self.predlog is not None:
             self.predlog.append_columns(PredictionBatch(
                 request_id=request_id, endpoint="batch", time=datetime.now(UTC), inputs=cols,
-                event_ids=cols[self.id_column] if self.id_column else None, timestamp=self.timestamp,
+                event_ids=ids, timestamp=self.timestamp,
                 scores=scores, decisions=decision_list, model_version=version, fallback_reasons=reason_list,
                 stale=stale, latency_ms=latency_ms, features=matrix, feature_names=self.feature_names,
                 failed=failed))
@@ -743,7 +743,7 @@ class _LazyRows(Sequence[dict[str, Any]]):
         if self._rows is None:
             from keel.serve.columns import row_view
 
-            self._rows = row_view(self.n, dict(self.cols), self.timestamp)
+            self._rows = row_view(self.n, self.cols, self.timestamp)
         return self._rows
 
     def __len__(self) -> int:

@@ -73,7 +73,7 @@ async def predict_body(service: Any, models: RequestModels, endpoint: str, body:
     # Well-formed batches are validated column by column (keel.serve.columns); anything else, errors included,
     # goes through the request models.
     parsed = models.columns.parse(body) if models.columns is not None else None
-    if parsed is not None and hasattr(service, "answer_columns"):
+    if parsed is not None:
         out = await service.answer_columns(*parsed, request_id, started=started)
     else:
         batch = validate_body(body, models.batch)
