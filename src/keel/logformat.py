@@ -394,9 +394,6 @@ def _nothing() -> None:
     return None
 
 
-_NUMBER_DTYPES = {"f8": "<f8", "i8": "<i8", "u1": "u1", "t": "<i8"}
-
-
 def _numbers(columns: Sequence[Any], dtype: str) -> np.ndarray:
     """Parts' values (lists or arrays; None in a list: NaN) as one array: lists side by side in one conversion."""
     arrays: list[np.ndarray] = []
@@ -468,7 +465,7 @@ def encode_parts(parts: Sequence[SegmentPart], pause: Callable[[], Any] | None =
         pause()
         kind = _BASE_KIND[name]
         if kind in ("f8", "i8", "u1", "t"):
-            put(name, kind, _numbers([p.base[name] for p in parts], _NUMBER_DTYPES[kind]).tobytes())
+            put(name, kind, _numbers([p.base[name] for p in parts], _DTYPES[kind]).tobytes())
         elif kind == "cat":
             codes, values = _cat([p.base[name] for p in parts])
             put(name, kind, codes.tobytes(), values)

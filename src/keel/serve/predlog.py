@@ -67,6 +67,7 @@ from keel.logformat import (
     packer,
     part_of_rows,
 )
+from keel.serve.logwriter import ACK, frame, item_rows, spawn
 
 if TYPE_CHECKING:  # pandas is imported where used: the writer process (keel.serve.logwriter) does without it
     import pandas as pd
@@ -688,8 +689,6 @@ class PredictionLog:
             try:
                 self._send(items, stop)
             except Exception as exc:  # never expected; the sender must go on (or stop) whatever happens
-                from keel.serve.logwriter import item_rows
-
                 lost = sum(item_rows(i) for i in items if i[0] != "f")
                 with self._lock:
                     self.failures += lost
@@ -702,8 +701,6 @@ class PredictionLog:
                 self._live_child()
 
     def _send(self, items: list[Any], stop: bool) -> None:
-        from keel.serve.logwriter import frame, item_rows
-
         events = [i[1] for i in items if i[0] == "f"]
         data = [i for i in items if i[0] != "f"] if events else items
         if not data and not events and (self._child is None or self._child.dead):
@@ -740,10 +737,6 @@ class PredictionLog:
                 child.tx.close()
 
     def _picklable(self, items: list[Any]) -> tuple[list[Any], int]:
-        import pickle
-
-        from keel.serve.logwriter import item_rows
-
         good, lost = [], 0
         for item in items:
             try:
@@ -761,8 +754,6 @@ class PredictionLog:
         child = self._child
         if child is not None and not child.dead:
             return child
-        from keel.serve.logwriter import spawn
-
         if child is not None:  # a writer that dies at once (say, the log cannot be opened) is not restarted in a loop
             time.sleep(max(0.0, child.started + 1.0 - time.monotonic()))
         proc, tx, rx = spawn({"path": str(self.path), "flush_rows": self.flush_rows,
@@ -775,8 +766,6 @@ class PredictionLog:
         return child
 
     def _receive_loop(self, child: _Child) -> None:
-        from keel.serve.logwriter import ACK
-
         while True:
             try:
                 number, written, failures = ACK.unpack(child.rx.recv_bytes())
@@ -845,8 +834,6 @@ class PredictionLog:
         self._thread = None
         self._closed = True
         left = [i for i in self._drain() if i is not _STOP]
-        from keel.serve.logwriter import item_rows
-
         lost = sum(item_rows(i) for i in left)
         if lost:
             self.failures += lost
@@ -866,10 +853,7 @@ class PredictionLog:
             blob = feature_blob(names, features)
         if blob is None:
             return None, None
-        fs = self._feature_sets.get(names)
-        if fs is None:
-            fs = self._feature_sets[names] = feature_set_id(self._db, names)
-        return blob, fs
+        return blob, self._feature_set(names)
 
     def _feature_set(self, names: tuple[str, ...]) -> int:
         fs = self._feature_sets.get(names)
