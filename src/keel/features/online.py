@@ -118,8 +118,8 @@ def _batch_length(cols: Mapping[str, Any]) -> int:
     return lengths.pop() if lengths else 0
 
 
-def _row_view(n: int, cols: Mapping[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
-    """The events of a column batch as dicts: the timestamp as ``datetime`` (microseconds), numpy columns as
+def row_view(n: int, cols: Mapping[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
+    """The events of a column batch as dicts (what the request models' ``model_dump`` gives): the timestamp as ``datetime`` (microseconds), numpy columns as
     Python values, lists as they are."""
     out: dict[str, list[Any]] = {}
     for name, column in cols.items():
@@ -1158,7 +1158,7 @@ class OnlineStore:
                 batch = columns_batch(self, n, cols)
                 if batch is not None:
                     return batch
-            return self._replay(_row_view(n, cols, self.timestamp), stage)
+            return self._replay(row_view(n, cols, self.timestamp), stage)
 
     def _replay(self, events: Sequence[Mapping[str, Any]], stage: bool) -> FeatureBatch:
         """:meth:`features_many` event by event; hold the lock."""
@@ -1204,4 +1204,4 @@ class OnlineStore:
         return int(row[0])
 
 
-__all__ = ["FeatureBatch", "FeatureRow", "OnlineStore"]
+__all__ = ["FeatureBatch", "FeatureRow", "OnlineStore", "row_view"]

@@ -20,13 +20,13 @@ from __future__ import annotations
 import itertools
 import operator
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 
+from keel.features.online import row_view
 from keel.serve.schemas import CLOCK_SECONDS, MAX_TEXT, FieldRule, RequestModels
 
 
@@ -148,20 +148,6 @@ def _text_lengths_ok(values: list[str]) -> bool:
 def _within(column: np.ndarray, rule: FieldRule) -> bool:
     return ((rule.low is None or bool((column >= rule.low).all()))
             and (rule.high is None or bool((column <= rule.high).all())))
-
-
-def row_view(n: int, cols: Mapping[str, Any], timestamp: str | None) -> list[dict[str, Any]]:
-    """The events of a column batch as the request models' ``model_dump`` gives them (datetimes, floats)."""
-    out: dict[str, list[Any]] = {}
-    for name, column in cols.items():
-        if name == timestamp:
-            out[name] = column.astype("datetime64[us]").astype(datetime).tolist()
-        elif isinstance(column, np.ndarray):
-            out[name] = column.tolist()
-        else:
-            out[name] = column
-    names = list(out)
-    return [dict(zip(names, row, strict=True)) for row in zip(*out.values(), strict=True)] if n else []
 
 
 __all__ = ["BatchColumns", "row_view"]

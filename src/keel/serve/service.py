@@ -33,6 +33,7 @@ import pandas as pd
 from keel.artifact import DecisionModel
 from keel.errors import ServingError
 from keel.features.definitions import feature_names, resolve_definitions
+from keel.features.online import row_view
 from keel.serve import fallback as fb
 from keel.serve.metrics import ServiceMetrics
 from keel.serve.predlog import PredictionBatch, PredictionLog
@@ -741,8 +742,6 @@ class _LazyRows(Sequence[dict[str, Any]]):
 
     def _all(self) -> list[dict[str, Any]]:
         if self._rows is None:
-            from keel.serve.columns import row_view
-
             self._rows = row_view(self.n, self.cols, self.timestamp)
         return self._rows
 
