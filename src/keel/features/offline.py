@@ -153,7 +153,7 @@ def row_feature(d: RowDefinition, values: Any) -> np.ndarray:
     """A row transform on a column (a pandas Series or array of timestamps / numbers)."""
     if d.kind in ("is_weekend", "is_night", "hour", "weekday"):
         dtype = getattr(values, "dtype", None)
-        if dtype is not None and np.issubdtype(dtype, np.datetime64) and not values.isna().any():
+        if dtype is not None and np.issubdtype(dtype, np.datetime64) and not pd.isna(values).any():
             # Naive timestamps: calendar fields by integer arithmetic (1970-01-01 was a Thursday, weekday 3).
             ns = np.asarray(values, dtype="datetime64[ns]").view(np.int64)
             days, rest = np.divmod(ns, 86_400 * _NS_PER_S)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from keel.features.offline import ratio_feature, row_value
+from keel.features.offline import ratio_feature, row_feature, row_value
 
 if TYPE_CHECKING:
     from keel.features.online import FeatureBatch, OnlineStore, _EntityState, _GroupPlan
@@ -360,10 +360,6 @@ def _range_sums(sums: list[list[int]], lo: list[int], hi: list[int], scale: list
     return np.fromiter(map(truediv, exact, scale), dtype=np.float64, count=len(lo))
 
 
-_DAY_US = 86_400_000_000
-_HOUR_US = 3_600_000_000
-
-
 def columns_batch(store: OnlineStore, n: int, cols: Mapping[str, Any]) -> FeatureBatch | None:
     """:func:`features_batch` of a column batch (the timestamp as ``datetime64``, float fields as float64
     arrays, other fields as lists of validated values), without a dict per event; None when the batch needs the
@@ -401,7 +397,7 @@ def columns_batch(store: OnlineStore, n: int, cols: Mapping[str, Any]) -> Featur
     stamps: list[Any] | None = None
     for r in store._rows:
         if r.column == store.timestamp and r.kind in ("is_weekend", "is_night", "hour", "weekday"):
-            rows.append(_time_part(r.kind, r.night_end_hour, us))
+            rows.append(row_feature(r, us.view("datetime64[us]")))  # the offline table's arithmetic
             continue
         values = cols.get(r.column)
         if r.column == store.timestamp:
@@ -428,13 +424,3 @@ def _texts(values: Sequence[Any], key: Callable[[Any], str], *, nullable: bool) 
     if nullable:
         return [None if v is None else key(v) for v in values]
     return list(map(key, values))
-
-
-def _time_part(kind: str, night_end_hour: int, us: np.ndarray) -> np.ndarray:
-    """A row feature of the event time, as :func:`~keel.features.offline.row_value` gives it per datetime
-    (weekday: 1970-01-01 was a Thursday)."""
-    if kind in ("is_weekend", "weekday"):
-        weekday = (us // _DAY_US + 3) % 7
-        return (weekday >= 5).astype(np.float64) if kind == "is_weekend" else weekday.astype(np.float64)
-    hour = (us // _HOUR_US) % 24
-    return (hour <= night_end_hour).astype(np.float64) if kind == "is_night" else hour.astype(np.float64)
