@@ -161,6 +161,12 @@ class FeatureRow(dict[str, float]):
         self.stale = bool(self.stale_entities)
 
 
+def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int, int]:
+    """SQLite's PASSIVE checkpoint of the write-ahead log: ``(busy, log pages, pages checkpointed)``."""
+    row = db.execute("pragma wal_checkpoint(passive)").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 class _Checkpointer:
     """Checkpoints the store's write-ahead log from a thread of its own, after every ``rows`` rows written.
 
@@ -187,8 +193,7 @@ class _Checkpointer:
     def run(self) -> tuple[int, int, int]:
         with self._lock:
             self._pending = 0
-            row = self._db.execute("pragma wal_checkpoint(passive)").fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
+            return _passive_checkpoint(self._db)
 
     def _loop(self) -> None:
         while True:
@@ -683,8 +688,7 @@ class OnlineStore:
         checkpointer = self._checkpointer
         if checkpointer is not None:
             return checkpointer.run()
-        row = self._db.execute("pragma wal_checkpoint(passive)").fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
+        return _passive_checkpoint(self._db)
 
     def __enter__(self) -> OnlineStore:
         return self
