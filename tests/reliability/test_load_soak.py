@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import REPO, Project
+from conftest import REPO, Project, children
 
 sys.path.insert(0, str(REPO / "bench"))
 from loadgen import LoadResult, find_sustainable_rate, fixed_rate, timed_events
@@ -41,8 +41,6 @@ STEP_SECONDS = 15.0  # ... and long enough for a backlog to show
 
 def _rss_mb(pid: int) -> float:
     """Resident memory of the server and the processes it started (the prediction log's writer)."""
-    from conftest import children
-
     total = 0.0
     for p in [pid, *children(pid)]:
         try:
