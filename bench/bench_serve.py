@@ -367,17 +367,20 @@ def main() -> None:
 
         live = setup.live
         taken = 0
+        span = dt.timedelta(days=setup.n_days - setup.n_days // 2)  # prepare(): the live days follow the training half
 
         def take(n: int) -> list[dict[str, Any]]:
             """Fresh events for every phase (the store moves forward). Past the end, the live days repeat with
-            new ids and times shifted after the last lap, so every event is new to the store."""
+            new ids and times shifted by the live span, so every event is new to the store and event time runs on
+            without a gap (a gap would make every entity drop its whole state at once, which live traffic never
+            does)."""
             nonlocal taken
             out = []
             for k in range(taken, taken + n):
                 lap, e = divmod(k, len(live))
                 event = live[e]
                 if lap:
-                    when = dt.datetime.fromisoformat(event["tx_datetime"]) + dt.timedelta(days=lap * setup.n_days)
+                    when = dt.datetime.fromisoformat(event["tx_datetime"]) + lap * span
                     event = {**event, "transaction_id": event["transaction_id"] + lap * 10**8,
                              "tx_datetime": when.isoformat()}
                 out.append(event)
