@@ -3,7 +3,9 @@ the same state in memory and on disk after the commit."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +116,64 @@ def compare(tmp: Path, defs, history: list[dict], labels: list[tuple], batch: li
         ~((out.matrix == expected) | (np.isnan(out.matrix) & np.isnan(expected))))
     assert out.stale.tolist() == expected_stale
     assert out.failed.tolist() == [bool(np.isnan(r).all()) for r in expected]
+    assert_same_memory(one, many, preloaded=preload)
     assert one.commit_staged() == many.commit_staged()
+    assert rows_on_disk(tmp / "one.sqlite") == rows_on_disk(tmp / "many.sqlite")
     assert_same_state_after(one, many, tmp / "many.sqlite", defs, history + batch)
+
+
+def _prefix(p) -> tuple | None:
+    return None if p is None else (p.shift, list(p.sums), p.valid.tolist(), p.exact)
+
+
+def memory(store: OnlineStore) -> tuple[dict, dict, dict]:
+    """Everything the store holds in memory per entity state (floats as their bytes; but the seqs of rows, numbered per event on the
+    replay and per entity column on the batch path), its owner map (event id -> states, by key) and the labels
+    waiting for their events."""
+    where = {id(state): entity_key for entity_key, state in store._cache.items()}
+    states = {
+        entity_key: (s.times.tolist(), list(s.ids), {c: v.tobytes() for c, v in s.values.items()}, s.labels.tobytes(),
+                     s.label_at.tolist(), set(s.id_set), len(s.seqs), s.late_label,
+                     None if s.sums is None else {c: _prefix(p) for c, p in s.sums.items()}, _prefix(s.label_sums))
+        for entity_key, s in store._cache.items()
+    }
+    owners = {i: tuple(where[id(s)] for s in held) for i, held in store._owners.items()}
+    return states, owners, dict(store._pending)
+
+
+def _relative(p: tuple) -> tuple:
+    """A prefix sum as what windows read of it: differences of its entries (a state's prefix built after a prune
+    starts from 0, one kept up to date through it from the pruned events' sum), as exact fractions."""
+    shift, sums, valid, exact = p
+    return [Fraction(x - sums[0], 2**shift) for x in sums], [v - valid[0] for v in valid], exact
+
+
+def assert_same_memory(reference: OnlineStore, store: OnlineStore, *, preloaded: bool) -> None:
+    """The same in-memory states, owners and waiting labels, bit for bit. Prefix sums: a preload builds every
+    state's, then each change keeps them up to date: the same integers on the same grid; otherwise the batch path
+    builds every touched state's and the replay those its windows read, at other times: the same differences.
+    A prefix built on one side only (a new state's that no window of the replay read) is not compared."""
+    want, got = memory(reference), memory(store)
+    assert got[1:] == want[1:]
+    assert got[0].keys() == want[0].keys()
+    for entity_key, w in want[0].items():
+        g = got[0][entity_key]
+        assert g[:8] == w[:8], entity_key
+        pairs = [(g[9], w[9])]
+        if g[8] is not None and w[8] is not None:
+            assert g[8].keys() == w[8].keys()
+            pairs += [(g[8][c], w[8][c]) for c in w[8]]
+        for mine, theirs in pairs:
+            if mine is not None and theirs is not None:
+                assert (mine if preloaded else _relative(mine)) == (theirs if preloaded else _relative(theirs)), \
+                    entity_key
+
+
+def rows_on_disk(path: Path) -> list[tuple]:
+    """The events table's rows but their seqs, in a canonical order."""
+    with sqlite3.connect(path) as db:
+        return sorted(db.execute("select entity, key, event_id, t, vals from events").fetchall(),
+                      key=lambda row: tuple(map(str, row)))
 
 
 def assert_same_state_after(reference, store, path: Path, defs, events: list[dict]) -> None:

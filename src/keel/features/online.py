@@ -68,6 +68,7 @@ _INSERTS = [_INSERT + ", (?, ?, ?, ?, ?, ?)" * (k - 1) for k in range(_ONE_STATE
 
 _EPOCH = datetime(1970, 1, 1)
 _NO_LABEL_AT = 2**62  # label_at of an event without a label
+_NEVER_LABELLED = -(2**63)  # _EntityState.late_label of a state that never held a non-zero label
 _ONE_US = timedelta(microseconds=1)
 _INFINITIES = (math.inf, -math.inf)
 _MISSING = object()
@@ -260,10 +261,19 @@ class _ExactPrefix:
             return 0, 1
         n, k = _scaled(x)
         if k > self.shift:
-            up = k - self.shift
-            self.sums = [s << up for s in self.sums]
-            self.shift = k
+            self._rescale(k)
         return n << (self.shift - k), 1
+
+    def _rescale(self, k: int) -> None:
+        up = k - self.shift
+        self.sums = [s << up for s in self.sums]
+        self.shift = k
+
+    def refine(self, x: float) -> None:
+        """Rescale the sums to the grid a finite ``x`` needs, if finer (what :meth:`push` of it does first)."""
+        k = _scaled(x)[1]
+        if k > self.shift:
+            self._rescale(k)
 
     def push(self, x: float) -> None:
         term, ok = self._term(x)
@@ -311,7 +321,7 @@ class _EntityState:
     seqs: array = field(default_factory=lambda: array("q"))  # per event, its row's seq on disk (once written)
     sums: dict[str, _ExactPrefix] | None = None
     label_sums: _ExactPrefix | None = None
-    late_label: int = -(2**63)
+    late_label: int = _NEVER_LABELLED
 
     def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int,
                seq: int) -> None:
@@ -539,6 +549,8 @@ def _window_group(
                 mn = min(vals)
             elif aggregate == "max" and valid:
                 mx = max(vals)
+        if reads_label and label_total is None and state.late_label == _NEVER_LABELLED:
+            label_total = 0.0  # only zero labels: the sum the prefix gives, without building it
         if reads_label and label_total is None:
             labels = (state.label_sums or state.label_prefix()) if t >= state.late_label else None
             if labels is not None and labels.exact:
@@ -600,6 +612,8 @@ class OnlineStore:
             else:
                 groups.append([d])
         self._plans = {e: [_GroupPlan.of(g) for g in groups] for e, groups in self._groups.items()}
+        # entities whose windows read labels: their states that ever held a non-zero label keep label prefix sums
+        self._label_entities = {e for e, plans in self._plans.items() if any(r for p in plans for *_, r in p.items)}
         self._raw = [d for d in self.definitions if isinstance(d, RawDefinition)]
         self._rows = [d for d in self.definitions if isinstance(d, RowDefinition)]
         self._ratios = [d for d in self.definitions if isinstance(d, RatioDefinition)]
@@ -756,9 +770,10 @@ class OnlineStore:
                     self._prune(entity, key, state)
             finally:
                 self._staging = staging
-            for state in self._cache.values():  # prefix sums now, not on each entity's first request
+            for (entity, _), state in self._cache.items():  # prefix sums now, not on each entity's first request
                 state.prefix()
-                state.label_prefix()
+                if entity in self._label_entities and state.late_label != _NEVER_LABELLED:
+                    state.label_prefix()
             owners = self._owners
             self._pending = {
                 event_id: (float(label), int(at))
