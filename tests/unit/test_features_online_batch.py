@@ -117,6 +117,8 @@ def compare(tmp: Path, defs, history: list[dict], labels: list[tuple], batch: li
     assert out.stale.tolist() == expected_stale
     assert out.failed.tolist() == [bool(np.isnan(r).all()) for r in expected]
     assert_same_memory(one, many, preloaded=preload)
+    for store in (one, many):
+        assert_consistent(store, labels)
     assert one.commit_staged() == many.commit_staged()
     assert rows_on_disk(tmp / "one.sqlite") == rows_on_disk(tmp / "many.sqlite")
     assert_same_state_after(one, many, tmp / "many.sqlite", defs, history + batch)
@@ -167,6 +169,23 @@ def assert_same_memory(reference: OnlineStore, store: OnlineStore, *, preloaded:
             if mine is not None and theirs is not None:
                 assert (mine if preloaded else _relative(mine)) == (theirs if preloaded else _relative(theirs)), \
                     entity_key
+
+
+def assert_consistent(store: OnlineStore, labels: list[tuple]) -> None:
+    """What the store keeps beside its states agrees with them: each state's id set holds its ids, the owner map
+    names exactly the states holding each event id, and a labelled event no state holds any more (pruned, or
+    never stored) waits in ``_pending`` with its latest label."""
+    held: dict[str, set] = {}
+    for entity_key, state in store._cache.items():
+        assert state.id_set == {i for i in state.ids if i is not None}, entity_key
+        for i in state.id_set:
+            held.setdefault(i, set()).add(entity_key)
+    where = {id(state): entity_key for entity_key, state in store._cache.items()}
+    assert {i: {where[id(s)] for s in states} for i, states in store._owners.items()} == held
+    latest = {str(i): (float(y), int(pd.Timestamp(at).value)) for i, y, at in labels}
+    for i, label in latest.items():
+        if i not in held:
+            assert store._pending.get(i) == label, i
 
 
 def rows_on_disk(path: Path) -> list[tuple]:

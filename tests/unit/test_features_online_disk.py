@@ -183,3 +183,37 @@ def test_two_stores_writing_one_file_lose_no_event(tmp_path) -> None:
     second.close()
     with open_store(path) as again:
         assert again.features_many(probe).matrix[0, 0] == 3
+
+
+def test_large_commits_write_every_row_as_the_single_event_path_does(tmp_path) -> None:
+    """A commit of more rows than one INSERT statement takes (full statements, then the rest one by one): the
+    same rows, seqs and value texts as events staged one by one and committed a few rows at a time."""
+    rng = np.random.default_rng(11)
+    amounts = [1.0, 57.16, np.nan, 0.1, -0.0, 1e-300, 123456.789]
+    events = [event(i, i // 7, int(rng.integers(0, 40)), int(rng.integers(0, 40)), amounts[i % len(amounts)])
+              for i in range(400)]  # 800 rows: five statements of 150 rows, then 50 rows
+    big, small = tmp_path / "big.sqlite", tmp_path / "small.sqlite"
+    with open_store(big) as store:
+        for e in events:
+            store.stage(e)
+        assert store.commit_staged() == 800
+    with open_store(small) as store:
+        for e in events:
+            store.stage(e)
+            store.commit_staged()
+    with sqlite3.connect(big) as a, sqlite3.connect(small) as b:
+        query = "select seq, entity, key, event_id, t, vals from events order by seq"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+def test_value_texts_of_a_batch_are_the_json_of_each_events_values(tmp_path) -> None:
+    """The commit's value texts for a block of columns: json.dumps of each event's values (NaN as null), with
+    and without a NaN in the block."""
+    import json
+
+    with open_store(tmp_path / "s.sqlite") as store:
+        for column in ([1.0, 57.16, -0.0, 1e-300, 1e22, 0.1 + 0.2], [2.5, np.nan, 3.0]):
+            want = [json.dumps({"amount": None if v != v else v}) for v in column]
+            assert store._vals_texts("card", [column], len(column)) == want
+            assert [store._vals_text("card", {"amount": v}) for v in column] == want
+        assert store._vals_texts("shop", [], 2) == ["{}", "{}"]
