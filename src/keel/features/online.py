@@ -321,7 +321,7 @@ class _ExactPrefix:
         del self.sums[:k], self.valid[:k]
 
 
-@dataclass
+@dataclass(slots=True)
 class _EntityState:
     """One entity's recent events, in (time, arrival) order, as compact columns (``array``: 8 bytes a value).
 
