@@ -217,3 +217,21 @@ def test_value_texts_of_a_batch_are_the_json_of_each_events_values(tmp_path) -> 
             assert store._vals_texts("card", [column], len(column)) == want
             assert [store._vals_text("card", {"amount": v}) for v in column] == want
         assert store._vals_texts("shop", [], 2) == ["{}", "{}"]
+
+
+def test_a_commit_with_thousands_of_deletes_leaves_exactly_the_rows_memory_holds(tmp_path) -> None:
+    """Every state dropped at once (events 3 h later than a 1 h horizon): the commit deletes more rows than one
+    DELETE statement takes, and the file then holds exactly the rows of the events memory holds."""
+    path = tmp_path / "s.sqlite"
+    rng = np.random.default_rng(12)
+    with open_store(path) as store:
+        for start in (0, 180):
+            batch = [event(start * 1000 + i, start + i // 20, int(rng.integers(0, 30)), int(rng.integers(0, 30)))
+                     for i in range(1000)]
+            store.features_many(batch, stage=True)
+            store.commit_staged(deletes=True)
+        held = {seq for state in store._cache.values() for seq in state.seqs}
+        with sqlite3.connect(path) as db:
+            on_disk = {seq for (seq,) in db.execute("select seq from events")}
+        assert on_disk == held
+        assert min(held) > 2000  # the first batch's 2,000 rows were deleted in one commit
