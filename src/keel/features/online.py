@@ -66,36 +66,23 @@ _INSERT = "insert into events (seq, entity, key, event_id, t, vals) values (?, ?
 _DELETE = "delete from events where seq = ?"
 _ONE_STATEMENT = 8  # up to this many rows without deletes: one multi-row INSERT
 _INSERTS = [_INSERT + ", (?, ?, ?, ?, ?, ?)" * (k - 1) for k in range(_ONE_STATEMENT + 1)]
-# A large commit inserts this many rows per statement (900 parameters, under SQLite's oldest limit of 999): one
-# execution per row cost 3.3-4.0 us, 150 rows a statement 1.8-2.5 us a row (2,000-row commits, thread CPU).
-_MANY = 150
-_INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?)" * (_MANY - 1)
+# A large commit writes statements of this many parameters (under SQLite's oldest limit of 999): 150 rows an
+# INSERT, 900 seqs a DELETE. One execution per row cost 3.3-4.0 us an insert and 2.3 us a delete of an old row,
+# these 1.8-2.5 and 1.7 us (2,000-row commits, thread CPU).
+_PARAMS = 900
+_INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?)" * (_PARAMS // 6 - 1)
+_DELETE_MANY = "delete from events where seq in (" + ", ".join("?" * _PARAMS) + ")"
 
 
-_DELETE_MANY = "delete from events where seq in (" + ", ".join("?" * (6 * _MANY)) + ")"
-
-
-def _delete_rows(db: sqlite3.Connection, seqs: list[tuple[int]]) -> None:
-    """Delete the rows ``seqs`` (1-tuples) in the open transaction: statements of ``6 * _MANY`` seqs, the rest
-    one by one (a whole state dropped at once deletes tens of thousands of rows)."""
-    flat = list(chain.from_iterable(seqs))
-    step = 6 * _MANY
-    full = len(flat) // step * step
-    if full:
-        db.executemany(_DELETE_MANY, [flat[i:i + step] for i in range(0, full, step)])
-    if full < len(flat):
-        db.executemany(_DELETE, seqs[full:])
-
-
-def _insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert ``rows`` (in order) in the open transaction: statements of :data:`_MANY` rows, the rest one by one."""
+def _write_many(db: sqlite3.Connection, many: str, one: str, rows: list[tuple[Any, ...]]) -> None:
+    """``one`` with each of ``rows`` (tuples of one width) in the open transaction, in order: as statements
+    ``many`` of :data:`_PARAMS` parameters (as many rows as one takes), then ``one`` per row for the rest."""
     flat = list(chain.from_iterable(rows))
-    step = 6 * _MANY
-    full = len(flat) // step * step
+    full = len(flat) // _PARAMS * _PARAMS
     if full:
-        db.executemany(_INSERT_MANY, [flat[i:i + step] for i in range(0, full, step)])
+        db.executemany(many, [flat[i:i + _PARAMS] for i in range(0, full, _PARAMS)])
     if full < len(flat):
-        db.executemany(_INSERT, rows[full // 6:])
+        db.executemany(one, rows[full // len(rows[0]):])
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -1101,14 +1088,14 @@ class OnlineStore:
                 db.execute("begin immediate")
                 try:
                     if live:
-                        _insert_rows(db, live)
+                        _write_many(db, _INSERT_MANY, _INSERT, live)
                 except sqlite3.IntegrityError:  # another store wrote these seqs to the same file meanwhile
                     db.execute("rollback")  # (the rows before the clash were inserted)
                     db.execute("begin immediate")
                     self._write_renumbered(db, live)
                     deletes = []  # the reload prunes those rows again
                 if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
-                    _delete_rows(db, deletes)
+                    _write_many(db, _DELETE_MANY, _DELETE, deletes)
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
