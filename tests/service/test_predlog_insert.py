@@ -1,5 +1,5 @@
-"""How the prediction log's writer puts rows into SQLite: many rows per insert statement, a new log's page size.
-Each writes exactly what a plain row-by-row insert writes."""
+"""How the prediction log's writer puts rows into SQLite: many rows per insert statement, a new log's page size, the
+writer process's direct binding of NULL and BLOB values. Each writes exactly what a plain row-by-row insert writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from keel.serve import predlog
+from keel.serve import logwriter, predlog
 from keel.serve.predlog import PredictionLog, connect, insert_rows, read_predictions
 
 WIDTH = len(predlog.PREDICTION_COLUMNS) + len(predlog.FEATURE_COLUMNS)
@@ -78,3 +78,16 @@ def test_a_new_log_has_large_pages_and_an_existing_log_keeps_its_own(tmp_path: P
         db.close()
     assert read_predictions(old)["request_id"].tolist() == ["a"]
 
+
+def test_the_writer_process_binds_null_and_blob_values_as_sqlite3_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    none_key, bytes_key = (type(None), sqlite3.PrepareProtocol), (bytes, sqlite3.PrepareProtocol)
+    db = sqlite3.connect(":memory:")
+    db.execute("create table t (a, b)")
+    db.execute("insert into t values (?, ?)", (None, b"\x00ab"))
+    for key in (none_key, bytes_key):  # restored (removed) after the test: this process binds as before
+        monkeypatch.setitem(sqlite3.adapters, key, None)
+    logwriter._bind_directly()
+    assert sqlite3.adapters[none_key](None) is None and sqlite3.adapters[bytes_key](b"x") == b"x"
+    db.execute("insert into t values (?, ?)", (None, b"\x00ab"))
+    assert db.execute("select typeof(a), a, typeof(b), b from t").fetchall() == [("null", None, "blob", b"\x00ab")] * 2
+    db.close()
