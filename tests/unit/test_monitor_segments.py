@@ -218,6 +218,23 @@ def test_non_finite_feature_values_read_as_missing_as_in_the_json_text(tmp_path:
     _same(_read(path, 1000), want)
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_non_finite_input_values_read_as_missing_as_in_the_json_text(tmp_path: Path, mixed: bool) -> None:
+    path = tmp_path / "p.sqlite"
+    records = _records(30, odd=False)
+    records[3]["inputs"]["tx_amount"] = float("inf")
+    records[4]["inputs"]["tx_amount"] = -float("inf")
+    if mixed:  # another segment's field holds JSON (an int among floats): read value by value
+        records[20]["inputs"]["tx_amount"] = 7
+    with PredictionLog(path, flush_rows=10, segment_rows=10) as log:
+        for i in range(0, 30, 10):
+            log.append_many(records[i:i + 10])
+            log.flush()
+    got = _read(path, 1000)
+    _same(got, _read(_rows_only(path), 1000))
+    assert np.isnan(got.loc[3, "input.tx_amount"]) and np.isnan(got.loc[4, "input.tx_amount"])
+
+
 def test_backfilled_segments_of_an_old_log_read_as_its_rows(tmp_path: Path) -> None:
     from keel.serve.predlog import backfill_segments
 

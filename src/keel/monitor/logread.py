@@ -531,15 +531,23 @@ def _one_set_features(q: _Query, segs: list[Segment]) -> dict[str, np.ndarray] |
 
 def _seg_input(segs: list[Segment], name: str) -> np.ndarray:
     """One raw input field of consecutive segments, as the row path types it (ints as Python ints)."""
+    # Infinities are missing, as in the rows' JSON text (null), which the row path reads.
     kinds = {s.kind(f"input.{name}") for s in segs}
     if kinds <= {"i8", "f8"}:
         arr = np.concatenate([s.column(f"input.{name}") for s in segs])
-        return arr.astype(object) if kinds == {"i8"} else arr.astype(np.float64)
+        if kinds == {"i8"}:
+            return arr.astype(object)
+        out = arr.astype(np.float64)
+        out[np.isinf(out)] = np.nan
+        return out
     values: list[Any] = []
     for s in segs:
         kind = s.kind(f"input.{name}")
-        values += [None] * s.n if kind is None else s.column(f"input.{name}").tolist() if kind in ("i8", "f8") \
-            else s.column(f"input.{name}")
+        if kind == "f8":
+            values += [None if v in (np.inf, -np.inf) else v for v in s.column(f"input.{name}").tolist()]
+        else:
+            values += [None] * s.n if kind is None else s.column(f"input.{name}").tolist() if kind == "i8" \
+                else s.column(f"input.{name}")
     if values and all(type(v) is int for v in values):
         return _objects(values)
     return _convert(values)
