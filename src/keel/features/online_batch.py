@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_right
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from itertools import compress, count, repeat
@@ -34,15 +33,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keel.features.offline import ratio_feature, row_feature, row_value
+from keel.features.online import (
+    _NEVER_LABELLED,
+    _NO_LABEL_AT,
+    FeatureBatch,
+    _consume,
+    _key,
+    _number,
+    _window_group,
+)
 
 if TYPE_CHECKING:
-    from keel.features.online import FeatureBatch, OnlineStore, _EntityState, _ExactPrefix, _GroupPlan
+    from keel.features.online import OnlineStore, _EntityState, _ExactPrefix, _GroupPlan
 
 _VECTOR = frozenset({"count", "sum", "mean", "label_count", "label_rate"})
-_NO_LABEL_AT = 2**62  # online._NO_LABEL_AT
-_NEVER = -(2**63)  # _EntityState.late_label of a state that never held a non-zero label
+_EMPTY = -(2**63)  # the newest time of an empty state: before every event time
 
-_run = deque(maxlen=0).extend  # runs an iterator (of C-level ``map`` calls) to its end
 _append = array.append
 _TIMES, _IDS, _ID_SET, _SEQS = attrgetter("times"), attrgetter("ids"), attrgetter("id_set"), attrgetter("seqs")
 _LABELS, _LABEL_AT, _VALUES = attrgetter("labels"), attrgetter("label_at"), attrgetter("values")
@@ -71,9 +77,7 @@ class _Entity:
 def features_batch(store: OnlineStore, events: Sequence[Mapping[str, Any]]) -> FeatureBatch | None:
     """Features of ``events`` and their staging, as ``features_many(events, stage=True)`` gives them, or None
     when the batch needs the event-by-event replay. Hold ``store._lock``."""
-    from keel.features import online
-
-    number = online._number
+    number = _number
     try:
         times = [store._event_time(e) for e in events]
         ids = [store._event_id(e) for e in events]
@@ -167,10 +171,10 @@ def batch_of(
 
 
 def _newest(times: list[array]) -> list[int]:
-    """Each state's newest time (``_NEVER`` for an empty state)."""
+    """Each state's newest time (``_EMPTY`` for an empty state)."""
     if all(times):
         return list(map(getitem, times, repeat(-1)))
-    return [t[-1] if t else _NEVER for t in times]
+    return [t[-1] if t else _EMPTY for t in times]
 
 
 def _flag_stale(stale: np.ndarray, order: np.ndarray, st: np.ndarray, new_state: np.ndarray, newest: np.ndarray,
@@ -201,8 +205,6 @@ def _stage_and_compute(
     column: Callable[[str], list[float]],
     stale: np.ndarray,
 ) -> FeatureBatch:
-    from keel.features import online
-
     for part in parts:
         _stage(store, part, times, ids)
     per_event_states = zip(*[part.per_event for part in parts], strict=True)
@@ -237,7 +239,7 @@ def _stage_and_compute(
                 store._prune(part.entity, key, state)
     finally:
         store._staging = False
-    return online.FeatureBatch(matrix, stale, np.zeros(n, dtype=bool), [])
+    return FeatureBatch(matrix, stale, np.zeros(n, dtype=bool), [])
 
 
 def _undo(store: OnlineStore, parts: list[_Entity], sizes: list[list[int]], staged: int, ids: list[str | None]
@@ -274,9 +276,9 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
         state.prefix()
     # Label prefix sums: kept by the states of an entity whose windows read labels that ever held a non-zero
     # label (the others' label sums are all 0: no prefix is kept, see _Labels)
-    labelled = list(map(ne, map(_LATE, states), repeat(_NEVER))) if entity in store._label_entities else []
+    labelled = list(map(ne, map(_LATE, states), repeat(_NEVER_LABELLED))) if entity in store._label_entities else []
     for state in compress(states, map(is_not, map(_LABEL_SUMS, states), repeat(None))):
-        if not labelled or state.late_label == _NEVER:
+        if not labelled or state.late_label == _NEVER_LABELLED:
             state.label_sums = None
     for state in compress(states, labelled):
         if state.label_sums is None:
@@ -286,26 +288,26 @@ def _stage(store: OnlineStore, part: _Entity, times: list[int], ids: list[str | 
     store._next_seq = first + n
     store._staged_seqs.update(range(first, first + n))
     store._staged_blocks.append((first, entity, part.keys, ids, times, part.values))
-    _run(map(_append, map(_TIMES, per_event), times))
-    _run(map(_append, map(_SEQS, per_event), range(first, first + n)))
-    _run(map(list.append, map(_IDS, per_event), ids))
+    _consume(map(_append, map(_TIMES, per_event), times))
+    _consume(map(_append, map(_SEQS, per_event), range(first, first + n)))
+    _consume(map(list.append, map(_IDS, per_event), ids))
     id_sets = map(_ID_SET, per_event)
     if None in ids:
         given = list(map(is_not, ids, repeat(None)))
-        _run(map(set.add, compress(id_sets, given), compress(ids, given)))
+        _consume(map(set.add, compress(id_sets, given), compress(ids, given)))
     else:
-        _run(map(set.add, id_sets, ids))
-    _run(map(_append, map(_LABELS, per_event), repeat(0.0)))
-    _run(map(_append, map(_LABEL_AT, per_event), repeat(_NO_LABEL_AT)))
+        _consume(map(set.add, id_sets, ids))
+    _consume(map(_append, map(_LABELS, per_event), repeat(0.0)))
+    _consume(map(_append, map(_LABEL_AT, per_event), repeat(_NO_LABEL_AT)))
     labels = list(map(_LABEL_SUMS, compress(per_event, map(labelled.__getitem__, part.u)))) if any(labelled) else []
     # (a zero label: adds nothing, counts as valid)
     label_sums = list(map(_SUMS, labels))
-    _run(map(list.append, label_sums, map(getitem, label_sums, repeat(-1))))
+    _consume(map(list.append, label_sums, map(getitem, label_sums, repeat(-1))))
     label_valid = list(map(_VALID, labels))
-    _run(map(_append, label_valid, map(add, map(getitem, label_valid, repeat(-1)), repeat(1))))
+    _consume(map(_append, label_valid, map(add, map(getitem, label_valid, repeat(-1)), repeat(1))))
     sums = list(map(_SUMS, per_event))
     for c, values in zip(store._columns[entity], part.values, strict=True):
-        _run(map(_append, map(getitem, map(_VALUES, per_event), repeat(c)), values))
+        _consume(map(_append, map(getitem, map(_VALUES, per_event), repeat(c)), values))
         _push(list(map(getitem, sums, repeat(c))), values)
 
 
@@ -327,9 +329,9 @@ def _push(prefixes: list[_ExactPrefix], values: list[float]) -> None:
             break
         if all(map(float.is_integer, scaled)):
             sums = list(map(_SUMS, prefixes))
-            _run(map(list.append, sums, map(add, map(getitem, sums, repeat(-1)), map(int, scaled))))
+            _consume(map(list.append, sums, map(add, map(getitem, sums, repeat(-1)), map(int, scaled))))
             valid = list(map(_VALID, prefixes))
-            _run(map(_append, valid, map(add, map(getitem, valid, repeat(-1)), ok)))
+            _consume(map(_append, valid, map(add, map(getitem, valid, repeat(-1)), ok)))
             return
         for j in compress(range(len(scaled)), map(not_, map(float.is_integer, scaled))):
             prefixes[j].refine(clean[j])
@@ -341,8 +343,6 @@ def _windows(store: OnlineStore, part: _Entity, times: list[int], matrix: np.nda
     """Every window feature of one entity for every event of the batch: window edges by :class:`_Edges` (one
     ``np.searchsorted`` over the touched states' times laid end to end), counts and valid counts as array
     differences, sums as differences of the exact prefix sums at the edges (C-level ``map`` calls)."""
-    from keel.features.online import _window_group
-
     n = len(times)
     per_event = part.per_event
     t_np = np.array(times, dtype=np.int64)
@@ -493,7 +493,7 @@ class _Labels:
     def __init__(self, per_event: list[_EntityState], t: np.ndarray) -> None:
         n = len(per_event)
         lates = list(map(_LATE, per_event))
-        self.some = list(compress(range(n), map(ne, lates, repeat(_NEVER))))
+        self.some = list(compress(range(n), map(ne, lates, repeat(_NEVER_LABELLED))))
         self.ok = np.ones(n, dtype=bool)
         prefixes = [per_event[j].label_sums for j in self.some]
         # labels that arrived after an event: scanned with their arrival times
@@ -520,9 +520,7 @@ def columns_batch(store: OnlineStore, n: int, cols: Mapping[str, Any]) -> Featur
     """:func:`features_batch` of a column batch (the timestamp as ``datetime64``, float fields as float64
     arrays, other fields as lists of validated values), without a dict per event; None when the batch needs the
     event-by-event replay (the caller replays its row view). Hold ``store._lock``."""
-    from keel.features import online
-
-    key = online._key
+    key = _key
     stamp = cols.get(store.timestamp) if store.timestamp else None
     if not isinstance(stamp, np.ndarray) or stamp.dtype.kind != "M" or len(stamp) != n:
         return None
@@ -546,7 +544,7 @@ def columns_batch(store: OnlineStore, n: int, cols: Mapping[str, Any]) -> Featur
             return [math.nan] * n
         if isinstance(values, np.ndarray) and values.dtype == np.float64:
             return values.tolist()
-        return list(map(online._number, values))
+        return list(map(_number, values))
 
     raw = [column(d.column) for d in store._raw]
     rows: list[Sequence[float]] = []
