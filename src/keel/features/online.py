@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import accumulate, chain, compress, repeat
+from itertools import accumulate, compress, repeat
 from operator import and_, eq, getitem, is_, not_
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from keel.features.definitions import (
     window_definitions,
 )
 from keel.features.offline import finish_aggregate, ratio_feature, row_value, to_ns
+from keel.sqlbatch import execute_chunked
 
 _SCHEMA = """
 create table if not exists meta (k text primary key, v text not null);
@@ -66,23 +67,13 @@ _INSERT = "insert into events (seq, entity, key, event_id, t, vals) values (?, ?
 _DELETE = "delete from events where seq = ?"
 _ONE_STATEMENT = 8  # up to this many rows without deletes: one multi-row INSERT
 _INSERTS = [_INSERT + ", (?, ?, ?, ?, ?, ?)" * (k - 1) for k in range(_ONE_STATEMENT + 1)]
-# A large commit writes statements of this many parameters (under SQLite's oldest limit of 999): 150 rows an
+# A large commit writes statements of up to this many parameters (under SQLite's oldest limit of 999): 150 rows an
 # INSERT, 900 seqs a DELETE. One execution per row cost 3.3-4.0 us an insert and 2.3 us a delete of an old row,
 # these 1.8-2.5 and 1.7 us (2,000-row commits, thread CPU).
 _PARAMS = 900
-_INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?)" * (_PARAMS // 6 - 1)
+_INSERT_ROWS = _PARAMS // 6
+_INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?)" * (_INSERT_ROWS - 1)
 _DELETE_MANY = "delete from events where seq in (" + ", ".join("?" * _PARAMS) + ")"
-
-
-def _write_many(db: sqlite3.Connection, many: str, one: str, rows: list[tuple[Any, ...]]) -> None:
-    """``one`` with each of ``rows`` (tuples of one width) in the open transaction, in order: as statements
-    ``many`` of :data:`_PARAMS` parameters (as many rows as one takes), then ``one`` per row for the rest."""
-    flat = list(chain.from_iterable(rows))
-    full = len(flat) // _PARAMS * _PARAMS
-    if full:
-        db.executemany(many, [flat[i:i + _PARAMS] for i in range(0, full, _PARAMS)])
-    if full < len(flat):
-        db.executemany(one, rows[full // len(rows[0]):])
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -1088,14 +1079,14 @@ class OnlineStore:
                 db.execute("begin immediate")
                 try:
                     if live:
-                        _write_many(db, _INSERT_MANY, _INSERT, live)
+                        execute_chunked(db, _INSERT, _INSERT_MANY, live, _INSERT_ROWS)
                 except sqlite3.IntegrityError:  # another store wrote these seqs to the same file meanwhile
                     db.execute("rollback")  # (the rows before the clash were inserted)
                     db.execute("begin immediate")
                     self._write_renumbered(db, live)
                     deletes = []  # the reload prunes those rows again
                 if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
-                    _write_many(db, _DELETE_MANY, _DELETE, deletes)
+                    execute_chunked(db, _DELETE, _DELETE_MANY, deletes, _PARAMS)
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):

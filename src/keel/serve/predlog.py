@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import chain, repeat
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,7 @@ from keel.logformat import (
     part_of_rows,
 )
 from keel.serve.logwriter import ACK, frame, item_rows, spawn
+from keel.sqlbatch import execute_chunked
 
 if TYPE_CHECKING:  # pandas is imported where used: the writer process (keel.serve.logwriter) does without it
     import pandas as pd
@@ -1051,16 +1052,7 @@ def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: 
 
 def insert_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """``insert`` the rows into ``predictions`` in their order (consecutive ``seq`` inside a transaction)."""
-    width = len(PREDICTION_COLUMNS) + len(FEATURE_COLUMNS)
-    whole = len(rows) - len(rows) % _MULTI_ROWS
-    if whole and set(map(len, rows)) == {width}:  # (a row of another length: executemany's error, not a shift)
-        flat = list(chain.from_iterable(rows[:whole]))
-        step = _MULTI_ROWS * width
-        db.executemany(_INSERT_MULTI, [flat[i:i + step] for i in range(0, len(flat), step)])
-    else:
-        whole = 0
-    if whole < len(rows):
-        db.executemany(_INSERT, rows[whole:])
+    execute_chunked(db, _INSERT, _INSERT_MULTI, rows, _MULTI_ROWS)
 
 
 def write_labels(db: sqlite3.Connection, labels: Sequence[tuple[str, float, str | None, str | None]]) -> None:
