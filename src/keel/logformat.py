@@ -226,6 +226,28 @@ def json_default(v: Any) -> Any:
 # orjson with the log's rules: times go through json_default (iso), numpy values and non-string keys as the stdlib.
 ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
+_ENCODE = json.JSONEncoder(default=json_default, separators=(",", ":")).encode
+
+
+def row_json_slow(value: Any) -> str:
+    """:func:`row_json` by the stdlib encoder (what it falls back to)."""
+    if isinstance(value, Mapping):
+        # JSON has no NaN: missing feature values (an empty window's mean) are stored as null.
+        value = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
+    return _ENCODE(value)
+
+
+def row_json(value: Any) -> str:
+    """A row's ``inputs``/``features`` text: compact JSON of the dict, non-finite floats as null, times as :func:`iso`.
+
+    orjson writes it (a tenth of the stdlib encoder's cost, the largest part of a log row); values it refuses
+    (an int beyond 64 bits) take the stdlib path, which gives the same JSON values. The writer stores this text
+    and :func:`segment_rows` rebuilds it from a segment's values."""
+    try:
+        return orjson.dumps(value, default=json_default, option=ORJSON_OPTIONS).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return row_json_slow(value)
+
 
 def _dumps(values: list[Any]) -> bytes:
     # orjson: a segment's text columns in a fifth of the stdlib's time (the writer holds the GIL meanwhile); the
@@ -303,15 +325,16 @@ def datetimes_us(values: Sequence[Any]) -> np.ndarray:
     return out
 
 
-_INT, _NUMBERS = {int}, {int, float, type(None)}
+_INT, _FLOATS = {int}, {float, type(None)}
 _NONE = type(None)
 _NONE_TYPES = {_NONE}
 
 
 def _kind_of(kinds: set[type]) -> str:
+    # Ints mixed with floats are kept as JSON, not float64: a row's text tells 5 from 5.0 (segment_rows rebuilds it).
     if kinds == _INT:
         return "i8"
-    if kinds <= _NUMBERS and float in kinds:
+    if kinds <= _FLOATS and float in kinds:
         return "f8"
     return "json"
 
@@ -558,6 +581,74 @@ class Segment:
         return json.loads(self.data[lo:lo + size])
 
 
+def _finite_or_none(values: np.ndarray) -> list[Any]:
+    out = values.tolist()
+    if not np.isfinite(values).all():
+        out = [v if math.isfinite(v) else None for v in out]
+    return out
+
+
+def _cat_values(seg: Segment, name: str) -> list[Any]:
+    codes, values = seg.column(name)
+    return [values[c] for c in codes.tolist()] if len(values) > 1 else [values[0] if values else None] * seg.n
+
+
+def segment_rows(seg: Segment, feature_sets: Mapping[int, Sequence[str]]) -> list[tuple[Any, ...]]:
+    """The rows a segment stands for, as the writer inserts them into ``predictions`` (without ``seq``): the
+    service's ``PREDICTION_COLUMNS`` (``request_id, item, time, event_time, event_id, endpoint, inputs, features,
+    score, decision, model_version, fallback, fallback_reason, stale, latency_ms``) then ``features_f64`` and
+    ``feature_set``, the same values and types, the texts byte for byte (:func:`row_json`, :func:`iso_us`).
+
+    Exact for the rows of a column batch (every row has every input field, ints and floats of one field apart):
+    what the writer may store as a segment alone. A row lacking an input field that others have gets it as null.
+    ``feature_sets``: the log's ``{id: names}`` (:func:`read_feature_sets`). Example::
+
+        rows = segment_rows(Segment(data), read_feature_sets(db))   # rows[0][6]: the first row's inputs text
+    """
+    n = seg.n
+    request_ids = seg.column("request_id")
+    items = seg.column("item").tolist()
+    times = iso_us(seg.column("time"))
+    event_times = iso_us(seg.column("event_time"))
+    event_ids = seg.column("event_id")
+    endpoints = _cat_values(seg, "endpoint")
+    scores = _finite_or_none(seg.column("score"))
+    decisions = _cat_values(seg, "decision")
+    versions = _cat_values(seg, "model_version")
+    fallback = seg.column("fallback").tolist()
+    reasons = _cat_values(seg, "fallback_reason")
+    stale = seg.column("stale").tolist()
+    latency = seg.column("latency_ms").tolist()
+    fields = [name[6:] for name in seg.columns if name.startswith("input.")]
+    values = []
+    for field in fields:
+        kind = seg.kind(f"input.{field}")
+        column = seg.column(f"input.{field}")
+        values.append(_finite_or_none(column) if kind == "f8" else column.tolist() if kind == "i8" else column)
+    inputs = [row_json(dict(zip(fields, row, strict=True))) for row in zip(*values, strict=True)] if fields else (
+        ["{}"] * n)
+    blobs: list[bytes | None] = [None] * n
+    sets: list[int | None] = [None] * n
+    if seg.kind("features.set"):
+        texts: list[str | None] = [None] * n
+        ids = seg.column("features.set").tolist()
+        raw = bytes(seg.column("features.f64"))
+        at = 0
+        for i, fs in enumerate(ids):
+            if fs < 0:
+                continue
+            names = feature_sets[fs]
+            width = 8 * len(names)
+            blob = raw[at:at + width]
+            at += width
+            blobs[i], sets[i] = blob, fs
+            texts[i] = row_json(dict(zip(names, packer(len(names)).unpack(blob), strict=True)))
+    else:
+        texts = [None if d is None else row_json(d) for d in seg.column("features.json")]
+    return list(zip(request_ids, items, times, event_times, event_ids, endpoints, inputs, texts, scores, decisions,
+                    versions, fallback, reasons, stale, latency, blobs, sets, strict=True))
+
+
 __all__ = [
     "FEATURE_COLUMNS",
     "FEATURE_DDL",
@@ -581,4 +672,7 @@ __all__ = [
     "iso_us",
     "part_of_rows",
     "read_feature_sets",
+    "row_json",
+    "row_json_slow",
+    "segment_rows",
 ]

@@ -180,7 +180,8 @@ def test_segment_encoding_round_trips_odd_values() -> None:
     assert seg.column("input.big") == [2**70, 1]
     assert seg.column("input.flag") == [True, False]
     assert seg.column("input.t") == ["2018-09-01T00:00:00.000000"] * 2
-    assert seg.column("input.f").tolist() == [1.5, 2.0]
+    f = seg.column("input.f")  # an int among floats: kept as JSON, as the rows' text tells 2 from 2.0
+    assert f == [1.5, 2] and type(f[1]) is int
     assert seg.column("input.mix") == [1, "s"]
     codes, values = seg.column("decision")
     assert [values[c] for c in codes] == ["x", "y"]

@@ -66,6 +66,8 @@ from keel.logformat import (
     json_default,
     packer,
     part_of_rows,
+    row_json,
+    row_json_slow,
 )
 from keel.serve.logwriter import ACK, frame, item_rows, spawn
 from keel.sqlbatch import execute_chunked
@@ -131,25 +133,7 @@ SEGMENT_ROWS = 4096  # rows per columnar segment: 16 write batches of 256, decod
 _STOP = object()
 
 
-_ENCODE = json.JSONEncoder(default=json_default, separators=(",", ":")).encode
-
-
-def _json_slow(value: Any) -> str:
-    if isinstance(value, Mapping):
-        # JSON has no NaN: missing feature values (an empty window's mean) are stored as null.
-        value = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in value.items()}
-    return _ENCODE(value)
-
-
-def _json(value: Any) -> str:
-    """Compact JSON text of an input or feature dict: non-finite floats as null, times as :func:`iso`.
-
-    orjson writes it (a tenth of the stdlib encoder's cost, the largest part of a log row); values it refuses
-    (an int beyond 64 bits) take the stdlib path, which gives the same JSON values."""
-    try:
-        return orjson.dumps(value, default=json_default, option=ORJSON_OPTIONS).decode()
-    except (orjson.JSONEncodeError, TypeError):
-        return _json_slow(value)
+_json, _json_slow = row_json, row_json_slow  # (the rows' JSON text: keel.logformat, which rebuilds it)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
