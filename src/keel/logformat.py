@@ -198,6 +198,29 @@ _BASE_KIND = {"request_id": "json", "item": "i8", "time": "t", "event_time": "t"
               "fallback_reason": "cat", "stale": "u1", "latency_ms": "f8"}
 
 
+# A segment whose rows have no row in ``predictions`` (a column batch stored columnar only): ``segment_only`` 1, the
+# min/max event time (``t_lo``/``t_hi``, int64 us over the rows that have one; NULL when none has), ``t_null`` 1
+# when a row has no event time, and the min/max answer time (``a_lo``/``a_hi``): what readers bound a time range
+# with instead of the predictions table's indexes. Segments of rows kept in ``predictions`` leave them NULL.
+SEGMENT_ONLY_COLUMNS = ("segment_only", "t_lo", "t_hi", "t_null", "a_lo", "a_hi")
+INSERT_SEGMENT_ONLY = ("insert into prediction_segments (seq0, n, data, segment_only, t_lo, t_hi, t_null, a_lo,"
+                       " a_hi) values (?, ?, ?, 1, ?, ?, ?, ?, ?)")
+
+
+def has_segment_only(conn: sqlite3.Connection) -> bool:
+    """Whether the log's segments table has the columns of segment-only rows (:data:`SEGMENT_ONLY_COLUMNS`)."""
+    cols = {r[1] for r in conn.execute("pragma table_info(prediction_segments)")}
+    return set(SEGMENT_ONLY_COLUMNS) <= cols
+
+
+def segment_only_bounds(event_us: np.ndarray, time_us: np.ndarray) -> tuple[int | None, int | None, int, int, int]:
+    """``t_lo, t_hi, t_null, a_lo, a_hi`` of a segment-only batch from its event and answer times (int64 us, NAT:
+    none)."""
+    t = event_us[event_us != NAT]
+    return (int(t.min()) if len(t) else None, int(t.max()) if len(t) else None, int(len(t) < len(event_us)),
+            int(time_us.min()), int(time_us.max()))
+
+
 def has_segments(conn: sqlite3.Connection) -> bool:
     """Whether the log has the segment and label-row tables (a log migrated by :func:`ensure_segment_tables`)."""
     names = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
@@ -205,13 +228,22 @@ def has_segments(conn: sqlite3.Connection) -> bool:
 
 
 def ensure_segment_tables(conn: sqlite3.Connection) -> None:
-    """Create ``prediction_segments`` and ``label_rows`` (filled from the labels already there) when missing.
-    Idempotent; call after the ``predictions`` and ``labels`` tables exist."""
+    """Create ``prediction_segments`` and ``label_rows`` (filled from the labels already there) when missing, and
+    add the segment-only columns to an older segments table. Idempotent; call after the ``predictions`` and
+    ``labels`` tables exist."""
     try:
         new = not has_segments(conn)
         conn.execute(SEGMENTS_DDL)
         conn.execute(LABEL_ROWS_DDL)
         conn.execute(LABELS_AT_DDL)
+        cols = {r[1] for r in conn.execute("pragma table_info(prediction_segments)")}
+        for column in SEGMENT_ONLY_COLUMNS:
+            if column not in cols:
+                try:
+                    conn.execute(f"alter table prediction_segments add column {column} integer")
+                except sqlite3.OperationalError as exc:  # another process added it in between
+                    if "duplicate column" not in str(exc):
+                        raise
         if new:
             conn.execute(LABEL_ROWS_FOR_PREDICTIONS, (0,))
     except sqlite3.Error as exc:
@@ -653,9 +685,11 @@ __all__ = [
     "FEATURE_COLUMNS",
     "FEATURE_DDL",
     "FEATURE_SETS_DDL",
+    "INSERT_SEGMENT_ONLY",
     "LABEL_ROWS_FOR_LABEL",
     "LABEL_ROWS_FOR_PREDICTIONS",
     "NAT",
+    "SEGMENT_ONLY_COLUMNS",
     "Segment",
     "SegmentPart",
     "datetimes_us",
@@ -666,6 +700,7 @@ __all__ = [
     "feature_blob",
     "feature_set_id",
     "has_feature_columns",
+    "has_segment_only",
     "has_segments",
     "input_fields",
     "iso",
@@ -674,5 +709,6 @@ __all__ = [
     "read_feature_sets",
     "row_json",
     "row_json_slow",
+    "segment_only_bounds",
     "segment_rows",
 ]

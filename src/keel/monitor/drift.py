@@ -469,11 +469,11 @@ def log_time_range(path: str | Path) -> tuple[datetime | None, datetime | None, 
     if not p.is_file():
         raise MonitorError(f"No prediction log at {p}.",
                            hint="Serve some traffic first (`keel serve`), or check serving.prediction_log.")
+    from keel.monitor.logread import event_time_range
+
     db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     try:
-        # One subquery per bound: SQLite answers a lone min() or max() from the index, both at once by a scan.
-        lo, hi = db.execute("select (select min(event_time) from predictions),"
-                            " (select max(event_time) from predictions)").fetchone()
+        lo, hi = event_time_range(db)  # (segment-only rows included)
         try:
             (lab,) = db.execute("select max(at) from labels").fetchone()
         except sqlite3.Error:

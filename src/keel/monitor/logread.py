@@ -51,7 +51,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from keel.errors import MonitorError
-from keel.logformat import Segment, has_feature_columns, has_segments, iso, read_feature_sets
+from keel.logformat import (
+    Segment,
+    has_feature_columns,
+    has_segment_only,
+    has_segments,
+    iso,
+    iso_us,
+    read_feature_sets,
+)
 
 # Base columns monitoring reads, and how one printf() per row prints each into the batch's CSV: reals with 17
 # significant digits (they round-trip exactly) and a null flag (printf prints NULL as 0), texts SQL-quoted
@@ -134,6 +142,7 @@ class _Query:
         self.path, self.features, self.inputs = path, list(features), list(inputs)
         self.labelled_inputs = list(labelled_inputs) if labels else []
         self.labels, self.start, self.end = labels, start, end
+        self.segment_only = False  # whether the log has segment-only rows' columns (set by read_log)
         self.blobs = blobs and bool(self.features)
         self.sets = dict(sets or {})
         self.columns = [*columns, *(LABEL_COLUMNS if labels else ()), *(["feature_set"] if self.blobs else [])]
@@ -200,15 +209,18 @@ class _Query:
         kind, lo, hi = task[:3]
         if kind == "rows":
             return self.run(db, lo, hi)
+        only = "segment_only" if self.segment_only else "null"
         try:
             wanted = set(task[3])
-            segments = [r for r in db.execute("select seq0, n, data from prediction_segments where seq0 >= ? and"
-                                              " seq0 < ? order by seq0", (lo, hi)) if r[0] in wanted]
+            found = [r for r in db.execute(f"select seq0, n, data, {only} from prediction_segments where seq0 >= ?"
+                                           " and seq0 < ? order by seq0", (lo, hi)) if r[0] in wanted]
             labels = db.execute("select seq, label, at_us from label_rows where seq >= ? and seq < ? order by seq",
                                 (lo, hi)).fetchall() if self.labels else []
+            if self.labels and any(r[3] == 1 for r in found):
+                labels = sorted(labels + _segment_labels(db, [r[:3] for r in found if r[3] == 1]))
         except sqlite3.Error as exc:
             raise MonitorError(f"Cannot read the prediction log {self.path}: {exc}.") from exc
-        return _SegmentBatch(lo, hi, segments, labels)
+        return _SegmentBatch(lo, hi, [r[:3] for r in found], labels)
 
     def set_names(self, ids: Sequence[int]) -> dict[int, list[str]]:
         """Names of these feature sets (re-read when the service registered a new one since the reader opened)."""
@@ -597,6 +609,25 @@ def _segment_frame(q: _Query, b: _SegmentBatch) -> pd.DataFrame:
     return pd.DataFrame(out, copy=False)
 
 
+_IN_CHUNK = 900  # event ids per "in (...)" probe of the labels table (SQLite's default limit is 999 parameters)
+
+
+def _segment_labels(db: sqlite3.Connection, segments: Sequence[tuple[int, int, bytes]]
+                    ) -> list[tuple[int, float, int]]:
+    """``(seq, label, at_us)`` of segment-only rows: what ``label_rows`` holds for rows kept in ``predictions``,
+    i.e. the join ``labels.event_id = event_id``, matched here by probing the labels table's key with the
+    segments' event ids (no event-id index over segment-only rows)."""
+    ids = [(s0, Segment(data).column("event_id")) for s0, _, data in segments]
+    wanted = list({e for _, col in ids for e in col if e is not None})
+    known: dict[str, tuple[float, int]] = {}
+    for at in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[at:at + _IN_CHUNK]
+        rows = db.execute(f"select event_id, label, at from labels where event_id in ({', '.join('?' * len(chunk))})",
+                          chunk).fetchall()
+        known.update((e, (float(label), _us(t))) for e, label, t in rows)
+    return [(s0 + i, *known[e]) for s0, col in ids for i, e in enumerate(col) if e in known]
+
+
 def _plan(db: sqlite3.Connection, first: int, last: int, batch_rows: int) -> list[tuple[Any, ...]]:
     """The tasks reading ``first <= seq <= last`` in order: runs of consecutive segments of about ``batch_rows``
     rows (with the ``seq0`` of each), and ranges of the rows no segment covers. A segment overlapping the one
@@ -632,8 +663,32 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
 
+def _only_range(db: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> tuple[Any, ...]:
+    """min(seq0), max(last seq), min(t_lo), max(t_hi), max(t_null) of the segment-only segments (Nones if none)."""
+    if not has_segment_only(db):
+        return (None, None, None, None, None)
+    return db.execute("select min(seq0), max(seq0 + n - 1), min(t_lo), max(t_hi), max(t_null) from"
+                      f" prediction_segments where segment_only = 1{where}", params).fetchone()
+
+
+def _union(a: Any, b: Any, pick: Any) -> Any:
+    return b if a is None else a if b is None else pick(a, b)
+
+
+def event_time_range(db: sqlite3.Connection) -> tuple[str | None, str | None]:
+    """(first, last) ``event_time`` text of the log's rows, those of segment-only rows included (None: none)."""
+    # One subquery per bound: SQLite answers a lone min() or max() from the index, both at once by a scan.
+    t_lo, t_hi = db.execute("select (select min(event_time) from predictions),"
+                            " (select max(event_time) from predictions)").fetchone()
+    _, _, s_lo, s_hi, _ = _only_range(db)
+    s_lo_t, s_hi_t = (iso_us(np.array([s_lo, s_hi], dtype="<i8")) if s_lo is not None else (None, None))
+    return _union(t_lo, s_lo_t, min), _union(t_hi, s_hi_t, max)
+
+
 def seq_bounds(path: str | Path, start: str | None = None, end: str | None = None) -> tuple[int, int] | None:
-    """(first, last) ``seq`` of the rows with ``start <= event_time < end`` (the event-time index answers)."""
+    """(first, last) ``seq`` of the rows with ``start <= event_time < end`` (the event-time index answers). With
+    segment-only rows, the bounds take in every such segment whose time range meets ``[start, end)`` whole
+    (readers cut its rows by time)."""
     where, params = [], []
     if start is not None:
         where.append("event_time >= ?")
@@ -646,18 +701,28 @@ def seq_bounds(path: str | Path, start: str | None = None, end: str | None = Non
         # bounds leave a row out.
         whole = True
         if where:
-            t_lo, t_hi = db.execute("select (select min(event_time) from predictions),"
-                                    " (select max(event_time) from predictions)").fetchone()
+            t_lo, t_hi = event_time_range(db)
             if t_lo is None:
                 return None
             whole = ((start is None or start <= t_lo) and (end is None or end > t_hi) and not db.execute(
-                "select exists (select 1 from predictions where event_time is null)").fetchone()[0])
+                "select exists (select 1 from predictions where event_time is null)").fetchone()[0]
+                and not _only_range(db)[4])
         if whole:
             lo, hi = db.execute("select (select min(seq) from predictions), (select max(seq) from predictions)"
                                 ).fetchone()
+            s_lo, s_hi = _only_range(db)[:2]
         else:
             sql = "select min(seq), max(seq) from predictions where " + " and ".join(where)
             lo, hi = db.execute(sql, params).fetchone()
+            cut, args = " and t_lo is not null", []
+            if start is not None:
+                cut += " and t_hi >= ?"
+                args.append(_us(start))
+            if end is not None:
+                cut += " and t_lo < ?"
+                args.append(_us(end))
+            s_lo, s_hi = _only_range(db, cut, args)[:2]
+        lo, hi = _union(lo, s_lo, min), _union(hi, s_hi, max)
     return None if lo is None else (int(lo), int(hi))
 
 
@@ -698,8 +763,10 @@ def read_log(path: str | Path, *, features: Sequence[str] = (), inputs: Sequence
         sets = read_feature_sets(db) if blobs else {}
         tasks = (_plan(db, bounds[0], bounds[1], batch_rows) if has_segments(db) else
                  [("rows", a, min(a + batch_rows, bounds[1] + 1)) for a in range(bounds[0], bounds[1] + 1, batch_rows)])
+        only = has_segment_only(db)
     q = _Query(p, features, inputs, cols, labels, lo_t, hi_t, blobs=blobs, sets=sets,
                labelled_inputs=[c for c in labelled_inputs if c not in set(inputs)])
+    q.segment_only = only
     for batch in _batches(p, q, tasks, prefetch):
         if batch.rows:
             frame = _segment_frame(q, batch) if isinstance(batch, _SegmentBatch) else _to_frame(q, batch)
@@ -757,4 +824,4 @@ def _batches(path: Path, q: _Query, ranges: list[tuple[Any, ...]], prefetch: boo
             t.join(timeout=5)
 
 
-__all__ = ["BASE_COLUMNS", "MONITOR_COLUMNS", "features_pattern", "read_log", "seq_bounds"]
+__all__ = ["BASE_COLUMNS", "MONITOR_COLUMNS", "event_time_range", "features_pattern", "read_log", "seq_bounds"]

@@ -53,6 +53,7 @@ from keel.logformat import (
     LABEL_ROWS_FOR_PREDICTIONS,
     NAT,
     ORJSON_OPTIONS,
+    Segment,
     SegmentPart,
     datetimes_us,
     encode_parts,
@@ -60,14 +61,17 @@ from keel.logformat import (
     ensure_segment_tables,
     feature_blob,
     feature_set_id,
+    has_segment_only,
     input_fields,
     iso,
     iso_us,
     json_default,
     packer,
     part_of_rows,
+    read_feature_sets,
     row_json,
     row_json_slow,
+    segment_rows,
 )
 from keel.serve.logwriter import ACK, frame, item_rows, spawn
 from keel.sqlbatch import execute_chunked
@@ -1172,30 +1176,91 @@ def iter_predictions(
         raise MonitorError(f"iter_predictions(on=...) must be 'event_time' or 'time'. Got {on!r} instead.")
     if batch_rows < 1:
         raise MonitorError(f"iter_predictions(batch_rows=...) must be at least 1. Got {batch_rows} instead.")
+    lo_t = iso(pd.Timestamp(start)) if start is not None else None
+    hi_t = iso(pd.Timestamp(end)) if end is not None else None
+    columns = ["seq", *PREDICTION_COLUMNS]
+    page: list[tuple[Any, ...]] = []
+    for row in iter_rows(path, lo_t, hi_t, on=on, page_rows=batch_rows):
+        page.append(row)
+        if len(page) == batch_rows:
+            yield _frame(page, columns, expand_features)
+            page = []
+    if page:
+        yield _frame(page, columns, expand_features)
+
+
+def _only_spans(db: sqlite3.Connection, on: str, lo_t: str | None, hi_t: str | None) -> list[tuple[int, int]]:
+    """``(seq0, n)`` of the segment-only segments that may hold rows with ``lo_t <= on < hi_t``, in seq order."""
+    if not has_segment_only(db):
+        return []
+    lo_c, hi_c = ("t_lo", "t_hi") if on == "event_time" else ("a_lo", "a_hi")
+    where, params = ["segment_only = 1"], []
+    if lo_t is not None or hi_t is not None:
+        where.append(f"{lo_c} is not null")
+    if lo_t is not None:
+        where.append(f"{hi_c} >= ?")
+        params.append(_us_of(lo_t))
+    if hi_t is not None:
+        where.append(f"{lo_c} < ?")
+        params.append(_us_of(hi_t))
+    return [(int(a), int(n)) for a, n in db.execute(
+        f"select seq0, n from prediction_segments where {' and '.join(where)} order by seq0", params)]
+
+
+def _us_of(text: str) -> int:
+    return int(np.datetime64(text, "us").astype(np.int64))
+
+
+def iter_rows(path: str | Path, lo_t: str | None = None, hi_t: str | None = None, *, on: str = "event_time",
+              page_rows: int = 50_000) -> Iterator[tuple[Any, ...]]:
+    """Every logged row with ``lo_t <= on < hi_t`` (:func:`iso` texts; None: unbounded) in ``seq`` order, as
+    ``(seq, *PREDICTION_COLUMNS)`` with the values and texts ``predictions`` holds, whether the row is in that
+    table or only in a segment (a column batch stored columnar only: rebuilt by :func:`segment_rows`).
+
+    ``on``: ``"event_time"`` or ``"time"``; a row without that time is left out when a bound is given (as SQL's
+    comparison with NULL). Rows are read ``page_rows`` at a time (keyset pages on ``seq``) and one segment at a
+    time, so memory stays bounded. Example::
+
+        for seq, request_id, *rest in iter_rows(".keel/predictions.sqlite", "2018-04-01T00:00:00.000000"):
+            ...
+    """
+    if on not in ("event_time", "time"):
+        raise MonitorError(f"iter_rows(on=...) must be 'event_time' or 'time'. Got {on!r} instead.")
     db = _open_read(path)
     try:
         where, params = [], []
-        if start is not None:
+        if lo_t is not None:
             where.append(f"{on} >= ?")
-            params.append(iso(pd.Timestamp(start)))
-        if end is not None:
+            params.append(lo_t)
+        if hi_t is not None:
             where.append(f"{on} < ?")
-            params.append(iso(pd.Timestamp(end)))
-        last = 0
-        columns = ["seq", *PREDICTION_COLUMNS]
-        while True:
+            params.append(hi_t)
+        spans = _only_spans(db, on, lo_t, hi_t)
+        sets = read_feature_sets(db) if spans else {}  # (after the spans: every set they use is named by then)
+        select = f"select {', '.join(['seq', *PREDICTION_COLUMNS])} from predictions where "
+        k = 1 + PREDICTION_COLUMNS.index(on)
+
+        def table(last: int, stop: int | None) -> Iterator[tuple[Any, ...]]:
             # Keyset pagination on seq: constant cost per page, safe while the service keeps appending.
-            clause = " and ".join(["seq > ?", *where])
-            rows = db.execute(
-                f"select {', '.join(columns)} from predictions where {clause} order by seq limit ?",
-                (last, *params, batch_rows),
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield _frame(rows, columns, expand_features)
-            if len(rows) < batch_rows:
-                return
+            clause = " and ".join(["seq > ?", *(["seq < ?"] if stop is not None else []), *where])
+            while True:
+                rows = db.execute(f"{select}{clause} order by seq limit ?",
+                                  (last, *([stop] if stop is not None else []), *params, page_rows)).fetchall()
+                yield from rows
+                if len(rows) < page_rows:
+                    return
+                last = rows[-1][0]
+
+        last = 0
+        for seq0, n in spans:
+            yield from table(last, seq0)
+            (data,) = db.execute("select data from prediction_segments where seq0 = ?", (seq0,)).fetchone()
+            for seq, row in enumerate(segment_rows(Segment(data), sets), seq0):
+                t = row[k - 1]
+                if (lo_t is None or (t is not None and t >= lo_t)) and (hi_t is None or (t is not None and t < hi_t)):
+                    yield (seq, *row[:len(PREDICTION_COLUMNS)])
+            last = seq0 + n - 1
+        yield from table(last, None)
     finally:
         db.close()
 
@@ -1245,4 +1310,4 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionBatch", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "read_labels", "read_predictions"]
+__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionBatch", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "iter_rows", "read_labels", "read_predictions"]
