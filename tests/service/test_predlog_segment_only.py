@@ -21,6 +21,7 @@ from test_predlog_columns import NAMES, _records, batches
 from keel.logformat import Segment, read_feature_sets, segment_only_bounds, segment_rows
 from keel.monitor.drift import log_time_range
 from keel.monitor.logread import BASE_COLUMNS, read_log, seq_bounds
+from keel.monitor.skew import _logged_events, _sample_log
 from keel.serve.predlog import (
     FEATURE_COLUMNS,
     PREDICTION_COLUMNS,
@@ -99,6 +100,10 @@ def _all_reads_agree(rows: Path, only: Path, names: tuple[str, ...], bounds: lis
                     pd.testing.assert_frame_equal(fa, fb, check_exact=True)
             pd.testing.assert_frame_equal(read_predictions(only, start, end, on=on),
                                           read_predictions(rows, start, end, on=on), check_exact=True)
+        if start is not None and end is not None:
+            pd.testing.assert_frame_equal(_logged_events(only, start, end), _logged_events(rows, start, end))
+        for sample in (3, 1000):
+            pd.testing.assert_frame_equal(_sample_log(only, sample, end), _sample_log(rows, sample, end))
         for batch_rows in (7, 1000):
             _same(_log_read(only, names, batch_rows, start=start, end=end),
                   _log_read(rows, names, batch_rows, start=start, end=end))

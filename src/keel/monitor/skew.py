@@ -80,34 +80,49 @@ def _num(v: float) -> float | None:
     return None if not np.isfinite(v) else float(v)
 
 
-def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
-    from keel.logformat import iso as _iso
+_SAMPLED = ["seq", "event_id", "event_time", "inputs", "features"]
 
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        cond = "features is not null" + (" and event_time < ?" if end is not None else "")
-        args: tuple[Any, ...] = (_iso(end),) if end is not None else ()
-        (n,) = db.execute(f"select count(*) from predictions where {cond}", args).fetchone()
-        step = max(1, n // max(sample, 1))
-        rows = db.execute(f"select seq, event_id, event_time, inputs, features from predictions where {cond}"
-                          f" and seq % ? = 0 order by seq limit ?", (*args, step, sample)).fetchall()
-    finally:
-        db.close()
-    return pd.DataFrame.from_records(rows, columns=["seq", "event_id", "event_time", "inputs", "features"])
+
+def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
+    """Every ``step``-th logged row (by ``seq``) with features and ``event_time < end``, at most ``sample`` of them,
+    ``step`` spreading the sample over the whole log; rows stored as rows or only in segments alike."""
+    from keel.logformat import iso as _iso
+    from keel.serve.predlog import PREDICTION_COLUMNS, iter_rows
+
+    hi = _iso(end) if end is not None else None
+    at = {c: 1 + PREDICTION_COLUMNS.index(c) for c in _SAMPLED[1:]}
+    n = sum(1 for r in iter_rows(path, None, hi) if r[at["features"]] is not None)
+    step = max(1, n // max(sample, 1))
+    rows = []
+    for r in iter_rows(path, None, hi):
+        if len(rows) >= sample:
+            break
+        if r[at["features"]] is not None and r[0] % step == 0:
+            rows.append((r[0], *(r[at[c]] for c in _SAMPLED[1:])))
+    return pd.DataFrame.from_records(rows, columns=_SAMPLED)
 
 
 def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
+    """The raw inputs of the rows with ``start <= event_time <= end`` in ``seq`` order, with their label (None
+    when none: the join ``labels.event_id = event_id``) in ``__label``."""
     from keel.logformat import iso as _iso
+    from keel.serve.predlog import PREDICTION_COLUMNS, iter_rows
 
+    hi = _iso(end)
+    k_t, k_id, k_in = (1 + PREDICTION_COLUMNS.index(c) for c in ("event_time", "event_id", "inputs"))
+    rows = [(r[k_in], r[k_id]) for r in iter_rows(path, _iso(start), None) if r[k_t] <= hi]
+    ids = list({e for _, e in rows if e is not None})
+    labels: dict[str, float] = {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = db.execute("select p.inputs, l.label, l.at from predictions p left join labels l on l.event_id ="
-                          " p.event_id where p.event_time >= ? and p.event_time <= ? order by p.seq",
-                          (_iso(start), _iso(end))).fetchall()
+        for at in range(0, len(ids), 900):  # (SQLite's default limit is 999 parameters)
+            chunk = ids[at:at + 900]
+            labels.update(db.execute(f"select event_id, label from labels where event_id in"
+                                     f" ({', '.join('?' * len(chunk))})", chunk).fetchall())
     finally:
         db.close()
-    events = pd.DataFrame.from_records([json.loads(r[0]) for r in rows])
-    events["__label"] = [r[1] for r in rows]
+    events = pd.DataFrame.from_records([json.loads(text) for text, _ in rows])
+    events["__label"] = [labels.get(e) for _, e in rows]  # type: ignore[arg-type]
     return events
 
 
