@@ -68,8 +68,13 @@ def _same(got: pd.DataFrame, want: pd.DataFrame) -> None:
     assert len(got) == len(want)
     for c in got.columns:
         a, b = got[c].to_numpy(), want[c].to_numpy()
-        assert a.dtype == b.dtype, c
-        if a.dtype.kind in "fM":
+        if a.dtype != b.dtype:
+            # read_log types a raw int input per frame (all ints: objects, with a missing one: float64), and
+            # segment-only rows make other frames than rows do: the same numbers either way.
+            assert c.startswith("input.") and {a.dtype.kind, b.dtype.kind} <= {"O", "f"}, c
+            assert [None if v is None or v != v else float(v) for v in a] == [
+                None if v is None or v != v else float(v) for v in b], c
+        elif a.dtype.kind in "fM":
             assert np.array_equal(a, b, equal_nan=True), c
         else:
             assert [None if v is None or v != v else v for v in a] == [None if v is None or v != v else v for v in b], c
@@ -183,3 +188,4 @@ def test_logs_without_segment_only_rows_read_as_before(tmp_path: Path, moved: li
     only = tmp_path / "only.sqlite"
     assert segment_only(rows, only, moved) == (0 if moved == [False] else 4 + 2)
     _all_reads_agree(rows, only, ("f",), [(None, None), (T0 + timedelta(hours=3), T0 + timedelta(hours=7))])
+

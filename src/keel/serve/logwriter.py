@@ -63,7 +63,7 @@ def item_rows(item: Any) -> int:
 
 
 def spawn(config: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
-    """Start a writer child for ``config`` (path, flush_rows, flush_ms, segment_rows). Returns the process, the
+    """Start a writer child for ``config`` (path, flush_rows, flush_ms, segment_rows, batch_segments). Returns the process, the
     connection to send frames on and the connection acknowledgements arrive on."""
     data_r, data_w = os.pipe()
     ack_r, ack_w = os.pipe()
@@ -103,7 +103,8 @@ def child_main(data_fd: int, ack_fd: int, config_text: str) -> None:
     config = json.loads(config_text)
     predlog._pause = _no_pause  # nobody else to let in: the writer is this process's only thread
     writer = predlog.PredictionLog(config["path"], flush_rows=config["flush_rows"], flush_ms=config["flush_ms"],
-                                   segment_rows=config["segment_rows"])  # not started: it writes in this thread
+                                   segment_rows=config["segment_rows"],
+                                   batch_segments=config.get("batch_segments", False))  # not started: writes here
     rx = Connection(data_fd, writable=False)
     tx = Connection(ack_fd, readable=False)
     items: list[Any] = []

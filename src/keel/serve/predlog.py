@@ -49,6 +49,7 @@ import orjson
 from keel.errors import MonitorError
 from keel.logformat import (
     FEATURE_COLUMNS,
+    INSERT_SEGMENT_ONLY,
     LABEL_ROWS_FOR_LABEL,
     LABEL_ROWS_FOR_PREDICTIONS,
     NAT,
@@ -71,6 +72,7 @@ from keel.logformat import (
     read_feature_sets,
     row_json,
     row_json_slow,
+    segment_only_bounds,
     segment_rows,
 )
 from keel.serve.logwriter import ACK, frame, item_rows, spawn
@@ -280,9 +282,11 @@ def _matrix_rows(matrix: np.ndarray, names: Sequence[str]) -> tuple[list[str], l
     return texts, [raw[j:j + width] for j in range(0, len(raw), width)], raw
 
 
-def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[Any, ...]], SegmentPart]:
+def _batch_rows(batch: PredictionBatch, feature_set: Any, *, rows: bool = True
+                ) -> tuple[list[tuple[Any, ...]], SegmentPart]:
     """A :class:`PredictionBatch` as the rows (and segment part) its per-event records give, built column-wise.
-    ``feature_set(names)`` gives the id of a feature set."""
+    ``feature_set(names)`` gives the id of a feature set. ``rows=False``: the segment part only (no row, no
+    JSON text: what a segment-only batch needs)."""
     n = batch.n
     rid = str(batch.request_id)
     endpoint = str(batch.endpoint)
@@ -350,14 +354,18 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     if len(ok_rows) and k:
         fs = feature_set(tuple(names))
         good = matrix[ok_rows] if any_failed else matrix
-        texts, row_blobs, raw = _matrix_rows(good, names)
-        if any_failed:
-            for j, i in enumerate(ok_rows):
-                feature_texts[i], blobs[i] = texts[j], row_blobs[j]
+        if not rows:  # a segment-only part: the values end to end, no per-row text or blob
             sets[ok_rows] = fs
+            raw = good.tobytes()
         else:
-            feature_texts, blobs = texts, row_blobs  # type: ignore[assignment]
-            sets[:] = fs
+            texts, row_blobs, raw = _matrix_rows(good, names)
+            if any_failed:
+                for j, i in enumerate(ok_rows):
+                    feature_texts[i], blobs[i] = texts[j], row_blobs[j]
+                sets[ok_rows] = fs
+            else:
+                feature_texts, blobs = texts, row_blobs  # type: ignore[assignment]
+                sets[:] = fs
         blob_bytes = raw
     else:  # no features at all, or none: "{}" (as an empty dict's text) without a blob
         for i in ok_rows:
@@ -366,13 +374,15 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
         blob_bytes = b""
     fs_list = [fs] * n if not any_failed else [None if b is None else fs for b in blobs]
     kinds = {name: set(map(type, v)) for name, v in inputs.items() if isinstance(v, list)}
-    _pause()
-    input_texts = _input_texts(cols, n, inputs, kinds)
-    _pause()
     mv = batch.model_version
-    rows = list(zip(request_ids, range(n), repeat(time_text, n), event_times, event_ids, repeat(endpoint, n),
-                    input_texts, feature_texts, score_list, decisions, repeat(mv, n), fallback, reasons,
-                    stale.tolist(), repeat(latency, n), blobs, fs_list, strict=False))
+    table: list[tuple[Any, ...]] = []
+    if rows:
+        _pause()
+        input_texts = _input_texts(cols, n, inputs, kinds)
+        _pause()
+        table = list(zip(request_ids, range(n), repeat(time_text, n), event_times, event_ids, repeat(endpoint, n),
+                         input_texts, feature_texts, score_list, decisions, repeat(mv, n), fallback, reasons,
+                         stale.tolist(), repeat(latency, n), blobs, fs_list, strict=False))
     base = {
         "request_id": request_ids, "item": np.arange(n, dtype="<i8"), "time": np.full(n, time_us, dtype="<i8"),
         "event_time": event_us, "event_id": event_ids, "endpoint": [endpoint] * n, "score": scores,
@@ -381,7 +391,7 @@ def _batch_rows(batch: PredictionBatch, feature_set: Any) -> tuple[list[tuple[An
     }
     part = SegmentPart(n, base, sets, blob_bytes if numeric else b"", numeric, feature_texts, list(inputs), True,
                        inputs, kinds)
-    return rows, part
+    return table, part
 
 
 def _time_texts(values: Sequence[Any]) -> tuple[list[str | None], np.ndarray]:
@@ -510,7 +520,9 @@ class PredictionLog:
     Parameters: ``path`` of the SQLite file; ``flush_rows`` and ``flush_ms`` bound how long a record waits;
     ``max_queue`` bounds memory if the disk stalls (records beyond it are dropped and counted in ``dropped``);
     ``segment_rows``: rows per columnar segment (consecutive write batches are gathered into one; the rows of a
-    segment not yet written are read from their rows).
+    segment not yet written are read from their rows). ``batch_segments``: the rows of column batches
+    (:meth:`append_columns`) are stored only as a columnar segment each write (no row in ``predictions``, no
+    text built; readers rebuild the rows: :func:`iter_rows`), per-event records as rows as before.
 
     ``process=True``: the rows are built and written by a process of its own (:mod:`keel.serve.logwriter`); this
     process only pickles the queued records every ``send_ms`` milliseconds and sends them over a pipe, so the
@@ -522,8 +534,9 @@ class PredictionLog:
 
     def __init__(self, path: str | Path, *, flush_rows: int = 256, flush_ms: float = 200.0,
                  max_queue: int = 1_000_000, segment_rows: int = SEGMENT_ROWS, process: bool = False,
-                 send_ms: float = 200.0) -> None:
+                 send_ms: float = 200.0, batch_segments: bool = False) -> None:
         self.path = Path(path)
+        self.batch_segments = bool(batch_segments)
         self.flush_rows = max(1, int(flush_rows))
         self.flush_seconds = max(0.001, float(flush_ms) / 1000.0)
         # A deque, not a queue.Queue: appending takes no lock and wakes nobody. The writer wakes every flush_ms,
@@ -756,7 +769,8 @@ class PredictionLog:
         if child is not None:  # a writer that dies at once (say, the log cannot be opened) is not restarted in a loop
             time.sleep(max(0.0, child.started + 1.0 - time.monotonic()))
         proc, tx, rx = spawn({"path": str(self.path), "flush_rows": self.flush_rows,
-                              "flush_ms": self.flush_seconds * 1000.0, "segment_rows": self._segment_rows})
+                              "flush_ms": self.flush_seconds * 1000.0, "segment_rows": self._segment_rows,
+                              "batch_segments": self.batch_segments})
         child = _Child(proc, tx, rx)
         child.receiver = threading.Thread(target=self._receive_loop, args=(child,), name="keel-predlog-receiver",
                                           daemon=True)
@@ -896,42 +910,84 @@ class PredictionLog:
                     parts.append(part)
             records.clear()
 
+        # Runs in log order: ("rows", rows, parts) written as rows (+ row-backed segments), ("segment", n, (data,
+        # bounds)) a run of column batches stored as one segment alone (batch_segments).
+        runs: list[tuple[str, Any, Any]] = []
+        pending: list[tuple[PredictionBatch, SegmentPart]] = []  # column batches of the next segment-only run
+
+        def end_rows() -> None:
+            nonlocal rows, parts
+            if rows:
+                runs.append(("rows", rows, parts))
+                rows, parts = [], []
+
+        def end_segment() -> None:
+            if not pending:
+                return
+            seg_parts = [p for _, p in pending]
+            try:
+                data = encode_parts(seg_parts, _pause)
+                bounds = segment_only_bounds(np.concatenate([p.base["event_time"] for p in seg_parts]),
+                                             np.concatenate([p.base["time"] for p in seg_parts]))
+            except Exception as exc:  # stored as rows (and a row-backed segment) instead
+                self._segment_failed(sum(p.n for p in seg_parts), exc)
+                for batch, _ in pending:
+                    batch_rows, part = _batch_rows(batch, self._feature_set)
+                    rows.extend(batch_rows)
+                    parts.append(part)
+                end_rows()
+            else:
+                runs.append(("segment", sum(p.n for p in seg_parts), (data, bounds)))
+            pending.clear()
+
         for kind, payload in items:
-            if kind == "p":
-                records.append(payload)
-            elif kind == "P":
-                records.extend(payload)
+            if kind in ("p", "P"):
+                end_segment()
+                if kind == "p":
+                    records.append(payload)
+                else:
+                    records.extend(payload)
             elif kind == "C":
                 try:
-                    batch_rows, part = _batch_rows(payload, self._feature_set)
+                    batch_rows, part = _batch_rows(payload, self._feature_set, rows=not self.batch_segments)
                 except Exception as exc:  # a malformed batch must not stop the writer thread
                     self.failures += payload.n
                     log.error(json.dumps({"event": "predlog_batch_invalid", "error": repr(exc)}))
                     continue
                 close_run()
-                rows.extend(batch_rows)
-                parts.append(part)
+                if self.batch_segments:
+                    end_rows()
+                    pending.append((payload, part))
+                else:
+                    rows.extend(batch_rows)
+                    parts.append(part)
         close_run()
+        end_rows()
+        end_segment()
         labels = [i[1] for i in items if i[0] == "l"]
-        if rows or labels:
+        total = sum(len(a) if kind == "rows" else a for kind, a, _ in runs)
+        if runs or labels:
             for attempt in range(3):
                 try:
                     self._db.execute("begin")
-                    if rows:
-                        write_rows(self._db, rows, None, self._segments, parts=parts)
+                    for kind, a, b in runs:
+                        if kind == "rows":
+                            write_rows(self._db, a, None, self._segments, parts=b)
+                        else:
+                            self._db.execute(INSERT_SEGMENT_ONLY, (reserve_seq(self._db, a), a, b[0], *b[1]))
                     if labels:
                         write_labels(self._db, labels)
                     self._db.execute("commit")
                     self._segments.commit()
-                    self.written += len(rows)
+                    self.written += total
                     break
                 except sqlite3.Error as exc:
                     self._segments.rollback()
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("rollback")
                     if attempt == 2:
-                        self.failures += len(rows) + len(labels)
-                        log.error(json.dumps({"event": "predlog_write_failed", "rows": len(rows),
+                        self.failures += total + len(labels)
+                        log.error(json.dumps({"event": "predlog_write_failed", "rows": total,
                                               "labels": len(labels), "error": str(exc)}))
                     else:
                         time.sleep(0.05 * (attempt + 1))
@@ -1036,6 +1092,20 @@ def write_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], inputs: 
         segments.stage(db, seq0, rows, inputs, parts)
     if db.execute("select exists (select 1 from labels)").fetchone()[0]:  # a label may come before its event
         db.execute(LABEL_ROWS_FOR_PREDICTIONS, (seq0,))
+
+
+def reserve_seq(db: sqlite3.Connection, n: int) -> int:
+    """Take ``n`` consecutive ``seq`` numbers from the ``predictions`` AUTOINCREMENT counter for rows stored only in a
+    segment (inside the caller's transaction): no row inserted later can get one. Returns the first."""
+    row = db.execute("select seq from sqlite_sequence where name = 'predictions'").fetchone()
+    if row is None:  # no row ever inserted
+        (top,) = db.execute("select max(seq) from predictions").fetchone()
+        last = int(top or 0)
+        db.execute("insert into sqlite_sequence (name, seq) values ('predictions', ?)", (last + n,))
+    else:
+        last = int(row[0])
+        db.execute("update sqlite_sequence set seq = ? where name = 'predictions'", (last + n,))
+    return last + 1
 
 
 def insert_rows(db: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
