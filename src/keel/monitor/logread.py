@@ -617,6 +617,8 @@ def _segment_labels(db: sqlite3.Connection, segments: Sequence[tuple[int, int, b
     """``(seq, label, at_us)`` of segment-only rows: what ``label_rows`` holds for rows kept in ``predictions``,
     i.e. the join ``labels.event_id = event_id``, matched here by probing the labels table's key with the
     segments' event ids (no event-id index over segment-only rows)."""
+    if not db.execute("select exists (select 1 from labels)").fetchone()[0]:
+        return []
     ids = [(s0, Segment(data).column("event_id")) for s0, _, data in segments]
     wanted = list({e for _, col in ids for e in col if e is not None})
     known: dict[str, tuple[float, int]] = {}
