@@ -75,3 +75,32 @@ def test_the_writer_process_writes_segment_only_batches(tmp_path: Path) -> None:
     _write(only, requests, columns, ids[:5], batch_segments=True, process=True)
     assert _table_rows(only) == sum(b.n for b, c in zip(requests, columns, strict=True) if not c)
     _all_reads_agree(rows, only, names, [(None, None), (T0, T0 + timedelta(days=400))])
+
+
+def test_a_write_of_many_batches_makes_segments_of_bounded_size(tmp_path: Path, monkeypatch: Any) -> None:
+    from keel.serve import predlog
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (example(): any requests do)
+        requests = [batches(("f",)).example() for _ in range(5)]
+    cap = requests[0].n + requests[1].n  # the first two batches fill a segment, the third starts another
+    monkeypatch.setattr(predlog, "SEGMENT_ONLY_ROWS", cap)
+    rows, only = tmp_path / "rows.sqlite", tmp_path / "only.sqlite"
+    for path, flag in ((rows, False), (only, True)):
+        log = PredictionLog(path, batch_segments=flag)  # not started: one write at close
+        for batch in requests:
+            log.append_columns(batch)
+        log.close()
+    sizes = [b.n for b in requests]
+    want, run = [], 0
+    for n in sizes:
+        if run and run + n > cap:
+            want.append(run)
+            run = 0
+        run += n
+    want.append(run)
+    with sqlite3.connect(only) as db:
+        assert [n for (n,) in db.execute("select n from prediction_segments order by seq0")] == want
+    assert want[0] == cap and len(want) >= 2
+    db.close()
+    _all_reads_agree(rows, only, ("f",), [(None, None)])

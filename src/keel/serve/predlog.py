@@ -136,6 +136,9 @@ _INSERT_SEGMENT = "insert into prediction_segments (seq0, n, data) values (?, ?,
 # of 4 KiB ones (commit and checkpoint 5.4 -> ~3 us per row of a 1,000-event batch). Existing logs keep theirs.
 PAGE_SIZE = 16384
 SEGMENT_ROWS = 4096  # rows per columnar segment: 16 write batches of 256, decoded in one np.frombuffer each
+# At most this many rows of column batches in one segment-only segment (a write can hold many batches; readers
+# decode a segment whole). A single larger batch still makes one segment.
+SEGMENT_ONLY_ROWS = 4 * SEGMENT_ROWS
 _STOP = object()
 
 
@@ -957,6 +960,8 @@ class PredictionLog:
                 close_run()
                 if self.batch_segments:
                     end_rows()
+                    if pending and sum(p.n for _, p in pending) + part.n > SEGMENT_ONLY_ROWS:
+                        end_segment()
                     pending.append((payload, part))
                 else:
                     rows.extend(batch_rows)
