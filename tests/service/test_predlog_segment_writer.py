@@ -104,3 +104,21 @@ def test_a_write_of_many_batches_makes_segments_of_bounded_size(tmp_path: Path, 
     assert want[0] == cap and len(want) >= 2
     db.close()
     _all_reads_agree(rows, only, ("f",), [(None, None)])
+
+
+def test_backfill_covers_only_rows_between_segment_only_segments(tmp_path: Path) -> None:
+    from keel.serve.predlog import backfill_segments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (example(): any requests do)
+        requests = [batches(("f",)).example() for _ in range(4)]
+    columns = [True, False, True, False]
+    rows, only = tmp_path / "rows.sqlite", tmp_path / "only.sqlite"
+    _write(rows, requests, columns, [], batch_segments=False)
+    _write(only, requests, columns, [], batch_segments=True)
+    with sqlite3.connect(only) as db:  # the records' rows lose their segments: a log written before segments
+        db.execute("delete from prediction_segments where segment_only is null")
+    db.close()
+    assert backfill_segments(only) == requests[1].n + requests[3].n
+    assert backfill_segments(only) == 0
+    _all_reads_agree(rows, only, ("f",), [(None, None)])
