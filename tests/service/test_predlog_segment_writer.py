@@ -122,3 +122,33 @@ def test_backfill_covers_only_rows_between_segment_only_segments(tmp_path: Path)
     assert backfill_segments(only) == requests[1].n + requests[3].n
     assert backfill_segments(only) == 0
     _all_reads_agree(rows, only, ("f",), [(None, None)])
+
+
+def test_a_killed_writer_loses_only_the_segment_only_batches_it_held(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from test_predlog_process import QUIET, _handed_over, _until
+
+    from keel.serve.predlog import read_predictions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (example(): any requests do)
+        requests = [batches(("f",)).example() for _ in range(3)]
+    path = tmp_path / "log.sqlite"
+    log = PredictionLog(path, process=True, batch_segments=True, **QUIET).start()
+    try:
+        log.append_columns(requests[0])
+        log.flush()
+        log.append_columns(requests[1])
+        os.kill(_handed_over(log), signal.SIGKILL)  # sent, not yet written
+        _until(lambda: log.failures == requests[1].n)
+        _until(lambda: log.writer_pid)  # replaced
+        log.append_columns(requests[2])
+        log.flush()
+    finally:
+        log.close()
+    assert log.written == requests[0].n + requests[2].n and log.failures == requests[1].n
+    frame = read_predictions(path)  # the held batch took no seq: the others follow each other
+    assert frame["seq"].tolist() == list(range(1, 1 + requests[0].n + requests[2].n))
+    assert frame["item"].tolist() == [*range(requests[0].n), *range(requests[2].n)]
