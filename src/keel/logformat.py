@@ -190,6 +190,8 @@ LABEL_ROWS_FOR_PREDICTIONS = ("insert or replace into label_rows (seq, label, at
                               " where p.seq >= ?")
 LABEL_ROWS_FOR_LABEL = ("insert or replace into label_rows (seq, label, at_us)"
                         f" select seq, :label, {_at_us(':at')} from predictions where event_id = :event_id")
+# Every label by event id (what readers match segment-only rows with; a NULL event id joins nothing).
+LABELS_BY_EVENT_ID = "select event_id, label, at from labels where event_id is not null"
 SEGMENT_MAGIC = b"KSG1"
 _SEGMENT_BASE = ("request_id", "item", "time", "event_time", "event_id", "endpoint", "score", "decision",
                  "model_version", "fallback", "fallback_reason", "stale", "latency_ms")
@@ -686,6 +688,7 @@ __all__ = [
     "FEATURE_DDL",
     "FEATURE_SETS_DDL",
     "INSERT_SEGMENT_ONLY",
+    "LABELS_BY_EVENT_ID",
     "LABEL_ROWS_FOR_LABEL",
     "LABEL_ROWS_FOR_PREDICTIONS",
     "NAT",
