@@ -589,7 +589,7 @@ class Segment:
 
     __slots__ = ("columns", "data", "n", "start")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         if data[:4] != SEGMENT_MAGIC:
             raise MonitorError("A prediction log segment does not start with its format mark.",
                                hint="The log was written by a newer Keel or is damaged.")
@@ -612,7 +612,27 @@ class Segment:
             return (arr, extra) if kind == "cat" else arr
         if kind == "bytes":
             return memoryview(self.data)[lo:lo + size]
-        return json.loads(self.data[lo:lo + size])
+        return json.loads(self.data[lo:lo + size])  # (not orjson: it reads an int beyond 64 bits as a float)
+
+
+def read_segment_columns(db: sqlite3.Connection, seq0: int, names: Sequence[str]) -> Segment:
+    """The segment at ``seq0`` with only these columns' bytes read (SQLite's incremental blob I/O: a reader that
+    needs two columns of a segment does not read it whole); its other columns must not be asked for."""
+    with db.blobopen("prediction_segments", "data", seq0, readonly=True) as blob:
+        head = blob.read(8)
+        if head[:4] != SEGMENT_MAGIC:
+            raise MonitorError("A prediction log segment does not start with its format mark.",
+                               hint="The log was written by a newer Keel or is damaged.")
+        (size,) = struct.unpack_from("<I", head, 4)
+        data = bytearray(len(blob))
+        data[:8 + size] = head + blob.read(size)
+        seg = Segment(data)
+        for name in names:
+            if name in seg.columns:
+                _, offset, length, _ = seg.columns[name]
+                blob.seek(seg.start + offset)
+                data[seg.start + offset:seg.start + offset + length] = blob.read(length)
+    return seg
 
 
 def _finite_or_none(values: np.ndarray) -> list[Any]:
@@ -622,12 +642,24 @@ def _finite_or_none(values: np.ndarray) -> list[Any]:
     return out
 
 
-def _cat_values(seg: Segment, name: str) -> list[Any]:
+def _cat_values(seg: Segment, name: str, pick: Any) -> list[Any]:
     codes, values = seg.column(name)
-    return [values[c] for c in codes.tolist()] if len(values) > 1 else [values[0] if values else None] * seg.n
+    if len(values) <= 1:
+        return [values[0] if values else None] * (seg.n if pick is None else len(pick))
+    return [values[c] for c in (codes if pick is None else codes[pick]).tolist()]
 
 
-def segment_rows(seg: Segment, feature_sets: Mapping[int, Sequence[str]]) -> list[tuple[Any, ...]]:
+_PLAIN = (str, int, bool, type(None))
+
+
+def _plain(values: list[Any]) -> bool:
+    """Whether ``json.loads(row_json(v)) == v`` for each value alone: strings, ints, bools, None, finite floats
+    (not a container, whose nested non-finite floats the texts turn into null)."""
+    return all(isinstance(v, _PLAIN) or (type(v) is float and math.isfinite(v)) for v in values)
+
+
+def segment_rows(seg: Segment, feature_sets: Mapping[int, Sequence[str]], *, rows: Sequence[int] | None = None,
+                 input_dicts: bool = False, feature_dicts: bool = False) -> list[tuple[Any, ...]]:
     """The rows a segment stands for, as the writer inserts them into ``predictions`` (without ``seq``): the
     service's ``PREDICTION_COLUMNS`` (``request_id, item, time, event_time, event_id, endpoint, inputs, features,
     score, decision, model_version, fallback, fallback_reason, stale, latency_ms``) then ``features_f64`` and
@@ -635,50 +667,83 @@ def segment_rows(seg: Segment, feature_sets: Mapping[int, Sequence[str]]) -> lis
 
     Exact for the rows of a column batch (every row has every input field, ints and floats of one field apart):
     what the writer may store as a segment alone. A row lacking an input field that others have gets it as null.
-    ``feature_sets``: the log's ``{id: names}`` (:func:`read_feature_sets`). Example::
+    ``feature_sets``: the log's ``{id: names}`` (:func:`read_feature_sets`). ``rows``: only these rows (indexes
+    into the segment, in that order). ``input_dicts``/``feature_dicts``: the ``inputs``/``features`` column holds
+    what ``json.loads`` gives of the text (a dict; features None where the text is NULL) instead of the text,
+    built from the values without writing and parsing it (what a reader that parses the text wants).
+    Example::
 
         rows = segment_rows(Segment(data), read_feature_sets(db))   # rows[0][6]: the first row's inputs text
     """
-    n = seg.n
-    request_ids = seg.column("request_id")
-    items = seg.column("item").tolist()
-    times = iso_us(seg.column("time"))
-    event_times = iso_us(seg.column("event_time"))
-    event_ids = seg.column("event_id")
-    endpoints = _cat_values(seg, "endpoint")
-    scores = _finite_or_none(seg.column("score"))
-    decisions = _cat_values(seg, "decision")
-    versions = _cat_values(seg, "model_version")
-    fallback = seg.column("fallback").tolist()
-    reasons = _cat_values(seg, "fallback_reason")
-    stale = seg.column("stale").tolist()
-    latency = seg.column("latency_ms").tolist()
+    pick = None if rows is None else np.asarray(rows, dtype=np.intp)
+    m = seg.n if pick is None else len(pick)
+
+    def take(values: Any) -> Any:
+        if pick is None:
+            return values
+        return values[pick] if isinstance(values, np.ndarray) else [values[i] for i in pick.tolist()]
+
+    request_ids = take(seg.column("request_id"))
+    items = take(seg.column("item")).tolist()
+    times = iso_us(take(seg.column("time")))
+    event_times = iso_us(take(seg.column("event_time")))
+    event_ids = take(seg.column("event_id"))
+    endpoints = _cat_values(seg, "endpoint", pick)
+    scores = _finite_or_none(take(seg.column("score")))
+    decisions = _cat_values(seg, "decision", pick)
+    versions = _cat_values(seg, "model_version", pick)
+    fallback = take(seg.column("fallback")).tolist()
+    reasons = _cat_values(seg, "fallback_reason", pick)
+    stale = take(seg.column("stale")).tolist()
+    latency = take(seg.column("latency_ms")).tolist()
     fields = [name[6:] for name in seg.columns if name.startswith("input.")]
     values = []
+    plain = True
     for field in fields:
         kind = seg.kind(f"input.{field}")
-        column = seg.column(f"input.{field}")
-        values.append(_finite_or_none(column) if kind == "f8" else column.tolist() if kind == "i8" else column)
-    inputs = [row_json(dict(zip(fields, row, strict=True))) for row in zip(*values, strict=True)] if fields else (
-        ["{}"] * n)
-    blobs: list[bytes | None] = [None] * n
-    sets: list[int | None] = [None] * n
-    if seg.kind("features.set"):
-        texts: list[str | None] = [None] * n
-        ids = seg.column("features.set").tolist()
-        raw = bytes(seg.column("features.f64"))
-        at = 0
-        for i, fs in enumerate(ids):
-            if fs < 0:
-                continue
-            names = feature_sets[fs]
-            width = 8 * len(names)
-            blob = raw[at:at + width]
-            at += width
-            blobs[i], sets[i] = blob, fs
-            texts[i] = row_json(dict(zip(names, packer(len(names)).unpack(blob), strict=True)))
+        column = take(seg.column(f"input.{field}"))
+        if kind == "f8":
+            values.append(_finite_or_none(column))
+        elif kind == "i8":
+            values.append(column.tolist())
+        else:
+            values.append(column)
+            plain = plain and input_dicts and _plain(column)
+    if not fields:
+        inputs: list[Any] = [{} for _ in range(m)] if input_dicts else ["{}"] * m
+    elif input_dicts and plain:  # the values are what parsing the text gives
+        inputs = [dict(zip(fields, row, strict=True)) for row in zip(*values, strict=True)]
     else:
-        texts = [None if d is None else row_json(d) for d in seg.column("features.json")]
+        inputs = [row_json(dict(zip(fields, row, strict=True))) for row in zip(*values, strict=True)]
+        if input_dicts:
+            inputs = [json.loads(t) for t in inputs]
+    blobs: list[bytes | None] = [None] * m
+    sets: list[int | None] = [None] * m
+    texts: list[Any] = [None] * m
+    if seg.kind("features.set"):
+        ids = seg.column("features.set")
+        width = np.zeros(len(ids), dtype=np.int64)  # float64 values of each row in features.f64
+        for fs in np.unique(ids[ids >= 0]).tolist():
+            width[ids == fs] = len(feature_sets[fs])
+        starts, chosen = take(np.cumsum(width) - width), take(ids)
+        values_f8 = np.frombuffer(seg.column("features.f64"), dtype="<f8")
+        for fs in np.unique(chosen[chosen >= 0]).tolist():  # the rows of each feature set as one matrix
+            names = feature_sets[fs]
+            k = len(names)
+            where = np.flatnonzero(chosen == fs)
+            matrix = values_f8[starts[where][:, None] + np.arange(k)]
+            raw, size = matrix.tobytes(), 8 * k
+            lists = matrix.tolist()
+            for j in np.flatnonzero(~np.isfinite(matrix).all(axis=1)).tolist():  # JSON's null
+                lists[j] = [v if math.isfinite(v) else None for v in lists[j]]
+            for a, (j, row) in enumerate(zip(where.tolist(), lists, strict=True)):
+                blobs[j], sets[j] = raw[a * size:(a + 1) * size], fs
+                d = dict(zip(names, row, strict=True))
+                texts[j] = d if feature_dicts else row_json(d)
+    else:
+        for j, d in enumerate(take(seg.column("features.json"))):
+            if d is not None:
+                texts[j] = json.loads(row_json(d)) if feature_dicts else row_json(d)
     return list(zip(request_ids, items, times, event_times, event_ids, endpoints, inputs, texts, scores, decisions,
                     versions, fallback, reasons, stale, latency, blobs, sets, strict=True))
 
@@ -710,6 +775,7 @@ __all__ = [
     "iso_us",
     "part_of_rows",
     "read_feature_sets",
+    "read_segment_columns",
     "row_json",
     "row_json_slow",
     "segment_only_bounds",

@@ -3,6 +3,7 @@ stored as a segment alone): every value with its SQLite type, the JSON and time 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,14 @@ def _check(path: Path) -> int:
             assert len(stored) == n
             rebuilt = segment_rows(Segment(data), sets)
             assert [_typed(r) for r in rebuilt] == [_typed(r) for r in stored]
+            picked = list(range(n))[::2][::-1]  # some rows, in any order
+            assert [_typed(r) for r in segment_rows(Segment(data), sets, rows=picked)] == [
+                _typed(stored[i]) for i in picked]
+            # inputs and features as json.loads gives them (repr: 5 and 5.0, 0.0 and -0.0 differ)
+            dicts = segment_rows(Segment(data), sets, input_dicts=True, feature_dicts=True)
+            assert [repr(r[6:8]) for r in dicts] == [
+                repr((json.loads(r[6]), None if r[7] is None else json.loads(r[7]))) for r in stored]
+            assert [_typed(a[:6] + a[8:]) for a in dicts] == [_typed(r[:6] + r[8:]) for r in stored]
             compared += n
         return compared
     finally:

@@ -80,26 +80,14 @@ def _num(v: float) -> float | None:
     return None if not np.isfinite(v) else float(v)
 
 
-_SAMPLED = ["seq", "event_id", "event_time", "inputs", "features"]
-
-
 def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
     """Every ``step``-th logged row (by ``seq``) with features and ``event_time < end``, at most ``sample`` of them,
     ``step`` spreading the sample over the whole log; rows stored as rows or only in segments alike."""
     from keel.logformat import iso as _iso
-    from keel.serve.predlog import PREDICTION_COLUMNS, iter_rows
+    from keel.serve.predlog import SAMPLE_COLUMNS, sample_rows
 
-    hi = _iso(end) if end is not None else None
-    at = {c: 1 + PREDICTION_COLUMNS.index(c) for c in _SAMPLED[1:]}
-    n = sum(1 for r in iter_rows(path, None, hi) if r[at["features"]] is not None)
-    step = max(1, n // max(sample, 1))
-    rows = []
-    for r in iter_rows(path, None, hi):
-        if len(rows) >= sample:
-            break
-        if r[at["features"]] is not None and r[0] % step == 0:
-            rows.append((r[0], *(r[at[c]] for c in _SAMPLED[1:])))
-    return pd.DataFrame.from_records(rows, columns=_SAMPLED)
+    rows = sample_rows(path, sample, _iso(end) if end is not None else None)
+    return pd.DataFrame.from_records(rows, columns=list(SAMPLE_COLUMNS))
 
 
 def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
@@ -110,7 +98,7 @@ def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
 
     hi = _iso(end)
     k_t, k_id, k_in = (1 + PREDICTION_COLUMNS.index(c) for c in ("event_time", "event_id", "inputs"))
-    rows = [(r[k_in], r[k_id]) for r in iter_rows(path, _iso(start), None) if r[k_t] <= hi]
+    rows = [(r[k_in], r[k_id]) for r in iter_rows(path, _iso(start), None, input_dicts=True) if r[k_t] <= hi]
     ids = list({e for _, e in rows if e is not None})
     labels: dict[str, float] = {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -121,7 +109,8 @@ def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
                                      f" ({', '.join('?' * len(chunk))})", chunk).fetchall())
     finally:
         db.close()
-    events = pd.DataFrame.from_records([json.loads(text) for text, _ in rows])
+    # (a row stored only in a segment comes with its inputs as a dict, what parsing its text gives)
+    events = pd.DataFrame.from_records([json.loads(v) if type(v) is str else v for v, _ in rows])
     events["__label"] = [labels.get(e) for _, e in rows]  # type: ignore[arg-type]
     return events
 

@@ -70,6 +70,7 @@ from keel.logformat import (
     packer,
     part_of_rows,
     read_feature_sets,
+    read_segment_columns,
     row_json,
     row_json_slow,
     segment_only_bounds,
@@ -1255,7 +1256,7 @@ def iter_predictions(
     hi_t = iso(pd.Timestamp(end)) if end is not None else None
     columns = ["seq", *PREDICTION_COLUMNS]
     page: list[tuple[Any, ...]] = []
-    for row in iter_rows(path, lo_t, hi_t, on=on, page_rows=batch_rows):
+    for row in _iter_rows(path, lo_t, hi_t, on, batch_rows, input_dicts=True, feature_dicts=expand_features):
         page.append(row)
         if len(page) == batch_rows:
             yield _frame(page, columns, expand_features)
@@ -1287,20 +1288,29 @@ def _us_of(text: str) -> int:
 
 
 def iter_rows(path: str | Path, lo_t: str | None = None, hi_t: str | None = None, *, on: str = "event_time",
-              page_rows: int = 50_000) -> Iterator[tuple[Any, ...]]:
+              page_rows: int = 50_000, input_dicts: bool = False) -> Iterator[tuple[Any, ...]]:
     """Every logged row with ``lo_t <= on < hi_t`` (:func:`iso` texts; None: unbounded) in ``seq`` order, as
     ``(seq, *PREDICTION_COLUMNS)`` with the values and texts ``predictions`` holds, whether the row is in that
     table or only in a segment (a column batch stored columnar only: rebuilt by :func:`segment_rows`).
 
     ``on``: ``"event_time"`` or ``"time"``; a row without that time is left out when a bound is given (as SQL's
     comparison with NULL). Rows are read ``page_rows`` at a time (keyset pages on ``seq``) and one segment at a
-    time, so memory stays bounded. Example::
+    time, so memory stays bounded. ``input_dicts``: the ``inputs`` of rows stored only in a segment come as
+    the dict ``json.loads`` gives of their text (built from the values: no text written to be parsed again). Example::
 
         for seq, request_id, *rest in iter_rows(".keel/predictions.sqlite", "2018-04-01T00:00:00.000000"):
             ...
     """
     if on not in ("event_time", "time"):
         raise MonitorError(f"iter_rows(on=...) must be 'event_time' or 'time'. Got {on!r} instead.")
+    return _iter_rows(path, lo_t, hi_t, on, page_rows, input_dicts=input_dicts)
+
+
+def _iter_rows(path: str | Path, lo_t: str | None, hi_t: str | None, on: str, page_rows: int, *,
+               input_dicts: bool = False, feature_dicts: bool = False) -> Iterator[tuple[Any, ...]]:
+    """:func:`iter_rows`; ``input_dicts``/``feature_dicts``: the ``inputs``/``features`` of segment-only rows as
+    ``json.loads`` gives their texts (built from the segment's values, no text written and parsed), table rows'
+    as texts."""
     db = _open_read(path)
     try:
         where, params = [], []
@@ -1313,7 +1323,7 @@ def iter_rows(path: str | Path, lo_t: str | None = None, hi_t: str | None = None
         spans = _only_spans(db, on, lo_t, hi_t)
         sets = read_feature_sets(db) if spans else {}  # (after the spans: every set they use is named by then)
         select = f"select {', '.join(['seq', *PREDICTION_COLUMNS])} from predictions where "
-        k = 1 + PREDICTION_COLUMNS.index(on)
+        width = len(PREDICTION_COLUMNS)
 
         def table(last: int, stop: int | None) -> Iterator[tuple[Any, ...]]:
             # Keyset pagination on seq: constant cost per page, safe while the service keeps appending.
@@ -1330,14 +1340,66 @@ def iter_rows(path: str | Path, lo_t: str | None = None, hi_t: str | None = None
         for seq0, n in spans:
             yield from table(last, seq0)
             (data,) = db.execute("select data from prediction_segments where seq0 = ?", (seq0,)).fetchone()
-            for seq, row in enumerate(segment_rows(Segment(data), sets), seq0):
-                t = row[k - 1]
-                if (lo_t is None or (t is not None and t >= lo_t)) and (hi_t is None or (t is not None and t < hi_t)):
-                    yield (seq, *row[:len(PREDICTION_COLUMNS)])
+            seg = Segment(data)
+            keep = None  # the rows in the time range (the texts compared as SQL compares the table's)
+            if lo_t is not None or hi_t is not None:
+                keep = [i for i, t in enumerate(iso_us(seg.column(on))) if t is not None
+                        and (lo_t is None or t >= lo_t) and (hi_t is None or t < hi_t)]
+            rebuilt = segment_rows(seg, sets, rows=keep, input_dicts=input_dicts, feature_dicts=feature_dicts)
+            for seq, row in zip(range(seq0, seq0 + n) if keep is None else [seq0 + i for i in keep], rebuilt,
+                                strict=True):
+                yield (seq, *row[:width])
             last = seq0 + n - 1
         yield from table(last, None)
     finally:
         db.close()
+
+
+SAMPLE_COLUMNS = ("seq", "event_id", "event_time", "inputs", "features")
+
+
+def sample_rows(path: str | Path, sample: int, hi_t: str | None = None) -> list[tuple[Any, ...]]:
+    """At most ``sample`` logged rows with features and ``event_time < hi_t`` (an :func:`iso` text; None: no
+    bound), spread over the whole log: the first of those whose ``seq`` is a multiple of ``step = max(1, count //
+    sample)``, in ``seq`` order, as :data:`SAMPLE_COLUMNS` (``inputs``/``features``: the texts). Rows stored only in
+    segments count from their columns, and only the sampled ones are rebuilt. Example::
+
+        rows = sample_rows(".keel/predictions.sqlite", 1000)   # [(seq, event_id, event_time, inputs, features), ...]
+    """
+    db = _open_read(path)
+    try:
+        cond = "features is not null" + (" and event_time < ?" if hi_t is not None else "")
+        args: tuple[Any, ...] = (hi_t,) if hi_t is not None else ()
+        (n,) = db.execute(f"select count(*) from predictions where {cond}", args).fetchone()
+        spans = _only_spans(db, "event_time", None, hi_t)
+        sets = read_feature_sets(db) if spans else {}
+        eligible: list[tuple[int, np.ndarray]] = []  # per segment: seq0, the rows that count
+        for seq0, _ in spans:  # (only the two columns that tell are read)
+            seg = read_segment_columns(db, seq0, ["features.set", "features.json", "event_time"])
+            ok = (seg.column("features.set") >= 0 if seg.kind("features.set") else
+                  np.array([d is not None for d in seg.column("features.json")], dtype=bool))
+            if hi_t is not None:  # (the texts compared as SQL compares the table's)
+                ok &= np.array([t is not None and t < hi_t for t in iso_us(seg.column("event_time"))], dtype=bool)
+            rows = np.flatnonzero(ok)
+            n += len(rows)
+            eligible.append((seq0, rows))
+        step = max(1, n // max(sample, 1))
+        out = db.execute(f"select {', '.join(SAMPLE_COLUMNS)} from predictions where {cond} and seq % ? = 0"
+                         " order by seq limit ?", (*args, step, sample)).fetchall()
+        taken = 0
+        for seq0, rows in eligible:
+            if taken >= sample:
+                break
+            rows = rows[(rows + seq0) % step == 0][:sample - taken]
+            if not len(rows):
+                continue
+            taken += len(rows)
+            (data,) = db.execute("select data from prediction_segments where seq0 = ?", (seq0,)).fetchone()
+            rebuilt = segment_rows(Segment(data), sets, rows=rows)
+            out += [(seq0 + i, r[4], r[3], r[6], r[7]) for i, r in zip(rows.tolist(), rebuilt, strict=True)]
+    finally:
+        db.close()
+    return sorted(out)[:sample] if spans else out
 
 
 def _frame(rows: list[tuple[Any, ...]], columns: list[str], expand: bool) -> pd.DataFrame:
@@ -1349,9 +1411,10 @@ def _frame(rows: list[tuple[Any, ...]], columns: list[str], expand: bool) -> pd.
     frame["fallback"] = frame["fallback"].astype(bool)
     frame["stale"] = frame["stale"].astype(bool)
     frame["score"] = frame["score"].astype("float64")
-    frame["inputs"] = [json.loads(v) for v in frame["inputs"]]
+    # (rows stored only in a segment come as dicts already, not texts: _iter_rows)
+    frame["inputs"] = [v if type(v) is dict else json.loads(v) for v in frame["inputs"]]
     if expand:
-        decoded = [json.loads(v) if v else {} for v in frame["features"]]
+        decoded = [v if type(v) is dict else json.loads(v) if v else {} for v in frame["features"]]
         feats = pd.DataFrame.from_records(decoded, index=frame.index).astype("float64")
         feats.columns = [f"feature_{c}" if c in frame.columns else c for c in feats.columns]
         frame = pd.concat([frame.drop(columns=["features"]), feats], axis=1)
@@ -1385,4 +1448,4 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionBatch", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "iter_rows", "read_labels", "read_predictions"]
+__all__ = ["PREDICTION_COLUMNS", "SEGMENT_ROWS", "PredictionBatch", "PredictionLog", "SegmentBuffer", "backfill_segments", "iter_predictions", "iter_rows", "read_labels", "read_predictions", "sample_rows"]
