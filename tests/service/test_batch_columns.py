@@ -16,10 +16,18 @@ from conftest import make_spec
 from keel.features.online import OnlineStore
 from keel.serve import PathProvider
 from keel.serve import fallback as fb
+from keel.serve.predlog import PREDICTION_COLUMNS, iter_rows
 from keel.serve.schemas import build_request_models
 from keel.serve.service import Service
 
 _VOLATILE = {"latency_ms", "time"}
+
+
+def _log_rows(path: Path) -> list[dict[str, Any]]:
+    """The prediction log's rows as its readers give them (a batch answered column-wise is stored only as a
+    columnar segment, rows answered one by one as rows: what they read back must be the same)."""
+    columns = ["seq", *PREDICTION_COLUMNS]
+    return [{k: v for k, v in zip(columns, r, strict=True) if k not in _VOLATILE} for r in iter_rows(path)]
 
 
 def _table(path: Path, table: str, order: str) -> list[dict[str, Any]]:
@@ -60,7 +68,7 @@ def _answer_both_ways(tmp_path: Path, model_dir: Path, history: list[dict[str, A
         store.close()
         out[way] = {
             "answers": [{k: v for k, v in a.items() if k != "latency_ms"} for a in answers],
-            "log": _table(tmp_path / f"{way}.log", "predictions", "seq"),
+            "log": _log_rows(tmp_path / f"{way}.log"),
             "store": _table(tmp_path / f"{way}.sqlite", "events", "entity, key, t, event_id"),
             "metrics": [line for line in generate_latest(service.metrics.registry).decode().splitlines()
                         if "_created" not in line],

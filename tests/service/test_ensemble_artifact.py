@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from keel.data.sources import open_source
 from keel.evaluate.calibration import Calibrator
 from keel.score import score
 from keel.serve import PathProvider, create_app
+from keel.serve.predlog import PREDICTION_COLUMNS, iter_rows
 from keel.spec import Spec
 
 
@@ -54,8 +54,9 @@ def test_the_api_scores_single_and_batch_requests_with_an_ensemble(tmp_path: Pat
     scores = np.array([b["score"] for b in bodies])
     assert [b["decision"] for b in bodies] == model.decide(scores).tolist()
     # The scores are the ensemble's on the features the service computed for each event (its prediction log).
-    with sqlite3.connect(spec.state_dir / spec.serving.prediction_log) as db:
-        logged = db.execute("select event_id, features, score from predictions order by seq").fetchall()
+    # (read through iter_rows: a batch request's answers are stored only as a columnar segment)
+    at = [1 + PREDICTION_COLUMNS.index(c) for c in ("event_id", "features", "score")]
+    logged = [tuple(r[i] for i in at) for r in iter_rows(spec.state_dir / spec.serving.prediction_log)]
     assert len(logged) == len(batch)
     features = pd.DataFrame([json.loads(f) for _e, f, _s in logged])[model.feature_names]
     np.testing.assert_allclose([s for _e, _f, s in logged], model.scores(features), rtol=0, atol=1e-9)

@@ -237,7 +237,8 @@ class Service:
                 log.error(_jsonline(event="store_open_failed", error=str(exc)))
         self.predlog = PredictionLog(self.log_path, flush_rows=self.spec.serving.log_flush_rows,
                                      flush_ms=self.spec.serving.log_flush_ms,
-                                     process=self.spec.serving.log_writer == "process").start()
+                                     process=self.spec.serving.log_writer == "process",
+                                     batch_segments=self.spec.serving.log_batch_segments).start()
         if self.provider is not None:
             try:
                 await loop.run_in_executor(self._admin, self.reload)
