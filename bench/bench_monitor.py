@@ -89,8 +89,7 @@ def _records(cur: pd.DataFrame, features: list[str], feature_set: int) -> Iterat
     customer, terminal = rng.integers(0, 5000, n).tolist(), rng.integers(0, 10_000, n).tolist()
     amount = cur["tx_amount"].to_numpy().tolist()  # the raw input, logged unchanged as a feature
     from keel.logformat import feature_blob
-
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    from keel.logformat import row_json as dumps  # the service's own text (floats below 1e-4 included)
     for i in range(n):
         f = dict(zip(features, feats[i].tolist(), strict=True))
         inputs = {"transaction_id": i, "tx_datetime": times[i], "customer_id": customer[i],
@@ -175,6 +174,49 @@ def _write_blob_log(path: Path, source: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_segment_only_log(path: Path, source: Path) -> None:
+    """The same log as the service stores ``/v1/predict/batch`` answers by default (``serving.log_batch_segments``):
+    every columnar segment holds its rows alone, with no row in ``predictions`` and no label rows (labels are
+    matched at read time). The first segment's rows are checked against the rows they replace."""
+    import shutil
+    import sqlite3
+
+    from keel.logformat import (
+        FEATURE_COLUMNS,
+        Segment,
+        ensure_segment_tables,
+        read_feature_sets,
+        segment_only_bounds,
+        segment_rows,
+    )
+    from keel.serve.predlog import PREDICTION_COLUMNS
+
+    tmp = path.with_suffix(".partial")
+    shutil.copyfile(source, tmp)
+    db = sqlite3.connect(tmp)
+    ensure_segment_tables(db)
+    sets = read_feature_sets(db)
+    cols = ", ".join([*PREDICTION_COLUMNS, *FEATURE_COLUMNS])
+    db.execute("begin")
+    for j, (seq0, n, data) in enumerate(db.execute(
+            "select seq0, n, data from prediction_segments order by seq0").fetchall()):
+        seg = Segment(data)
+        if j == 0 and segment_rows(seg, sets) != db.execute(
+                f"select {cols} from predictions where seq >= ? and seq < ? order by seq", (seq0, seq0 + n)).fetchall():
+            raise SystemExit("the bench log's first segment does not rebuild its rows")
+        db.execute("delete from predictions where seq >= ? and seq < ?", (seq0, seq0 + n))
+        db.execute("delete from label_rows where seq >= ? and seq < ?", (seq0, seq0 + n))
+        db.execute("update prediction_segments set segment_only = 1, t_lo = ?, t_hi = ?, t_null = ?, a_lo = ?,"
+                   " a_hi = ? where seq0 = ?", (*segment_only_bounds(seg.column("event_time"), seg.column("time")), seq0))
+    (left,) = db.execute("select count(*) from predictions").fetchone()
+    if left:
+        raise SystemExit(f"{left} rows of the bench log are in no segment")
+    db.execute("commit")
+    db.execute("vacuum")
+    db.close()
+    os.replace(tmp, path)
+
+
 def _write_json_log(path: Path, source: Path) -> None:
     """An old log: the same rows without the binary feature column (as written before it existed)."""
     import shutil
@@ -240,15 +282,14 @@ def run_engine(engine: str, rows: int, features: int, work: Path) -> dict:
         drifted = sorted({c for w in res for c, v in w.columns.items() if v.psi > 0.2})
         return {"engine": engine, "seconds": seconds, "cpu_seconds": cpu, "load": load, "windows": len(res),
                 "drifted": drifted, "peak_rss_mb": _peak_mb(), "data_rss_mb": base_rss}
-    if engine in ("keel-log", "keel-log-blob", "keel-log-json"):
+    if engine in LOGS:
         from keel.monitor.triggers import run_monitor
 
         prof = build_profile(ref[names], ref["score"], bins=10, model="bench", version=1)
         del ref, cur
         base_rss = _peak_mb()
         spec = _spec(work / "state", features)
-        log = work / {"keel-log": "predictions.sqlite", "keel-log-blob": "predictions-blob.sqlite",
-                      "keel-log-json": "predictions-json.sqlite"}[engine]
+        log = work / LOGS[engine]
         result, seconds, cpu = _timed(lambda: run_monitor(spec, log_path=log, profile=prof, out_dir=work / engine,
                                                           skew=False))
         labelled = sum(p.labelled for p in result.performance)
@@ -267,6 +308,10 @@ def run_engine(engine: str, rows: int, features: int, work: Path) -> dict:
         return {"engine": engine, "version": evidently.__version__, "seconds": seconds, "cpu_seconds": cpu,
                 "load": load, "peak_rss_mb": _peak_mb(), "data_rss_mb": base_rss, "bytes": len(text)}
     raise SystemExit(f"unknown engine {engine}")
+
+
+LOGS = {"keel-log": "predictions.sqlite", "keel-log-segments": "predictions-segments.sqlite",
+        "keel-log-blob": "predictions-blob.sqlite", "keel-log-json": "predictions-json.sqlite"}
 
 
 def _child(engine: str, rows: int, features: int, work: Path) -> dict:
@@ -302,6 +347,9 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
                         "(AP, Card Precision@100 by the `customer_id` input, cost from the `tx_amount` raw feature as in "
                         "examples/card-fraud), operations, triggers, monitor.json/.html; read from the log's columnar "
                         "segments",
+            "keel-log-segments": "the same on the log as the service stores batch answers by default "
+                                 "(`serving.log_batch_segments`): columnar segments only, no row per prediction, "
+                                 "labels matched at read time",
             "keel-log-blob": "the same on a log of the previous format (rows with the binary feature column, no "
                              "columnar segments)",
             "keel-log-json": "the same on an old log without the binary feature column (features parsed from "
@@ -320,8 +368,17 @@ def _markdown(rows: int, features: int, results: list[dict], log_note: str, load
         lines.append(f"- Goal: the log end to end in <= {GOAL_SECONDS:g} s on 2 cores: **{kl:.2f} s** wall "
                      f"({'met' if kl <= GOAL_SECONDS else 'not met'}; {kl / GOAL_SECONDS:.2f}x the budget), "
                      f"{klc:.2f} s CPU ({'met' if klc <= GOAL_SECONDS else 'not met'} by CPU).")
+    ks = by.get("keel-log-segments", {}).get("seconds")
+    if ks:
+        ksc = by["keel-log-segments"]["cpu_seconds"]
+        lines.append(f"- The same goal on the segment-only log (batch answers as the service stores them): **{ks:.2f} s** "
+                     f"wall ({'met' if ks <= GOAL_SECONDS else 'not met'}), {ksc:.2f} s CPU.")
+        keys = ("rows", "windows", "labelled", "level", "fired")
+        same = all(by["keel-log-segments"].get(k) == by.get("keel-log", {}).get(k) for k in keys)
+        lines.append(f"  It read {'the same' if same else '**not the same**'} rows, windows, labelled rows, level and "
+                     "fired triggers as keel-log.")
     if ev.get("seconds"):
-        for name in ("keel-table", "keel-log", "keel-log-blob", "keel-log-json"):
+        for name in ("keel-table", *LOGS):
             t = by.get(name, {}).get("seconds")
             if t:
                 x, xc = ev["seconds"] / t, ev["cpu_seconds"] / by[name]["cpu_seconds"]
@@ -361,22 +418,23 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         log = work / "predictions.sqlite"
         meta = work / "predictions.json"
-        want = {"rows": args.rows, "features": args.features, "format": 7}
+        want = {"rows": args.rows, "features": args.features, "format": 8}
         if log.exists() and meta.exists() and json.loads(meta.read_text()) == want:
             log_note = "The log was reused from an earlier run (built in bulk, not timed)."
         else:
             _, cur = _data(args.rows, args.features)
             t0 = time.perf_counter()
             _write_log(log, cur, feature_names(args.features), timedelta(days=7))
+            _write_segment_only_log(work / LOGS["keel-log-segments"], log)
             _write_blob_log(work / "predictions-blob.sqlite", log)
             _write_json_log(work / "predictions-json.sqlite", work / "predictions-blob.sqlite")
             meta.write_text(json.dumps(want))
             log_note = (f"Writing the log in bulk (the service's rows, feature blobs and segments through its write_rows, "
-                        "rows checked against its row function and feature_blob; the previous-format copy without "
-                        "segments; the old-format copy without the binary column) took "
+                        "rows checked against its row function and feature_blob; a copy whose segments hold their rows "
+                        "alone; the previous-format copy without segments; the old-format copy without the binary column) took "
                         f"{time.perf_counter() - t0:.0f} s (not counted).")
             del cur
-        engines = ["keel-table", "keel-log", "keel-log-blob", "keel-log-json"] + ([] if args.no_evidently else ["evidently"])
+        engines = ["keel-table", *LOGS] + ([] if args.no_evidently else ["evidently"])
         results = []
         for engine in engines:
             r = _child(engine, args.rows, args.features, work)
