@@ -1,0 +1,514 @@
+"""Column-oriented entity states for the online store: one :class:`Pool` per entity column, no object per state.
+
+A pool holds every state (one per entity key) of one entity column in shared numpy arrays, one entry per stored
+event: ``t`` (int64 ns), ``seq`` (its row on disk), ``ids`` (event id or None), one float64 array per value column,
+``label`` and ``label_at``. A state is a *slot* (an int, from :meth:`Pool.slot`) owning the contiguous region
+``[start[slot], end[slot])`` of those arrays, in (time, arrival) order, with spare room up to ``cap[slot]``. A
+state that outgrows its room is moved to the pool's tail with twice the room (:meth:`Pool.append`); pruning
+advances ``start``; :meth:`Pool.compact` packs the live regions when moves and prunes have left the pool mostly
+dead space. A batch of events is then a few numpy operations over the whole batch: appends are fancy assignments
+at ``end[slot] + rank within the batch``, window edges a vectorised binary search over each event's region
+(:meth:`Pool.bisect_right`).
+
+Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, as Python
+integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives), plus a
+per-slot ``base`` (what the pruned front of the region summed to). A window's sum is the difference of two
+prefixes divided by ``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
+gives. NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
+(a window holding one is summed by scanning its values instead).
+
+Positions (indices into the row arrays) are valid until the next :meth:`Pool.append` / :meth:`Pool.insert`
+that moves the slot, or :meth:`Pool.compact`; slots and keys are stable.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import sub, truediv
+from typing import Any
+
+import numpy as np
+
+NO_LABEL_AT = 2**62  # label_at of an event without a label (online._NO_LABEL_AT)
+_MIN_ROOM = 8  # a state's room when it first needs one
+
+
+def _ratio(x: float) -> tuple[int, int]:
+    """A finite float as ``(n, k)`` with ``x == n / 2**k`` exactly."""
+    num, den = x.as_integer_ratio()
+    return num, den.bit_length() - 1
+
+
+def _objects(values: Iterable[Any], n: int) -> np.ndarray:
+    out = np.empty(n, dtype=object)
+    out[:] = list(values) if n else []
+    return out
+
+
+def _grown(a: np.ndarray, size: int, fill: Any = 0) -> np.ndarray:
+    b = np.empty(size, dtype=a.dtype) if a.dtype == object else np.full(size, fill, dtype=a.dtype)
+    b[: len(a)] = a
+    return b
+
+
+class Track:
+    """Exact inclusive prefix sums of one float column of a pool (a value column, or the labels).
+
+    Per entry ``sums`` (Python int, the slot's grid), ``valid`` (non-NaN count) and ``bad`` (infinity count),
+    inclusive from the slot's region start; per slot ``shift`` and the pruned front's ``base``, ``vbase`` and
+    ``bbase``. The sum of region entries ``[lo, hi)`` is ``(before(hi) - before(lo)) / 2**shift``.
+    """
+
+    __slots__ = ("bad", "base", "bbase", "shift", "sums", "valid", "vbase")
+
+    def __init__(self, rows: int, slots: int) -> None:
+        self.sums = np.empty(rows, dtype=object)
+        self.valid = np.zeros(rows, dtype=np.int64)
+        self.bad = np.zeros(rows, dtype=np.int64)
+        self.shift = np.zeros(slots, dtype=np.int64)
+        self.base = _objects(repeat(0, slots), slots)
+        self.vbase = np.zeros(slots, dtype=np.int64)
+        self.bbase = np.zeros(slots, dtype=np.int64)
+
+    def _grow_rows(self, size: int) -> None:
+        self.sums, self.valid, self.bad = (_grown(a, size) for a in (self.sums, self.valid, self.bad))
+
+    def _grow_slots(self, size: int) -> None:
+        old = len(self.base)
+        self.shift, self.vbase, self.bbase = (_grown(a, size) for a in (self.shift, self.vbase, self.bbase))
+        self.base = _grown(self.base, size)
+        self.base[old:] = 0
+
+    def rescale(self, slot: int, k: int, start: int, end: int) -> None:
+        """Move a slot's sums to the finer grid ``2**-k`` (``k`` above its shift)."""
+        up = k - int(self.shift[slot])
+        if end > start:
+            self.sums[start:end] = np.left_shift(self.sums[start:end], up)
+        self.base[slot] = self.base[slot] << up
+        self.shift[slot] = k
+
+
+class Pool:
+    """Every state of one entity column (see the module docstring); ``columns``: the value columns kept."""
+
+    def __init__(self, columns: Sequence[str] = (), *, rows: int = 1024, slots: int = 64) -> None:
+        self.columns = tuple(columns)
+        self.index: dict[str, int] = {}  # key -> slot
+        self.keys: list[str] = []  # slot -> key
+        self.used = 0  # rows handed out to regions (live or dead)
+        self.live = 0  # rows inside some [start, end)
+        rows, slots = max(rows, 1), max(slots, 1)
+        self.t = np.zeros(rows, dtype=np.int64)
+        self.seq = np.zeros(rows, dtype=np.int64)
+        self.ids = np.empty(rows, dtype=object)
+        self.values = {c: np.zeros(rows, dtype=np.float64) for c in self.columns}
+        self.label = np.zeros(rows, dtype=np.float64)
+        self.label_at = np.full(rows, NO_LABEL_AT, dtype=np.int64)
+        self.tracks = {c: Track(rows, slots) for c in self.columns}
+        self.labels = Track(rows, slots)
+        self.start = np.zeros(slots, dtype=np.int64)
+        self.end = np.zeros(slots, dtype=np.int64)
+        self.cap = np.zeros(slots, dtype=np.int64)
+        self._views()
+
+    def _views(self) -> None:
+        # memoryviews: element access as plain Python ints/floats (the single-event path, ``bisect``)
+        self.t_view = memoryview(self.t)
+
+    # --- slots ------------------------------------------------------------------------------------------------
+    def slot(self, key: str) -> int:
+        """The slot of ``key``'s state, created empty when new."""
+        s = self.index.get(key)
+        if s is None:
+            s = self._new_slots([key])[0]
+        return s
+
+    def slots(self, keys: Sequence[str]) -> np.ndarray:
+        """:meth:`slot` of each key, as an int64 array."""
+        found = list(map(self.index.get, keys))
+        if None in found:
+            new = [k for k in dict.fromkeys(k for k, s in zip(keys, found, strict=True) if s is None)]
+            self._new_slots(new)
+            found = list(map(self.index.__getitem__, keys))
+        return np.array(found, dtype=np.int64)
+
+    def _new_slots(self, keys: list[str]) -> list[int]:
+        first = len(self.keys)
+        need = first + len(keys)
+        if need > len(self.start):
+            size = max(need, 2 * len(self.start))
+            self.start, self.end, self.cap = (_grown(a, size) for a in (self.start, self.end, self.cap))
+            for track in self._all_tracks():
+                track._grow_slots(size)
+        out = list(range(first, need))
+        self.keys.extend(keys)
+        self.index.update(zip(keys, out, strict=True))
+        # an empty region at the tail, no room yet (the first append gives it some)
+        self.start[first:need] = self.end[first:need] = self.cap[first:need] = self.used
+        return out
+
+    def _all_tracks(self) -> list[Track]:
+        return [*self.tracks.values(), self.labels]
+
+    def size(self, slot: int) -> int:
+        return int(self.end[slot] - self.start[slot])
+
+    # --- rows -------------------------------------------------------------------------------------------------
+    def _row_arrays(self) -> list[np.ndarray]:
+        out = [self.t, self.seq, self.ids, *self.values.values(), self.label, self.label_at]
+        for track in self._all_tracks():
+            out += (track.sums, track.valid, track.bad)
+        return out
+
+    def _set_row_arrays(self, arrays: list[np.ndarray]) -> None:
+        it = iter(arrays)
+        self.t, self.seq, self.ids = next(it), next(it), next(it)
+        for c in self.columns:
+            self.values[c] = next(it)
+        self.label, self.label_at = next(it), next(it)
+        for track in self._all_tracks():
+            track.sums, track.valid, track.bad = next(it), next(it), next(it)
+        self._views()
+
+    def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` more rows at the pool's tail."""
+        need = self.used + rows
+        size = len(self.t)
+        if need <= size:
+            return
+        size = max(need, 2 * size)
+        arrays = self._row_arrays()
+        fills = [0, 0, None, *[0.0] * len(self.columns), 0.0, NO_LABEL_AT] + [0] * (3 * len(self._all_tracks()))
+        self._set_row_arrays([_grown(a, size, f) for a, f in zip(arrays, fills, strict=True)])
+
+    def _move(self, slots: np.ndarray, room: np.ndarray) -> None:
+        """Move each slot's region to the pool's tail with ``room`` rows of room (at least its size)."""
+        size = self.end[slots] - self.start[slots]
+        offsets = self.used + np.cumsum(room) - room
+        total = int(room.sum())
+        self._reserve(total)
+        n = int(size.sum())
+        if n:
+            first = np.cumsum(size) - size
+            within = np.arange(n, dtype=np.int64) - np.repeat(first, size)
+            src = np.repeat(self.start[slots], size) + within
+            dst = np.repeat(offsets, size) + within
+            for a in self._row_arrays():
+                a[dst] = a[src]
+        self.start[slots] = offsets
+        self.end[slots] = offsets + size
+        self.cap[slots] = offsets + room
+        self.used += total
+
+    def _room(self, slots: np.ndarray, extra: np.ndarray) -> None:
+        """Make room for ``extra`` more rows after each slot's end (distinct slots), moving the full ones."""
+        full = self.end[slots] + extra > self.cap[slots]
+        if full.any():
+            moved = slots[full]
+            size = self.end[moved] - self.start[moved]
+            self._move(moved, np.maximum(2 * (size + extra[full]), _MIN_ROOM))
+
+    def compact(self) -> None:
+        """Pack every live region at the front of fresh arrays (positions change), each with room for as many rows
+        again as it holds (at least a few)."""
+        slots = np.arange(len(self.keys), dtype=np.int64)
+        size = self.end[slots] - self.start[slots]
+        room = np.where(size > 0, np.maximum(2 * size, _MIN_ROOM), 0)
+        old = self._row_arrays()
+        old_start = self.start[slots].copy()
+        total = int(room.sum())
+        fresh = Pool(self.columns, rows=max(total, 1), slots=1)
+        arrays = fresh._row_arrays()
+        offsets = np.cumsum(room) - room
+        n = int(size.sum())
+        if n:
+            first = np.cumsum(size) - size
+            within = np.arange(n, dtype=np.int64) - np.repeat(first, size)
+            src = np.repeat(old_start, size) + within
+            dst = np.repeat(offsets, size) + within
+            for a, b in zip(old, arrays, strict=True):
+                b[dst] = a[src]
+        self._set_row_arrays(arrays)
+        self.start[slots] = offsets
+        self.end[slots] = offsets + size
+        self.cap[slots] = offsets + room
+        self.used = total
+
+    def wasted(self) -> float:
+        """The share of the pool's handed-out rows outside every live region (what :meth:`compact` frees)."""
+        return 1.0 - self.live / self.used if self.used else 0.0
+
+    # --- appends ----------------------------------------------------------------------------------------------
+    def appendable(self, u: np.ndarray, t: np.ndarray) -> bool:
+        """Whether appending events (slots ``u``, times ``t``, in this order) keeps every region in time order:
+        per slot the times never go back, nor before the slot's newest stored time."""
+        n = len(u)
+        if not n:
+            return True
+        order = np.argsort(u, kind="stable")
+        su, st = u[order], t[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = su[1:] != su[:-1]
+        if not np.all(first[1:] | (st[1:] >= st[:-1])):
+            return False
+        heads = su[first]
+        stored = self.end[heads] > self.start[heads]
+        if not stored.any():
+            return True
+        newest = self.t[self.end[heads[stored]] - 1]
+        return bool(np.all(st[first][stored] >= newest))
+
+    def append(self, u: np.ndarray, t: np.ndarray, values: Mapping[str, np.ndarray], seq: np.ndarray,
+               ids: Sequence[str | None] | None = None) -> np.ndarray:
+        """Append events (slots ``u``, times ``t``, a float64 array per value column (NaN where missing), row seqs,
+        event ids) after their slots' stored events; :meth:`appendable` must hold. Labels start at 0.0, not
+        arrived. Returns each event's position."""
+        n = len(u)
+        if not n:
+            return np.zeros(0, dtype=np.int64)
+        u = np.asarray(u, dtype=np.int64)
+        order = np.argsort(u, kind="stable")
+        su = u[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = su[1:] != su[:-1]
+        heads = np.flatnonzero(first)
+        counts = np.diff(np.append(heads, n))
+        slots = su[heads]
+        self._room(slots, counts)
+        rank_sorted = np.arange(n, dtype=np.int64) - np.repeat(heads, counts)
+        pos_sorted = np.repeat(self.end[slots], counts) + rank_sorted
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = pos_sorted
+        self.t[pos] = t
+        self.seq[pos] = seq
+        self.ids[pos] = None if ids is None else _objects(ids, n)
+        self.label[pos] = 0.0
+        self.label_at[pos] = NO_LABEL_AT
+        group = _Groups(order, heads, counts, slots, pos_sorted)
+        for c in self.columns:
+            column = np.asarray(values[c], dtype=np.float64) if c in values else np.full(n, math.nan)
+            self.values[c][pos] = column
+            self._push(self.tracks[c], group, column[order])
+        self._push_zeros(self.labels, group)
+        self.end[slots] += counts
+        self.live += n
+        return pos
+
+    def _before(self, track: Track, slots: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sum, valid, bad) of each slot's region entries before position ``at`` (exclusive prefix)."""
+        inside = at > self.start[slots]
+        prev = np.maximum(at - 1, 0)
+        return (np.where(inside, track.sums[prev], track.base[slots]),
+                np.where(inside, track.valid[prev], track.vbase[slots]),
+                np.where(inside, track.bad[prev], track.bbase[slots]))
+
+    def _push_zeros(self, track: Track, g: _Groups) -> None:
+        """Append 0.0 (valid, on every grid) to the label track."""
+        s0, v0, b0 = self._before(track, g.slots, self.end[g.slots])
+        track.sums[g.pos_sorted] = np.repeat(s0, g.counts)
+        track.valid[g.pos_sorted] = np.repeat(v0, g.counts) + g.rank_sorted + 1
+        track.bad[g.pos_sorted] = np.repeat(b0, g.counts)
+
+    def _push(self, track: Track, g: _Groups, v: np.ndarray) -> None:
+        """Append the values ``v`` (sorted by slot, as ``g``) to a track: finer grids first, then the terms'
+        running sums per slot on top of each slot's last prefix."""
+        valid = v == v
+        finite = np.isfinite(v)
+        clean = np.where(finite, v, 0.0)
+        shift = np.repeat(track.shift[g.slots], g.counts)
+        with np.errstate(over="ignore"):
+            scaled = np.ldexp(clean, shift)
+        on_grid = np.isfinite(scaled) & (scaled == np.floor(scaled))
+        if not on_grid.all():  # finer grids: rescale the slots concerned, then scale every value exactly
+            need = np.zeros(len(g.slots), dtype=np.int64)
+            group_of = np.repeat(np.arange(len(g.slots)), g.counts)
+            off = np.flatnonzero(~on_grid)
+            ks = np.array([_ratio(x)[1] for x in clean[off].tolist()], dtype=np.int64)
+            np.maximum.at(need, group_of[off], ks)
+            for j in np.flatnonzero(need > track.shift[g.slots]).tolist():
+                s = int(g.slots[j])
+                track.rescale(s, int(need[j]), int(self.start[s]), int(self.end[s]))
+            shift = np.repeat(track.shift[g.slots], g.counts)
+            terms = _objects(
+                (n << (k_slot - k) for (n, k), k_slot in zip(map(_ratio, clean.tolist()), shift.tolist(),
+                                                               strict=True)),
+                len(v))
+        else:
+            terms = _objects(map(int, scaled.tolist()), len(v))
+        s0, v0, b0 = self._before(track, g.slots, self.end[g.slots])
+        track.sums[g.pos_sorted] = _group_cumsum(terms, g) + np.repeat(s0, g.counts)
+        track.valid[g.pos_sorted] = _group_cumsum(valid.astype(np.int64), g) + np.repeat(v0, g.counts)
+        track.bad[g.pos_sorted] = _group_cumsum((valid & ~finite).astype(np.int64), g) + np.repeat(b0, g.counts)
+
+    # --- single events ----------------------------------------------------------------------------------------
+    def insert(self, slot: int, t: int, values: Mapping[str, float], seq: int, event_id: str | None = None) -> int:
+        """Add one event to a slot after every stored event at or before ``t`` (an append when it is the newest);
+        returns its position. The entries after it move up one (their prefixes grow by its terms)."""
+        end = int(self.end[slot])
+        start = int(self.start[slot])
+        if end >= int(self.cap[slot]):
+            self._room(np.array([slot], dtype=np.int64), np.array([1], dtype=np.int64))
+            end, start = int(self.end[slot]), int(self.start[slot])
+        i = bisect_right(self.t_view, t, start, end) if end > start and self.t_view[end - 1] > t else end
+        if i < end:
+            for a in self._row_arrays():
+                a[i + 1:end + 1] = a[i:end]
+        self.t[i] = t
+        self.seq[i] = seq
+        self.ids[i] = event_id
+        self.label[i] = 0.0
+        self.label_at[i] = NO_LABEL_AT
+        for track in self._all_tracks():
+            track.sums[i] = 0  # (a placeholder a rescale can shift: set by _put below)
+        self.end[slot] = end + 1
+        self.live += 1
+        for c in self.columns:
+            v = float(values.get(c, math.nan))
+            self.values[c][i] = v
+            self._put(self.tracks[c], slot, i, v, end + 1)
+        self._put(self.labels, slot, i, 0.0, end + 1)
+        return i
+
+    def _put(self, track: Track, slot: int, i: int, v: float, end: int) -> None:
+        """Entry ``i`` of a slot's track is new with value ``v``; entries ``(i, end)`` hold the old prefixes."""
+        term, ok, bad = self._term(track, slot, v)  # (first: a rescale moves the previous prefix too)
+        start = int(self.start[slot])
+        if i > start:
+            s0, v0, b0 = track.sums[i - 1], int(track.valid[i - 1]), int(track.bad[i - 1])
+        else:
+            s0, v0, b0 = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
+        track.sums[i] = s0 + term
+        track.valid[i] = v0 + ok
+        track.bad[i] = b0 + bad
+        if i + 1 < end:
+            if term:
+                track.sums[i + 1:end] += term
+            if ok:
+                track.valid[i + 1:end] += ok
+            if bad:
+                track.bad[i + 1:end] += bad
+
+    def _term(self, track: Track, slot: int, v: float) -> tuple[int, int, int]:
+        """(scaled term, valid, bad) of one value on the slot's grid, rescaling the slot first when needed."""
+        if v != v:
+            return 0, 0, 0
+        if v in (math.inf, -math.inf):
+            return 0, 1, 1
+        n, k = _ratio(v)
+        shift = int(track.shift[slot])
+        if k > shift:
+            track.rescale(slot, k, int(self.start[slot]), int(self.end[slot]))
+            shift = k
+        return n << (shift - k), 1, 0
+
+    def set_label(self, slot: int, i: int, label: float, at: int) -> None:
+        """Entry ``i`` of ``slot`` now has ``label``, known from ``at``: every later prefix of the label track
+        changes by the difference."""
+        old = float(self.label[i])
+        self.label[i] = label
+        self.label_at[i] = at
+        track = self.labels
+        end = int(self.end[slot])
+        b, ok_b, bad_b = self._term(track, slot, label)  # (first: the old value is on any finer grid too)
+        a, ok_a, bad_a = self._term(track, slot, old)
+        if a != b:
+            track.sums[i:end] += b - a
+        if ok_a != ok_b:
+            track.valid[i:end] += ok_b - ok_a
+        if bad_a != bad_b:
+            track.bad[i:end] += bad_b - bad_a
+
+    def find(self, slot: int, event_id: str) -> int | None:
+        """The position of ``event_id`` in a slot's region, or None."""
+        start, end = int(self.start[slot]), int(self.end[slot])
+        hits = np.flatnonzero(self.ids[start:end] == event_id)
+        return start + int(hits[0]) if len(hits) else None
+
+    # --- pruning ----------------------------------------------------------------------------------------------
+    def prune(self, slots: np.ndarray, before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop each slot's entries with time <= its ``before`` (distinct slots); returns the dropped positions'
+        (first, stop) per slot (read their ids and seqs before the next append)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        first = self.start[slots].copy()
+        k = self.bisect_right(first, self.end[slots], np.asarray(before, dtype=np.int64))
+        moved = k > first
+        if moved.any():
+            s, kk = slots[moved], k[moved]
+            for track in self._all_tracks():
+                track.base[s] = track.sums[kk - 1]
+                track.vbase[s] = track.valid[kk - 1]
+                track.bbase[s] = track.bad[kk - 1]
+            self.start[s] = kk
+            self.live -= int((kk - first[moved]).sum())
+        return first, k
+
+    # --- queries ----------------------------------------------------------------------------------------------
+    def bisect_right(self, lo: np.ndarray, hi: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Per query, the first position ``i`` in ``[lo, hi)`` with ``t[i] > x`` (``hi`` if none); each region's
+        times are sorted. A binary search for every query at once (about log2 of the longest range steps)."""
+        lo = np.array(lo, dtype=np.int64)
+        hi = np.array(hi, dtype=np.int64)
+        t = self.t
+        active = np.flatnonzero(lo < hi)
+        while len(active):
+            a, b = lo[active], hi[active]
+            mid = (a + b) >> 1
+            right = t[mid] <= x[active]
+            lo[active] = np.where(right, mid + 1, a)
+            hi[active] = np.where(right, b, mid)
+            active = active[lo[active] < hi[active]]
+        return lo
+
+    def region_bisect(self, slot: int, x: int, lo: int | None = None, hi: int | None = None) -> int:
+        """:meth:`bisect_right` of one query in a slot's region (or ``[lo, hi)`` of it), on plain Python ints."""
+        return bisect_right(self.t_view, x, int(self.start[slot]) if lo is None else lo,
+                            int(self.end[slot]) if hi is None else hi)
+
+    def sums(self, track: Track, u: np.ndarray, lo: np.ndarray, hi: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query (slot ``u``, region positions ``[lo, hi)``): the exact sum of the track's values rounded once
+        (float64; 0.0 for none), the valid count and the infinity count."""
+        s_hi, v_hi, b_hi = self._before(track, u, hi)
+        s_lo, v_lo, b_lo = self._before(track, u, lo)
+        scale = map((1).__lshift__, track.shift[u].tolist())
+        total = np.fromiter(map(truediv, map(sub, s_hi.tolist(), s_lo.tolist()), scale), dtype=np.float64,
+                            count=len(u))
+        return total, v_hi - v_lo, b_hi - b_lo
+
+    def sum_one(self, track: Track, slot: int, lo: int, hi: int) -> tuple[float, int, int]:
+        """:meth:`sums` of one query, on plain Python values."""
+        start = int(self.start[slot])
+        if hi > start:
+            s_hi, v_hi, b_hi = track.sums[hi - 1], int(track.valid[hi - 1]), int(track.bad[hi - 1])
+        else:
+            s_hi, v_hi, b_hi = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
+        if lo > start:
+            s_lo, v_lo, b_lo = track.sums[lo - 1], int(track.valid[lo - 1]), int(track.bad[lo - 1])
+        else:
+            s_lo, v_lo, b_lo = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
+        return (s_hi - s_lo) / (1 << int(track.shift[slot])), v_hi - v_lo, b_hi - b_lo
+
+
+class _Groups:
+    """A batch's events sorted by slot: ``order`` (sorted -> batch index), each slot's first sorted index
+    (``heads``), event count, slot, each sorted event's rank within its slot and position."""
+
+    __slots__ = ("counts", "heads", "order", "pos_sorted", "rank_sorted", "slots")
+
+    def __init__(self, order: np.ndarray, heads: np.ndarray, counts: np.ndarray, slots: np.ndarray,
+                 pos_sorted: np.ndarray) -> None:
+        self.order, self.heads, self.counts, self.slots, self.pos_sorted = order, heads, counts, slots, pos_sorted
+        self.rank_sorted = np.arange(len(order), dtype=np.int64) - np.repeat(heads, counts)
+
+
+def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
+    """Running sums of ``terms`` (sorted by slot) restarting at each slot's first event (inclusive)."""
+    total = np.cumsum(terms)
+    before = total[g.heads] - terms[g.heads]
+    return total - np.repeat(before, g.counts)
+
+
+__all__ = ["NO_LABEL_AT", "Pool", "Track"]
