@@ -3,7 +3,8 @@
 A pool holds every state (one per entity key) of one entity column in shared numpy arrays, one entry per stored
 event: ``t`` (int64 ns), ``seq`` (its row on disk), ``ids`` (event id or None), one float64 array per value column,
 ``label`` and ``label_at``. A state is a *slot* (an int, from :meth:`Pool.slot`) owning the contiguous region
-``[start[slot], end[slot])`` of those arrays, in (time, arrival) order, with spare room up to ``cap[slot]``. A
+``[start[slot], end[slot])`` of those arrays, in (time, arrival) order, with spare room up to ``cap[slot]`` and
+one header row at ``start - 1`` whose prefix sums are the region's base (what precedes ``start``). A
 state that outgrows its room is moved to the pool's tail with twice the room (:meth:`Pool.append`); pruning
 advances ``start``; :meth:`Pool.compact` packs the live regions when moves and prunes have left the pool mostly
 dead space. A batch of events is then a few numpy operations over the whole batch: appends are fancy assignments
@@ -11,9 +12,10 @@ at ``end[slot] + rank within the batch``, window edges a vectorised binary searc
 (:meth:`Pool.bisect_right`).
 
 Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, as Python
-integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives), plus a
-per-slot ``base`` (what the pruned front of the region summed to). A window's sum is the difference of two
-prefixes divided by ``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
+integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives), starting
+from the header row's (0 for a new state; what the pruned front summed to once pruned: a prune only advances
+``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and ``lo - 1``) divided by
+``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
 gives. NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
 (a window holding one is summed by scanning its values instead).
 
@@ -26,13 +28,13 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import repeat
 from operator import sub, truediv
 from typing import Any
 
 import numpy as np
 
 NO_LABEL_AT = 2**62  # label_at of an event without a label (online._NO_LABEL_AT)
+NEVER = -(2**63)  # Pool.late of a state that never held a non-zero label
 _MIN_ROOM = 8  # a state's room when it first needs one
 
 
@@ -58,36 +60,28 @@ class Track:
     """Exact inclusive prefix sums of one float column of a pool (a value column, or the labels).
 
     Per entry ``sums`` (Python int, the slot's grid), ``valid`` (non-NaN count) and ``bad`` (infinity count),
-    inclusive from the slot's region start; per slot ``shift`` and the pruned front's ``base``, ``vbase`` and
-    ``bbase``. The sum of region entries ``[lo, hi)`` is ``(before(hi) - before(lo)) / 2**shift``.
+    inclusive, on top of the slot's header row; per slot ``shift``. The sum of region entries ``[lo, hi)`` is
+    ``(sums[hi - 1] - sums[lo - 1]) / 2**shift``.
     """
 
-    __slots__ = ("bad", "base", "bbase", "shift", "sums", "valid", "vbase")
+    __slots__ = ("bad", "shift", "sums", "valid")
 
     def __init__(self, rows: int, slots: int) -> None:
         self.sums = np.empty(rows, dtype=object)
         self.valid = np.zeros(rows, dtype=np.int64)
         self.bad = np.zeros(rows, dtype=np.int64)
         self.shift = np.zeros(slots, dtype=np.int64)
-        self.base = _objects(repeat(0, slots), slots)
-        self.vbase = np.zeros(slots, dtype=np.int64)
-        self.bbase = np.zeros(slots, dtype=np.int64)
 
     def _grow_rows(self, size: int) -> None:
         self.sums, self.valid, self.bad = (_grown(a, size) for a in (self.sums, self.valid, self.bad))
 
     def _grow_slots(self, size: int) -> None:
-        old = len(self.base)
-        self.shift, self.vbase, self.bbase = (_grown(a, size) for a in (self.shift, self.vbase, self.bbase))
-        self.base = _grown(self.base, size)
-        self.base[old:] = 0
+        self.shift = _grown(self.shift, size)
 
     def rescale(self, slot: int, k: int, start: int, end: int) -> None:
-        """Move a slot's sums to the finer grid ``2**-k`` (``k`` above its shift)."""
+        """Move a slot's sums (header row included) to the finer grid ``2**-k`` (``k`` above its shift)."""
         up = k - int(self.shift[slot])
-        if end > start:
-            self.sums[start:end] = np.left_shift(self.sums[start:end], up)
-        self.base[slot] = self.base[slot] << up
+        self.sums[start - 1:end] = np.left_shift(self.sums[start - 1:end], up)
         self.shift[slot] = k
 
 
@@ -100,6 +94,7 @@ class Pool:
         self.keys: list[str] = []  # slot -> key
         self.used = 0  # rows handed out to regions (live or dead)
         self.live = 0  # rows inside some [start, end)
+        self.held = 0  # rows inside some [start - 1, cap): headers, live rows and room
         rows, slots = max(rows, 1), max(slots, 1)
         self.t = np.zeros(rows, dtype=np.int64)
         self.seq = np.zeros(rows, dtype=np.int64)
@@ -112,6 +107,9 @@ class Pool:
         self.start = np.zeros(slots, dtype=np.int64)
         self.end = np.zeros(slots, dtype=np.int64)
         self.cap = np.zeros(slots, dtype=np.int64)
+        # per slot, the latest arrival of a non-zero finite label (an upper bound; _NEVER: none): a window of an
+        # event at or after it sees every label it holds, so its label sum comes from the prefix sums
+        self.late = np.full(slots, NEVER, dtype=np.int64)
         self._views()
 
     def _views(self) -> None:
@@ -141,13 +139,23 @@ class Pool:
         if need > len(self.start):
             size = max(need, 2 * len(self.start))
             self.start, self.end, self.cap = (_grown(a, size) for a in (self.start, self.end, self.cap))
+            self.late = _grown(self.late, size, NEVER)
             for track in self._all_tracks():
                 track._grow_slots(size)
         out = list(range(first, need))
         self.keys.extend(keys)
         self.index.update(zip(keys, out, strict=True))
-        # an empty region at the tail, no room yet (the first append gives it some)
-        self.start[first:need] = self.end[first:need] = self.cap[first:need] = self.used
+        # an empty region at the tail: its header row (prefix 0), no room yet (the first append gives it some)
+        k = len(keys)
+        self._reserve(k)
+        header = np.arange(self.used, self.used + k, dtype=np.int64)
+        for track in self._all_tracks():
+            track.sums[header] = 0
+            track.valid[header] = 0
+            track.bad[header] = 0
+        self.start[first:need] = self.end[first:need] = self.cap[first:need] = header + 1
+        self.used += k
+        self.held += k
         return out
 
     def _all_tracks(self) -> list[Track]:
@@ -185,22 +193,19 @@ class Pool:
         self._set_row_arrays([_grown(a, size, f) for a, f in zip(arrays, fills, strict=True)])
 
     def _move(self, slots: np.ndarray, room: np.ndarray) -> None:
-        """Move each slot's region to the pool's tail with ``room`` rows of room (at least its size)."""
+        """Move each slot's region (and header row) to the pool's tail with ``room`` rows of room (at least its
+        size)."""
         size = self.end[slots] - self.start[slots]
-        offsets = self.used + np.cumsum(room) - room
-        total = int(room.sum())
+        offsets = self.used + np.cumsum(room + 1) - (room + 1)  # each slot's new header row
+        total = int(room.sum()) + len(slots)
         self._reserve(total)
-        n = int(size.sum())
-        if n:
-            first = np.cumsum(size) - size
-            within = np.arange(n, dtype=np.int64) - np.repeat(first, size)
-            src = np.repeat(self.start[slots], size) + within
-            dst = np.repeat(offsets, size) + within
-            for a in self._row_arrays():
-                a[dst] = a[src]
-        self.start[slots] = offsets
-        self.end[slots] = offsets + size
-        self.cap[slots] = offsets + room
+        src, dst = _spans(self.start[slots] - 1, offsets, size + 1)
+        for a in self._row_arrays():
+            a[dst] = a[src]
+        self.held += total - int((self.cap[slots] - self.start[slots] + 1).sum())
+        self.start[slots] = offsets + 1
+        self.end[slots] = offsets + 1 + size
+        self.cap[slots] = offsets + 1 + room
         self.used += total
 
     def _room(self, slots: np.ndarray, extra: np.ndarray) -> None:
@@ -212,34 +217,28 @@ class Pool:
             self._move(moved, np.maximum(2 * (size + extra[full]), _MIN_ROOM))
 
     def compact(self) -> None:
-        """Pack every live region at the front of fresh arrays (positions change), each with room for as many rows
-        again as it holds (at least a few)."""
+        """Pack every region (header row, rows, room for as many rows again as it holds, none for an empty one) at
+        the front of fresh arrays; positions change."""
         slots = np.arange(len(self.keys), dtype=np.int64)
         size = self.end[slots] - self.start[slots]
         room = np.where(size > 0, np.maximum(2 * size, _MIN_ROOM), 0)
-        old = self._row_arrays()
-        old_start = self.start[slots].copy()
-        total = int(room.sum())
-        fresh = Pool(self.columns, rows=max(total, 1), slots=1)
+        offsets = np.cumsum(room + 1) - (room + 1)
+        total = int(room.sum()) + len(slots)
+        fresh = Pool(self.columns, rows=max(2 * total, 1024), slots=1)
         arrays = fresh._row_arrays()
-        offsets = np.cumsum(room) - room
-        n = int(size.sum())
-        if n:
-            first = np.cumsum(size) - size
-            within = np.arange(n, dtype=np.int64) - np.repeat(first, size)
-            src = np.repeat(old_start, size) + within
-            dst = np.repeat(offsets, size) + within
-            for a, b in zip(old, arrays, strict=True):
-                b[dst] = a[src]
+        src, dst = _spans(self.start[slots] - 1, offsets, size + 1)
+        for a, b in zip(self._row_arrays(), arrays, strict=True):
+            b[dst] = a[src]
         self._set_row_arrays(arrays)
-        self.start[slots] = offsets
-        self.end[slots] = offsets + size
-        self.cap[slots] = offsets + room
-        self.used = total
+        self.start[slots] = offsets + 1
+        self.end[slots] = offsets + 1 + size
+        self.cap[slots] = offsets + 1 + room
+        self.used = self.held = total
 
     def wasted(self) -> float:
-        """The share of the pool's handed-out rows outside every live region (what :meth:`compact` frees)."""
-        return 1.0 - self.live / self.used if self.used else 0.0
+        """The share of the pool's handed-out rows in no region (left by moves and prunes: what :meth:`compact`
+        frees)."""
+        return 1.0 - self.held / self.used if self.used else 0.0
 
     # --- appends ----------------------------------------------------------------------------------------------
     def appendable(self, u: np.ndarray, t: np.ndarray) -> bool:
@@ -297,17 +296,16 @@ class Pool:
         self.live += n
         return pos
 
-    def _before(self, track: Track, slots: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sum, valid, bad) of each slot's region entries before position ``at`` (exclusive prefix)."""
-        inside = at > self.start[slots]
-        prev = np.maximum(at - 1, 0)
-        return (np.where(inside, track.sums[prev], track.base[slots]),
-                np.where(inside, track.valid[prev], track.vbase[slots]),
-                np.where(inside, track.bad[prev], track.bbase[slots]))
+    @staticmethod
+    def _before(track: Track, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sum, valid, bad) of the region entries before position ``at`` (exclusive prefix: the entry at
+        ``at - 1``, the header row at the region's start)."""
+        prev = at - 1
+        return track.sums[prev], track.valid[prev], track.bad[prev]
 
     def _push_zeros(self, track: Track, g: _Groups) -> None:
         """Append 0.0 (valid, on every grid) to the label track."""
-        s0, v0, b0 = self._before(track, g.slots, self.end[g.slots])
+        s0, v0, b0 = self._before(track, self.end[g.slots])
         track.sums[g.pos_sorted] = np.repeat(s0, g.counts)
         track.valid[g.pos_sorted] = np.repeat(v0, g.counts) + g.rank_sorted + 1
         track.bad[g.pos_sorted] = np.repeat(b0, g.counts)
@@ -332,13 +330,15 @@ class Pool:
                 s = int(g.slots[j])
                 track.rescale(s, int(need[j]), int(self.start[s]), int(self.end[s]))
             shift = np.repeat(track.shift[g.slots], g.counts)
-            terms = _objects(
-                (n << (k_slot - k) for (n, k), k_slot in zip(map(_ratio, clean.tolist()), shift.tolist(),
-                                                               strict=True)),
-                len(v))
-        else:
-            terms = _objects(map(int, scaled.tolist()), len(v))
-        s0, v0, b0 = self._before(track, g.slots, self.end[g.slots])
+            with np.errstate(over="ignore"):
+                scaled = np.ldexp(clean, shift)
+            on_grid = np.isfinite(scaled) & (scaled == np.floor(scaled))
+        terms = _objects(map(int, np.where(on_grid, scaled, 0.0).tolist()), len(v))
+        if not on_grid.all():  # beyond the float range once scaled: the exact integers
+            off = np.flatnonzero(~on_grid)
+            terms[off] = [n << (k_slot - k) for (n, k), k_slot in zip(map(_ratio, clean[off].tolist()),
+                                                                       shift[off].tolist(), strict=True)]
+        s0, v0, b0 = self._before(track, self.end[g.slots])
         track.sums[g.pos_sorted] = _group_cumsum(terms, g) + np.repeat(s0, g.counts)
         track.valid[g.pos_sorted] = _group_cumsum(valid.astype(np.int64), g) + np.repeat(v0, g.counts)
         track.bad[g.pos_sorted] = _group_cumsum((valid & ~finite).astype(np.int64), g) + np.repeat(b0, g.counts)
@@ -375,11 +375,7 @@ class Pool:
     def _put(self, track: Track, slot: int, i: int, v: float, end: int) -> None:
         """Entry ``i`` of a slot's track is new with value ``v``; entries ``(i, end)`` hold the old prefixes."""
         term, ok, bad = self._term(track, slot, v)  # (first: a rescale moves the previous prefix too)
-        start = int(self.start[slot])
-        if i > start:
-            s0, v0, b0 = track.sums[i - 1], int(track.valid[i - 1]), int(track.bad[i - 1])
-        else:
-            s0, v0, b0 = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
+        s0, v0, b0 = track.sums[i - 1], int(track.valid[i - 1]), int(track.bad[i - 1])
         track.sums[i] = s0 + term
         track.valid[i] = v0 + ok
         track.bad[i] = b0 + bad
@@ -410,6 +406,8 @@ class Pool:
         old = float(self.label[i])
         self.label[i] = label
         self.label_at[i] = at
+        if label != 0.0 and math.isfinite(label) and at > self.late[slot]:
+            self.late[slot] = at
         track = self.labels
         end = int(self.end[slot])
         b, ok_b, bad_b = self._term(track, slot, label)  # (first: the old value is on any finer grid too)
@@ -434,15 +432,10 @@ class Pool:
         slots = np.asarray(slots, dtype=np.int64)
         first = self.start[slots].copy()
         k = self.bisect_right(first, self.end[slots], np.asarray(before, dtype=np.int64))
-        moved = k > first
-        if moved.any():
-            s, kk = slots[moved], k[moved]
-            for track in self._all_tracks():
-                track.base[s] = track.sums[kk - 1]
-                track.vbase[s] = track.valid[kk - 1]
-                track.bbase[s] = track.bad[kk - 1]
-            self.start[s] = kk
-            self.live -= int((kk - first[moved]).sum())
+        self.start[slots] = k  # (the row before k, the new header, holds the prefix of what was dropped)
+        dropped = int((k - first).sum())
+        self.live -= dropped
+        self.held -= dropped
         return first, k
 
     # --- queries ----------------------------------------------------------------------------------------------
@@ -471,8 +464,8 @@ class Pool:
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query (slot ``u``, region positions ``[lo, hi)``): the exact sum of the track's values rounded once
         (float64; 0.0 for none), the valid count and the infinity count."""
-        s_hi, v_hi, b_hi = self._before(track, u, hi)
-        s_lo, v_lo, b_lo = self._before(track, u, lo)
+        s_hi, v_hi, b_hi = self._before(track, hi)
+        s_lo, v_lo, b_lo = self._before(track, lo)
         scale = map((1).__lshift__, track.shift[u].tolist())
         total = np.fromiter(map(truediv, map(sub, s_hi.tolist(), s_lo.tolist()), scale), dtype=np.float64,
                             count=len(u))
@@ -480,16 +473,9 @@ class Pool:
 
     def sum_one(self, track: Track, slot: int, lo: int, hi: int) -> tuple[float, int, int]:
         """:meth:`sums` of one query, on plain Python values."""
-        start = int(self.start[slot])
-        if hi > start:
-            s_hi, v_hi, b_hi = track.sums[hi - 1], int(track.valid[hi - 1]), int(track.bad[hi - 1])
-        else:
-            s_hi, v_hi, b_hi = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
-        if lo > start:
-            s_lo, v_lo, b_lo = track.sums[lo - 1], int(track.valid[lo - 1]), int(track.bad[lo - 1])
-        else:
-            s_lo, v_lo, b_lo = track.base[slot], int(track.vbase[slot]), int(track.bbase[slot])
-        return (s_hi - s_lo) / (1 << int(track.shift[slot])), v_hi - v_lo, b_hi - b_lo
+        sums, valid, bad = track.sums, track.valid, track.bad
+        return ((sums[hi - 1] - sums[lo - 1]) / (1 << int(track.shift[slot])), int(valid[hi - 1] - valid[lo - 1]),
+                int(bad[hi - 1] - bad[lo - 1]))
 
 
 class _Groups:
@@ -504,6 +490,13 @@ class _Groups:
         self.rank_sorted = np.arange(len(order), dtype=np.int64) - np.repeat(heads, counts)
 
 
+def _spans(src_first: np.ndarray, dst_first: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of spans ``[src_first, src_first + size)`` and where each goes (``dst_first`` on)."""
+    n = int(size.sum())
+    within = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
+    return np.repeat(src_first, size) + within, np.repeat(dst_first, size) + within
+
+
 def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     """Running sums of ``terms`` (sorted by slot) restarting at each slot's first event (inclusive)."""
     total = np.cumsum(terms)
@@ -511,4 +504,4 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NO_LABEL_AT", "Pool", "Track"]
+__all__ = ["NEVER", "NO_LABEL_AT", "Pool", "Track"]
