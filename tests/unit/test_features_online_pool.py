@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.features.online_pool import NEVER, NO_LABEL_AT, Pool
+from keel.features.online_pool import NEVER, NO_LABEL_AT, NONFINITE, Pool
 
 ODD = [math.nan, 0.0, -0.0, 1e-300, 5e-324, 1e12 + 0.1, 1 / 3, 2.5, 57.16, 0.01, 999.99, -7.0, 1e300,
        math.inf, -math.inf]
@@ -25,7 +25,7 @@ class Model:
     def __init__(self, columns: list[str]) -> None:
         self.columns = columns
         self.states: dict[str, list[list]] = {}
-        self.late: dict[str, int] = {}  # the latest arrival of a non-zero finite label per key
+        self.late: dict[str, int] = {}  # per key, the latest arrival of a non-zero label (NaN/inf: NONFINITE)
 
     def appendable(self, keys: list[str], times: list[int]) -> bool:
         last = {k: s[-1][0] for k, s in self.states.items() if s}
@@ -171,8 +171,8 @@ def test_property_pool_equals_model(data, columns) -> None:
             assert pool.find(s, entry[2]) == int(pool.start[s]) + j
             pool.set_label(s, int(pool.start[s]) + j, y, at)
             entry[4], entry[5] = y, at
-            if y != 0.0 and math.isfinite(y):
-                model.late[key] = max(model.late.get(key, NEVER), at)
+            if y != 0.0:
+                model.late[key] = max(model.late.get(key, NEVER), at if math.isfinite(y) else NONFINITE)
         elif op == "prune":
             keys = list(dict.fromkeys(data.draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=4))))
             before = [data.draw(st.integers(-1, 50)) for _ in keys]

@@ -29,12 +29,15 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from operator import sub, truediv
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from keel.features.offline import finish_aggregate
+
 NO_LABEL_AT = 2**62  # label_at of an event without a label (online._NO_LABEL_AT)
 NEVER = -(2**63)  # Pool.late of a state that never held a non-zero label
+NONFINITE = 2**63 - 1  # Pool.late of a state that held a NaN or infinite label: its label sums scan
 _MIN_ROOM = 8  # a state's room when it first needs one
 
 
@@ -64,13 +67,16 @@ class Track:
     ``(sums[hi - 1] - sums[lo - 1]) / 2**shift``.
     """
 
-    __slots__ = ("bad", "shift", "sums", "valid")
+    __slots__ = ("bad", "bad_view", "shift", "shift_view", "sums", "valid", "valid_view")
 
     def __init__(self, rows: int, slots: int) -> None:
         self.sums = np.empty(rows, dtype=object)
         self.valid = np.zeros(rows, dtype=np.int64)
         self.bad = np.zeros(rows, dtype=np.int64)
         self.shift = np.zeros(slots, dtype=np.int64)
+        self.valid_view = memoryview(self.valid)
+        self.bad_view = memoryview(self.bad)
+        self.shift_view = memoryview(self.shift)
 
     def _grow_rows(self, size: int) -> None:
         self.sums, self.valid, self.bad = (_grown(a, size) for a in (self.sums, self.valid, self.bad))
@@ -107,14 +113,26 @@ class Pool:
         self.start = np.zeros(slots, dtype=np.int64)
         self.end = np.zeros(slots, dtype=np.int64)
         self.cap = np.zeros(slots, dtype=np.int64)
-        # per slot, the latest arrival of a non-zero finite label (an upper bound; _NEVER: none): a window of an
-        # event at or after it sees every label it holds, so its label sum comes from the prefix sums
+        # per slot, the latest arrival of a non-zero label (an upper bound; NEVER: none, NONFINITE: a NaN or
+        # infinite one): a window of an event at or after it sees every label it holds, so its label sum comes
+        # from the prefix sums (online._EntityState.late_label)
         self.late = np.full(slots, NEVER, dtype=np.int64)
         self._views()
 
     def _views(self) -> None:
-        # memoryviews: element access as plain Python ints/floats (the single-event path, ``bisect``)
+        # memoryviews: element access as plain Python ints/floats, about twice as fast as numpy scalars (the
+        # single-event path, ``bisect``); rebuilt whenever an array is replaced
         self.t_view = memoryview(self.t)
+        self.seq_view = memoryview(self.seq)
+        self.label_view = memoryview(self.label)
+        self.label_at_view = memoryview(self.label_at)
+        self.value_views = {c: memoryview(a) for c, a in self.values.items()}
+        self.start_view, self.end_view = memoryview(self.start), memoryview(self.end)
+        self.cap_view, self.late_view = memoryview(self.cap), memoryview(self.late)
+        for track in self._all_tracks():
+            track.valid_view = memoryview(track.valid)
+            track.bad_view = memoryview(track.bad)
+            track.shift_view = memoryview(track.shift)
 
     # --- slots ------------------------------------------------------------------------------------------------
     def slot(self, key: str) -> int:
@@ -156,6 +174,7 @@ class Pool:
         self.start[first:need] = self.end[first:need] = self.cap[first:need] = header + 1
         self.used += k
         self.held += k
+        self._views()
         return out
 
     def _all_tracks(self) -> list[Track]:
@@ -207,6 +226,19 @@ class Pool:
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
         self.used += total
+
+    def _move_one(self, slot: int, room: int) -> None:
+        """:meth:`_move` of one slot, by slices."""
+        start, end = int(self.start[slot]), int(self.end[slot])
+        self._reserve(room + 1)
+        dst = self.used
+        for a in self._row_arrays():
+            a[dst:dst + end - start + 1] = a[start - 1:end]
+        self.held += room + 1 - (int(self.cap[slot]) - start + 1)
+        self.start[slot] = dst + 1
+        self.end[slot] = dst + 1 + end - start
+        self.cap[slot] = dst + 1 + room
+        self.used += room + 1
 
     def _room(self, slots: np.ndarray, extra: np.ndarray) -> None:
         """Make room for ``extra`` more rows after each slot's end (distinct slots), moving the full ones."""
@@ -347,10 +379,39 @@ class Pool:
     def insert(self, slot: int, t: int, values: Mapping[str, float], seq: int, event_id: str | None = None) -> int:
         """Add one event to a slot after every stored event at or before ``t`` (an append when it is the newest);
         returns its position. The entries after it move up one (their prefixes grow by its terms)."""
-        end = int(self.end[slot])
+        ends = self.end_view
+        end = ends[slot]
+        if end < self.cap_view[slot] and (end == self.start_view[slot] or self.t_view[end - 1] <= t):
+            # the usual case, the newest event of a state with room: writes through the memoryviews
+            self.t_view[end] = t
+            self.seq_view[end] = seq
+            self.ids[end] = event_id
+            self.label_view[end] = 0.0
+            self.label_at_view[end] = NO_LABEL_AT
+            ends[slot] = end + 1
+            self.live += 1
+            views = self.value_views
+            for c, track in self.tracks.items():
+                v = float(values.get(c, math.nan))
+                views[c][end] = v
+                if v == v and v not in _INFINITIES:
+                    n, k = _ratio(v)
+                    shift = track.shift_view[slot]
+                    if k <= shift:  # on the slot's grid
+                        track.sums[end] = track.sums[end - 1] + (n << (shift - k))
+                        track.valid_view[end] = track.valid_view[end - 1] + 1
+                        track.bad_view[end] = track.bad_view[end - 1]
+                        continue
+                track.sums[end] = 0  # (a placeholder a rescale can shift)
+                self._put(track, slot, end, v, end + 1)
+            labels = self.labels  # a zero label: adds nothing, counts valid
+            labels.sums[end] = labels.sums[end - 1]
+            labels.valid_view[end] = labels.valid_view[end - 1] + 1
+            labels.bad_view[end] = labels.bad_view[end - 1]
+            return end
         start = int(self.start[slot])
         if end >= int(self.cap[slot]):
-            self._room(np.array([slot], dtype=np.int64), np.array([1], dtype=np.int64))
+            self._move_one(slot, max(2 * (end - start + 1), _MIN_ROOM))
             end, start = int(self.end[slot]), int(self.start[slot])
         i = bisect_right(self.t_view, t, start, end) if end > start and self.t_view[end - 1] > t else end
         if i < end:
@@ -406,8 +467,8 @@ class Pool:
         old = float(self.label[i])
         self.label[i] = label
         self.label_at[i] = at
-        if label != 0.0 and math.isfinite(label) and at > self.late[slot]:
-            self.late[slot] = at
+        if label != 0.0:
+            self.late[slot] = max(int(self.late[slot]), at if math.isfinite(label) else NONFINITE)
         track = self.labels
         end = int(self.end[slot])
         b, ok_b, bad_b = self._term(track, slot, label)  # (first: the old value is on any finer grid too)
@@ -478,6 +539,130 @@ class Pool:
                 int(bad[hi - 1] - bad[lo - 1]))
 
 
+class Plan(Protocol):
+    """What :func:`window_group` reads of a window group (``online._GroupPlan``)."""
+
+    delay_ns: int
+    window_ns: int
+    zero_delay: bool
+    include_current: bool
+    items: tuple[tuple[str, str, str | None, bool], ...]
+
+
+def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str, float] | None, own: int | None,
+                 out: dict[str, float], scaled: dict[str, tuple[int, int] | None] | None = None) -> None:
+    """Window features sharing one window (same delay, length, include_current) for an event at ``t`` on one
+    state of a pool: ``online._window_group`` on the pool's arrays, the same numbers bit for bit.
+
+    ``current`` is the event itself when it is not stored yet; ``own`` its position when it is. Counts, sums,
+    means and label sums come from the exact prefix sums when the window holds no infinity (no NaN or
+    infinite label for label sums, and every non-zero label arrived by ``t``); std, min and max and the rest
+    scan the window. ``scaled`` caches the current event's values as ``(n, k)`` (NaN: None) across windows.
+    """
+    start, end = pool.start_view[slot], pool.end_view[slot]
+    tv = pool.t_view
+    edge = t - plan.delay_ns  # window_edges(): (t - delay - window, t - delay]
+    if plan.zero_delay and own is not None:
+        hi = own + 1 if plan.include_current else own
+    else:
+        hi = bisect_right(tv, edge, start, end)
+    lo = bisect_right(tv, edge - plan.window_ns, start, end)
+    if lo > hi:
+        lo = hi
+    with_current = current is not None and plan.zero_delay and plan.include_current
+    count = hi - lo + 1 if with_current else hi - lo
+    values: dict[str, list[float]] = {}
+    label_total: float | None = None
+    for name, aggregate, column, reads_label in plan.items:
+        if aggregate == "count":
+            out[name] = float(count)
+            continue
+        if column and (aggregate == "mean" or aggregate == "sum"):
+            track = pool.tracks[column]
+            bad = track.bad_view
+            if bad[hi - 1] == bad[lo - 1]:  # no infinity in the window: the exact prefix sums
+                psums = track.sums
+                total = psums[hi - 1] - psums[lo - 1]
+                pvalid = track.valid_view
+                valid = pvalid[hi - 1] - pvalid[lo - 1]
+                shift = track.shift_view[slot]
+                if with_current:
+                    if scaled is None:
+                        scaled = {}
+                    if column in scaled:
+                        term = scaled[column]
+                    else:
+                        v = current.get(column, math.nan)  # type: ignore[union-attr]
+                        term = scaled[column] = _ratio(v) if v == v and v not in _INFINITIES else None
+                        if v in _INFINITIES:
+                            term = scaled[column] = _INFINITE
+                    if term is _INFINITE:
+                        pass  # (the scanning path below)
+                    else:
+                        if term is not None:
+                            n, k = term
+                            if k > shift:
+                                total <<= k - shift
+                                shift = k
+                            total += n << (shift - k)
+                            valid += 1
+                        value = total / (1 << shift) if total else 0.0
+                        if aggregate == "mean":
+                            out[name] = value / valid if valid > 0 else math.nan
+                        else:
+                            out[name] = value if valid else 0.0
+                        continue
+                else:
+                    value = total / (1 << shift) if total else 0.0
+                    if aggregate == "mean":
+                        out[name] = value / valid if valid > 0 else math.nan
+                    else:
+                        out[name] = value if valid else 0.0
+                    continue
+        total_f = m2 = mn = mx = 0.0
+        valid = 0
+        if column:  # the scanning path: std, min, max, and sums over a window holding infinities
+            if column not in values:
+                window = [v for v in pool.values[column][lo:hi].tolist() if v == v]  # v == v drops NaN
+                if with_current:
+                    v = current.get(column, math.nan)  # type: ignore[union-attr]
+                    if v == v:
+                        window.append(v)
+                values[column] = window
+            vals = values[column]
+            valid = len(vals)
+            if aggregate in ("sum", "mean"):
+                total_f = math.fsum(vals)
+            elif aggregate == "std" and valid:
+                mean = math.fsum(vals) / valid
+                m2 = math.fsum((v - mean) ** 2 for v in vals)
+            elif aggregate == "min" and valid:
+                mn = min(vals)
+            elif aggregate == "max" and valid:
+                mx = max(vals)
+        if reads_label and label_total is None:
+            labels = pool.labels
+            late = pool.late_view[slot]
+            if late == NEVER:
+                label_total = 0.0  # only zero labels
+            elif t >= late and late != NONFINITE:
+                exact = labels.sums[hi - 1] - labels.sums[lo - 1]
+                label_total = exact / (1 << labels.shift_view[slot]) if exact else 0.0
+            else:
+                label_total = math.fsum(
+                    y for y, at in zip(pool.label[lo:hi].tolist(), pool.label_at[lo:hi].tolist(), strict=True)
+                    if at <= t
+                )
+        if aggregate == "label_rate":
+            out[name] = float(label_total or 0.0) / count if count > 0 else 0.0
+            continue
+        out[name] = finish_aggregate(aggregate, count, valid, total_f, m2, mn, mx, label_total or 0.0)
+
+
+_INFINITIES = (math.inf, -math.inf)
+_INFINITE = (0, -1)  # scaled[column] of an infinite current value: its windows scan
+
+
 class _Groups:
     """A batch's events sorted by slot: ``order`` (sorted -> batch index), each slot's first sorted index
     (``heads``), event count, slot, each sorted event's rank within its slot and position."""
@@ -504,4 +689,4 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NEVER", "NO_LABEL_AT", "Pool", "Track"]
+__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_group"]
