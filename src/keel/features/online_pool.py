@@ -659,6 +659,55 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
         out[name] = finish_aggregate(aggregate, count, valid, total_f, m2, mn, mx, label_total or 0.0)
 
 
+def window_columns(pool: Pool, plan: Plan, u: np.ndarray, t: np.ndarray, pos: np.ndarray,
+                   out: dict[str, np.ndarray]) -> np.ndarray:
+    """:func:`window_group` of stored events (slots ``u``, times ``t``, positions ``pos``) for all of them at once:
+    counts, sums, means and label sums from the exact prefix sums, each ``out[name]`` a float64 column. Returns
+    the events those do not cover (a window holding an infinity, labels that arrived after the event or NaN/inf
+    labels, std/min/max): their columns are left unset, for :func:`window_group` per event.
+
+    The batch path appends a batch's events first (:meth:`Pool.append`), then computes every event's windows at
+    its own position: the later events of its state lie after it in time order and no window reaches them.
+    """
+    n = len(u)
+    missed = np.zeros(n, dtype=bool)
+    start = pool.start[u]
+    if plan.zero_delay:
+        hi = pos + 1 if plan.include_current else pos
+    else:  # (the events at or after the event's own position are later than its window's end)
+        hi = pool.bisect_right(start, pos, t - plan.delay_ns)
+    lo = pool.bisect_right(start, hi, t - plan.delay_ns - plan.window_ns)
+    count = hi - lo
+    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    label_total: np.ndarray | None = None
+    for name, aggregate, column, reads_label in plan.items:
+        if aggregate == "count":
+            out[name] = count.astype(np.float64)
+        elif column and aggregate in ("sum", "mean"):
+            if column not in sums:
+                total, valid, bad = pool.sums(pool.tracks[column], u, lo, hi)
+                missed |= bad > 0
+                sums[column] = total, valid
+            total, valid = sums[column]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[name] = (np.where(valid > 0, total / valid, math.nan) if aggregate == "mean"
+                             else np.where(valid > 0, total, 0.0))
+        elif reads_label and aggregate in ("label_count", "label_rate"):
+            if label_total is None:
+                late = pool.late[u]
+                label_total = np.zeros(n, dtype=np.float64)
+                exact = np.flatnonzero((late != NEVER) & (t >= late) & (late != NONFINITE))
+                if len(exact):
+                    label_total[exact] = pool.sums(pool.labels, u[exact], lo[exact], hi[exact])[0]
+                missed |= (late != NEVER) & ((t < late) | (late == NONFINITE))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[name] = (np.where(count > 0, label_total / count, 0.0) if aggregate == "label_rate"
+                             else label_total.copy())
+        else:  # std, min, max (and anything else): per event
+            missed[:] = True
+    return missed
+
+
 _INFINITIES = (math.inf, -math.inf)
 _INFINITE = (0, -1)  # scaled[column] of an infinite current value: its windows scan
 
@@ -689,4 +738,4 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_group"]
+__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_columns", "window_group"]
