@@ -586,33 +586,22 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
                 pvalid = track.valid_view
                 valid = pvalid[hi - 1] - pvalid[lo - 1]
                 shift = track.shift_view[slot]
+                term = None
                 if with_current:
                     if scaled is None:
                         scaled = {}
-                    if column in scaled:
-                        term = scaled[column]
-                    else:
+                    if column not in scaled:
                         v = current.get(column, math.nan)  # type: ignore[union-attr]
-                        term = scaled[column] = _ratio(v) if v == v and v not in _INFINITIES else None
-                        if v in _INFINITIES:
-                            term = scaled[column] = _INFINITE
-                    if term is _INFINITE:
-                        pass  # (the scanning path below)
-                    else:
-                        if term is not None:
-                            n, k = term
-                            if k > shift:
-                                total <<= k - shift
-                                shift = k
-                            total += n << (shift - k)
-                            valid += 1
-                        value = total / (1 << shift) if total else 0.0
-                        if aggregate == "mean":
-                            out[name] = value / valid if valid > 0 else math.nan
-                        else:
-                            out[name] = value if valid else 0.0
-                        continue
-                else:
+                        scaled[column] = (None if v != v else _INFINITE if v in _INFINITIES else _ratio(v))
+                    term = scaled[column]
+                if term is not _INFINITE:  # (an infinite current value: the scanning path below)
+                    if term is not None:
+                        n, k = term
+                        if k > shift:
+                            total <<= k - shift
+                            shift = k
+                        total += n << (shift - k)
+                        valid += 1
                     value = total / (1 << shift) if total else 0.0
                     if aggregate == "mean":
                         out[name] = value / valid if valid > 0 else math.nan
