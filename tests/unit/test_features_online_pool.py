@@ -142,6 +142,13 @@ def test_property_pool_equals_model(data, columns) -> None:
             if not ok:
                 continue
             event_ids = [str(ids + j) for j in range(n)]
+            if data.draw(st.integers(0, 4)) == 0:  # appended, then taken back (the batch path's undo)
+                touched = np.unique(u)
+                sizes = pool.end[touched] - pool.start[touched]
+                pool.append(u, t, {c: np.array(v, dtype=np.float64) for c, v in vals.items()},
+                            np.arange(seq, seq + n), event_ids)
+                pool.truncate(touched, sizes)
+                check(pool, model, data)
             pos = pool.append(u, t, {c: np.array(v, dtype=np.float64) for c, v in vals.items()},
                               np.arange(seq, seq + n), event_ids)
             for j, k in enumerate(keys):

@@ -328,6 +328,14 @@ class Pool:
         self.live += n
         return pos
 
+    def truncate(self, slots: np.ndarray, sizes: np.ndarray) -> None:
+        """Cut each slot (distinct) back to ``sizes`` rows (what :meth:`size` gave before an :meth:`append`): the
+        undo of appends. The rows stay where a move put them; a finer grid reached meanwhile stays (exact)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        ends = self.start[slots] + np.asarray(sizes, dtype=np.int64)
+        self.live -= int((self.end[slots] - ends).sum())
+        self.end[slots] = ends
+
     @staticmethod
     def _before(track: Track, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sum, valid, bad) of the region entries before position ``at`` (exclusive prefix: the entry at
