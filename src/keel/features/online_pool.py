@@ -39,6 +39,8 @@ NO_LABEL_AT = 2**62  # label_at of an event without a label (online._NO_LABEL_AT
 NEVER = -(2**63)  # Pool.late of a state that never held a non-zero label
 NONFINITE = 2**63 - 1  # Pool.late of a state that held a NaN or infinite label: its label sums scan
 _MIN_ROOM = 8  # a state's room when it first needs one
+# False sends every window down the scanning path (math.fsum over the window): tests set it to compare both paths
+EXACT = True
 
 
 def _ratio(x: float) -> tuple[int, int]:
@@ -293,10 +295,12 @@ class Pool:
         return bool(np.all(st[first][stored] >= newest))
 
     def append(self, u: np.ndarray, t: np.ndarray, values: Mapping[str, np.ndarray], seq: np.ndarray,
-               ids: Sequence[str | None] | None = None) -> np.ndarray:
+               ids: Sequence[str | None] | None = None, labels: np.ndarray | None = None,
+               label_at: np.ndarray | None = None) -> np.ndarray:
         """Append events (slots ``u``, times ``t``, a float64 array per value column (NaN where missing), row seqs,
         event ids) after their slots' stored events; :meth:`appendable` must hold. Labels start at 0.0, not
-        arrived. Returns each event's position."""
+        arrived, unless ``labels`` and ``label_at`` give them (stored events loaded from disk). Returns each
+        event's position."""
         n = len(u)
         if not n:
             return np.zeros(0, dtype=np.int64)
@@ -316,14 +320,25 @@ class Pool:
         self.t[pos] = t
         self.seq[pos] = seq
         self.ids[pos] = None if ids is None else _objects(ids, n)
-        self.label[pos] = 0.0
-        self.label_at[pos] = NO_LABEL_AT
         group = _Groups(order, heads, counts, slots, pos_sorted)
         for c in self.columns:
             column = np.asarray(values[c], dtype=np.float64) if c in values else np.full(n, math.nan)
             self.values[c][pos] = column
             self._push(self.tracks[c], group, column[order])
-        self._push_zeros(self.labels, group)
+        if labels is None or label_at is None:
+            self.label[pos] = 0.0
+            self.label_at[pos] = NO_LABEL_AT
+            self._push_zeros(self.labels, group)
+        else:
+            y = np.asarray(labels, dtype=np.float64)
+            at = np.asarray(label_at, dtype=np.int64)
+            self.label[pos] = y
+            self.label_at[pos] = at
+            self._push(self.labels, group, y[order])
+            marked = np.flatnonzero(y != 0.0)  # (NaN too) set_label's rule for ``late``
+            if len(marked):
+                late = np.where(np.isfinite(y[marked]), at[marked], NONFINITE)
+                np.maximum.at(self.late, u[marked], late)
         self.end[slots] += counts
         self.live += n
         return pos
@@ -507,6 +522,20 @@ class Pool:
         self.held -= dropped
         return first, k
 
+    def prune_one(self, slot: int, before: int) -> tuple[int, int]:
+        """:meth:`prune` of one slot, on plain Python ints."""
+        first = self.start_view[slot]
+        k = bisect_right(self.t_view, before, first, self.end_view[slot])
+        self.start_view[slot] = k
+        self.live -= k - first
+        self.held -= k - first
+        return first, k
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """The positions of the given slots' entries (each region in order, slot after slot)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        return _spans(self.start[slots], self.start[slots], self.end[slots] - self.start[slots])[0]
+
     # --- queries ----------------------------------------------------------------------------------------------
     def bisect_right(self, lo: np.ndarray, hi: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Per query, the first position ``i`` in ``[lo, hi)`` with ``t[i] > x`` (``hi`` if none); each region's
@@ -588,7 +617,7 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
         if column and (aggregate == "mean" or aggregate == "sum"):
             track = pool.tracks[column]
             bad = track.bad_view
-            if bad[hi - 1] == bad[lo - 1]:  # no infinity in the window: the exact prefix sums
+            if bad[hi - 1] == bad[lo - 1] and EXACT:  # no infinity in the window: the exact prefix sums
                 psums = track.sums
                 total = psums[hi - 1] - psums[lo - 1]
                 pvalid = track.valid_view
@@ -642,7 +671,7 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
             late = pool.late_view[slot]
             if late == NEVER:
                 label_total = 0.0  # only zero labels
-            elif t >= late and late != NONFINITE:
+            elif t >= late and late != NONFINITE and EXACT:
                 exact = labels.sums[hi - 1] - labels.sums[lo - 1]
                 label_total = exact / (1 << labels.shift_view[slot]) if exact else 0.0
             else:
@@ -667,7 +696,7 @@ def window_columns(pool: Pool, plan: Plan, u: np.ndarray, t: np.ndarray, pos: np
     its own position: the later events of its state lie after it in time order and no window reaches them.
     """
     n = len(u)
-    missed = np.zeros(n, dtype=bool)
+    missed = np.zeros(n, dtype=bool) if EXACT else np.ones(n, dtype=bool)
     start = pool.start[u]
     if plan.zero_delay:
         hi = pos + 1 if plan.include_current else pos
