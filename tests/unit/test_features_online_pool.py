@@ -126,7 +126,7 @@ def test_property_pool_equals_model(data, columns) -> None:
     model = Model(columns)
     seq = 0
     ids = 0
-    for _ in range(data.draw(st.integers(1, 10))):
+    for _ in range(data.draw(st.integers(1, 12))):
         op = data.draw(st.sampled_from(["append", "append", "insert", "label", "prune", "compact"]))
         if op == "append":
             n = data.draw(st.integers(0, 12))
@@ -156,15 +156,16 @@ def test_property_pool_equals_model(data, columns) -> None:
                 assert pool.ids[pos[j]] == event_ids[j]
             seq += n
             ids += n
-        elif op == "insert":
+        elif op == "insert":  # a run of single events into one state (after a prune: shifted back over its front)
             key = data.draw(st.sampled_from(KEYS))
-            t = data.draw(st.integers(0, 50))
-            v = {c: data.draw(values) for c in columns}
-            i = pool.insert(pool.slot(key), t, v, seq, str(ids))
-            model.insert(key, t, seq, str(ids), v)
-            assert pool.ids[i] == str(ids) and pool.t[i] == t
-            seq += 1
-            ids += 1
+            for _ in range(data.draw(st.integers(1, 6))):
+                t = data.draw(st.integers(0, 50))
+                v = {c: data.draw(values) for c in columns}
+                i = pool.insert(pool.slot(key), t, v, seq, str(ids))
+                model.insert(key, t, seq, str(ids), v)
+                assert pool.ids[i] == str(ids) and pool.t[i] == t
+                seq += 1
+                ids += 1
         elif op == "label":
             keys = [k for k, s in model.states.items() if s]
             if not keys:
@@ -183,7 +184,10 @@ def test_property_pool_equals_model(data, columns) -> None:
         elif op == "prune":
             keys = list(dict.fromkeys(data.draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=4))))
             before = [data.draw(st.integers(-1, 50)) for _ in keys]
-            first, stop = pool.prune(pool.slots(keys), np.array(before, dtype=np.int64))
+            if len(keys) == 1 and data.draw(st.booleans()):  # the single-event path's prune
+                first, stop = (np.array([x]) for x in pool.prune_one(int(pool.slot(keys[0])), before[0]))
+            else:
+                first, stop = pool.prune(pool.slots(keys), np.array(before, dtype=np.int64))
             for key, b, f, s in zip(keys, before, first.tolist(), stop.tolist(), strict=True):
                 dropped = [e[1] for e in model.states.get(key, [])[: s - f]]
                 assert model.prune(key, b) == s - f
@@ -210,6 +214,32 @@ def test_a_full_region_moves_to_the_tail_with_its_sums() -> None:
     assert pool.wasted() == 0.0  # every row is some region's (header, rows or room)
     total, _, _ = pool.sums(pool.tracks["x"], np.array([a]), pool.start[[a]] + 5, pool.end[[a]])
     assert total[0] == math.fsum(0.1 * k for k in range(5, 20))
+
+
+def test_a_full_region_with_a_pruned_front_shifts_back_in_place() -> None:
+    """Single inserts into a full region whose front was pruned reuse the front (no move to the tail): the rows,
+    their prefix sums and the pool's row accounting stay right."""
+    pool = Pool(["x"], rows=2, slots=1)
+    a, b = pool.slot("a"), pool.slot("b")
+    for k in range(8):
+        pool.insert(a, k, {"x": 0.1 * k}, k)
+    pool.insert(b, 0, {"x": 1.0}, 100)  # after a's region: a cannot grow in place
+    pool.prune_one(a, 5)  # drops 0..5, keeps 6, 7
+    used, cap = pool.used, int(pool.cap[a])
+    k = 8
+    while int(pool.end[a]) < cap:
+        pool.insert(a, k, {"x": 0.1 * k}, k)
+        k += 1
+    pool.insert(a, k, {"x": 0.1 * k}, k)  # full: shifted back over the pruned front
+    assert pool.used == used and int(pool.start[a]) == int(pool.base[a]) + 1
+    assert pool.t[pool.start[a]:pool.end[a]].tolist() == list(range(6, k + 1))
+    total, valid, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]), int(pool.end[a]))
+    assert total == math.fsum(0.1 * j for j in range(6, k + 1)) and valid == k - 5
+    total, _, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]) + 1, int(pool.end[a]))
+    assert total == math.fsum(0.1 * j for j in range(7, k + 1))
+    held = sum(int(pool.cap[s] - pool.start[s]) + 1 for s in (a, b))
+    assert pool.held == held and pool.live == k - 5 + 1
+    assert pool.t[pool.start[b]:pool.end[b]].tolist() == [0]
 
 
 def test_a_finer_value_rescales_only_its_slot_and_a_pruned_front_keeps_its_base() -> None:

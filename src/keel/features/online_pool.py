@@ -115,6 +115,7 @@ class Pool:
         self.start = np.zeros(slots, dtype=np.int64)
         self.end = np.zeros(slots, dtype=np.int64)
         self.cap = np.zeros(slots, dtype=np.int64)
+        self.base = np.zeros(slots, dtype=np.int64)  # per slot, the first row of its allocation (header at most)
         # per slot, the latest arrival of a non-zero label (an upper bound; NEVER: none, NONFINITE: a NaN or
         # infinite one): a window of an event at or after it sees every label it holds, so its label sum comes
         # from the prefix sums (online._EntityState.late_label)
@@ -158,7 +159,8 @@ class Pool:
         need = first + len(keys)
         if need > len(self.start):
             size = max(need, 2 * len(self.start))
-            self.start, self.end, self.cap = (_grown(a, size) for a in (self.start, self.end, self.cap))
+            self.start, self.end, self.cap, self.base = (_grown(a, size)
+                                                         for a in (self.start, self.end, self.cap, self.base))
             self.late = _grown(self.late, size, NEVER)
             for track in self._all_tracks():
                 track._grow_slots(size)
@@ -174,6 +176,7 @@ class Pool:
             track.valid[header] = 0
             track.bad[header] = 0
         self.start[first:need] = self.end[first:need] = self.cap[first:need] = header + 1
+        self.base[first:need] = header
         self.used += k
         self.held += k
         self._views()
@@ -227,6 +230,7 @@ class Pool:
         self.start[slots] = offsets + 1
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
+        self.base[slots] = offsets
         self.used += total
 
     def _move_one(self, slot: int, room: int) -> None:
@@ -240,8 +244,18 @@ class Pool:
         self.start[slot] = dst + 1
         self.end[slot] = dst + 1 + end - start
         self.cap[slot] = dst + 1 + room
+        self.base[slot] = dst
         self.used += room + 1
 
+    def _shift_back(self, slot: int) -> None:
+        """Move a slot's region (and header row) back to the first row of its allocation, over its pruned front
+        (the room a prune left before it becomes room after it)."""
+        start, end, base = int(self.start[slot]), int(self.end[slot]), int(self.base[slot])
+        for a in self._row_arrays():
+            a[base:base + end - start + 1] = a[start - 1:end]  # (numpy copies overlapping ranges safely)
+        self.held += start - 1 - base
+        self.start[slot] = base + 1
+        self.end[slot] = base + 1 + end - start
     def _room(self, slots: np.ndarray, extra: np.ndarray) -> None:
         """Make room for ``extra`` more rows after each slot's end (distinct slots), moving the full ones."""
         full = self.end[slots] + extra > self.cap[slots]
@@ -258,7 +272,8 @@ class Pool:
         room = np.where(size > 0, np.maximum(2 * size, _MIN_ROOM), 0)
         offsets = np.cumsum(room + 1) - (room + 1)
         total = int(room.sum()) + len(slots)
-        fresh = Pool(self.columns, rows=max(2 * total, 1024), slots=1)
+        # (room to spare: moves fill the tail until half the rows are dead, when the store compacts again)
+        fresh = Pool(self.columns, rows=max(3 * total, 1024), slots=1)
         arrays = fresh._row_arrays()
         src, dst = _spans(self.start[slots] - 1, offsets, size + 1)
         for a, b in zip(self._row_arrays(), arrays, strict=True):
@@ -267,6 +282,7 @@ class Pool:
         self.start[slots] = offsets + 1
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
+        self.base[slots] = offsets
         self.used = self.held = total
 
     def wasted(self) -> float:
@@ -418,7 +434,8 @@ class Pool:
                 v = float(values.get(c, math.nan))
                 views[c][end] = v
                 if v == v and v not in _INFINITIES:
-                    n, k = _ratio(v)
+                    n, den = v.as_integer_ratio()  # (_ratio without the call)
+                    k = den.bit_length() - 1
                     shift = track.shift_view[slot]
                     if k <= shift:  # on the slot's grid
                         track.sums[end] = track.sums[end - 1] + (n << (shift - k))
@@ -434,7 +451,10 @@ class Pool:
             return end
         start = int(self.start[slot])
         if end >= int(self.cap[slot]):
-            self._move_one(slot, max(2 * (end - start + 1), _MIN_ROOM))
+            if start - 1 - int(self.base[slot]) > (end - start) // 2:  # half as much room as rows, or more
+                self._shift_back(slot)
+            else:
+                self._move_one(slot, max(2 * (end - start + 1), _MIN_ROOM))
             end, start = int(self.end[slot]), int(self.start[slot])
         i = bisect_right(self.t_view, t, start, end) if end > start and self.t_view[end - 1] > t else end
         if i < end:
