@@ -242,6 +242,29 @@ def test_a_full_region_with_a_pruned_front_shifts_back_in_place() -> None:
     assert pool.t[pool.start[b]:pool.end[b]].tolist() == [0]
 
 
+def test_a_batch_into_full_regions_with_pruned_fronts_shifts_them_back() -> None:
+    """An append whose slots are full but hold pruned fronts as large as half what they must hold shifts them back
+    in place (others still move to the tail): rows, prefix sums and the row accounting stay right."""
+    pool = Pool(["x"], rows=2, slots=1)
+    a, b, c = pool.slot("a"), pool.slot("b"), pool.slot("c")
+    for k in range(8):  # a and b: room for 8 each after their first moves, c after them
+        pool.append(np.array([a, b, c]), np.array([k, k, k]), {"x": np.array([0.1 * k, 0.2 * k, 1.0])},
+                    np.array([k, 100 + k, 200 + k]))
+    pool.prune(np.array([a, b]), np.array([5, 0]))  # a keeps 6, 7; b keeps 1..7
+    used = pool.used
+    full = [s for s in (a, b) if int(pool.cap[s] - pool.end[s]) < 2]
+    assert a in full
+    ks = [8, 9]
+    pool.append(np.array([a, a]), np.array(ks), {"x": np.array([0.1 * k for k in ks])}, np.array(ks))
+    assert pool.used == used and int(pool.start[a]) == int(pool.base[a]) + 1  # shifted back, not moved
+    assert pool.t[pool.start[a]:pool.end[a]].tolist() == [6, 7, 8, 9]
+    total, valid, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]), int(pool.end[a]))
+    assert total == math.fsum(0.1 * k for k in (6, 7, 8, 9)) and valid == 4
+    assert pool.t[pool.start[b]:pool.end[b]].tolist() == list(range(1, 8))
+    assert pool.t[pool.start[c]:pool.end[c]].tolist() == list(range(8))
+    assert pool.held == sum(int(pool.cap[s] - pool.start[s]) + 1 for s in (a, b, c))
+
+
 def test_a_finer_value_rescales_only_its_slot_and_a_pruned_front_keeps_its_base() -> None:
     pool = Pool(["x"])
     u = pool.slots(["a", "b", "a", "b"])

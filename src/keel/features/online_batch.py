@@ -33,7 +33,7 @@ import numpy as np
 
 from keel.features.offline import ratio_feature, row_feature, row_value
 from keel.features.online import _NO_LABEL_AT, FeatureBatch, _key, _number, _spans
-from keel.features.online_pool import window_columns, window_group
+from keel.features.online_pool import window_columns, window_edges, window_group
 
 if TYPE_CHECKING:
     from keel.features.online import OnlineStore
@@ -91,6 +91,9 @@ def batch_of(
     try:
         t_np = np.array(times, dtype=np.int64)
     except OverflowError:  # a time beyond 64-bit nanoseconds: the replay reports it per event
+        return None
+    reach = max(p.delay_ns + p.window_ns for plans in store._plans.values() for p in plans)
+    if n and int(t_np.min()) - reach <= -(2**63):  # a window edge before int64 nanoseconds: the replay
         return None
     if not store._loaded_all:
         store.preload()
@@ -248,9 +251,12 @@ def _windows(store: OnlineStore, part: _Entity, times: list[int], t_np: np.ndarr
     """Every window feature of one entity for every event of the batch: :func:`window_columns` per window group,
     then :func:`window_group` for the events it leaves (per event, at its own position)."""
     pool, u, pos = part.pool, part.u, part.pos
-    for plan in store._plans[part.entity]:
+    plans = store._plans[part.entity]
+    offsets = {p.delay_ns + p.window_ns for p in plans} | {p.delay_ns for p in plans if not p.zero_delay}
+    edges = window_edges(pool, offsets, u, t_np, pos)  # every window edge of the entity in one search
+    for plan in plans:
         out: dict[str, np.ndarray] = {}
-        missed = window_columns(pool, plan, u, t_np, pos, out)
+        missed = window_columns(pool, plan, u, t_np, pos, out, edges)
         for name, values in out.items():
             matrix[:, index[name]] = values
         if missed.any():

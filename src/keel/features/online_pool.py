@@ -260,9 +260,26 @@ class Pool:
         """Make room for ``extra`` more rows after each slot's end (distinct slots), moving the full ones."""
         full = self.end[slots] + extra > self.cap[slots]
         if full.any():
-            moved = slots[full]
-            size = self.end[moved] - self.start[moved]
-            self._move(moved, np.maximum(2 * (size + extra[full]), _MIN_ROOM))
+            slots, extra = slots[full], extra[full]
+            size = self.end[slots] - self.start[slots]
+            # a pruned front as large as half the rows to hold: shift back over it in place (as insert does)
+            gap = self.start[slots] - 1 - self.base[slots]
+            back = (gap > (size + extra) // 2) & (self.base[slots] + 1 + size + extra <= self.cap[slots])
+            if back.any():
+                self._shift_back_many(slots[back])
+                slots, extra, size = slots[~back], extra[~back], size[~back]
+            if len(slots):
+                self._move(slots, np.maximum(2 * (size + extra), _MIN_ROOM))
+
+    def _shift_back_many(self, slots: np.ndarray) -> None:
+        """:meth:`_shift_back` of distinct slots at once."""
+        start, end, base = self.start[slots], self.end[slots], self.base[slots]
+        src, dst = _spans(start - 1, base, end - start + 1)
+        for a in self._row_arrays():
+            a[dst] = a[src]  # (the gather copies first: regions and their fronts never overlap another slot's)
+        self.held += int((start - 1 - base).sum())
+        self.start[slots] = base + 1
+        self.end[slots] = base + 1 + end - start
 
     def compact(self) -> None:
         """Pack every region (header row, rows, room for as many rows again as it holds, none for an empty one) at
@@ -705,8 +722,23 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
         out[name] = finish_aggregate(aggregate, count, valid, total_f, m2, mn, mx, label_total or 0.0)
 
 
+def window_edges(pool: Pool, offsets: Iterable[int], u: np.ndarray, t: np.ndarray, pos: np.ndarray
+                 ) -> dict[int, np.ndarray]:
+    """Per offset, each stored event's ``bisect_right`` of ``t - offset`` in its region before its own position
+    (slots ``u``, times ``t``, positions ``pos``): the window edges of :func:`window_columns` for every window
+    group of a pool in one vectorised search. Offsets are positive and ``t - offset`` must fit in int64."""
+    offsets = list(offsets)
+    if not offsets:
+        return {}
+    k, n = len(offsets), len(u)
+    start = pool.start[u]
+    x = (t[None, :] - np.array(offsets, dtype=np.int64)[:, None]).ravel()
+    found = pool.bisect_right(np.tile(start, k), np.tile(pos, k), x).reshape(k, n)
+    return dict(zip(offsets, found, strict=True))
+
+
 def window_columns(pool: Pool, plan: Plan, u: np.ndarray, t: np.ndarray, pos: np.ndarray,
-                   out: dict[str, np.ndarray]) -> np.ndarray:
+                   out: dict[str, np.ndarray], edges: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
     """:func:`window_group` of stored events (slots ``u``, times ``t``, positions ``pos``) for all of them at once:
     counts, sums, means and label sums from the exact prefix sums, each ``out[name]`` a float64 column. Returns
     the events those do not cover (a window holding an infinity, labels that arrived after the event or NaN/inf
@@ -714,15 +746,17 @@ def window_columns(pool: Pool, plan: Plan, u: np.ndarray, t: np.ndarray, pos: np
 
     The batch path appends a batch's events first (:meth:`Pool.append`), then computes every event's windows at
     its own position: the later events of its state lie after it in time order and no window reaches them.
+    ``edges``: :func:`window_edges` of the plan's offsets (``delay`` unless 0, ``delay + window``), else they are
+    searched here.
     """
     n = len(u)
     missed = np.zeros(n, dtype=bool) if EXACT else np.ones(n, dtype=bool)
-    start = pool.start[u]
-    if plan.zero_delay:
-        hi = pos + 1 if plan.include_current else pos
-    else:  # (the events at or after the event's own position are later than its window's end)
-        hi = pool.bisect_right(start, pos, t - plan.delay_ns)
-    lo = pool.bisect_right(start, hi, t - plan.delay_ns - plan.window_ns)
+    if edges is None:
+        edges = window_edges(pool, {plan.delay_ns + plan.window_ns} | ({plan.delay_ns} - {0}), u, t, pos)
+    # (a delayed window's end is searched before the event's own position: the later events are after it)
+    hi = (pos + 1 if plan.include_current else pos) if plan.zero_delay else edges[plan.delay_ns]
+    # (searched before the event's own position: nothing there is at or before an earlier time than its own)
+    lo = np.minimum(edges[plan.delay_ns + plan.window_ns], hi)
     count = hi - lo
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     label_total: np.ndarray | None = None
@@ -784,4 +818,5 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_columns", "window_group"]
+__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_columns", "window_edges",
+           "window_group"]
