@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from keel.features import online_batch
 from keel.features.definitions import resolve_definitions
 from keel.features.online import OnlineStore
+from keel.features.online_pool import NEVER
 from keel.spec import Data, Features
 
 BASE = pd.Timestamp("2024-03-01 00:00:00")
@@ -144,7 +145,8 @@ def states(store: OnlineStore) -> dict:
             out[(entity, key)] = (
                 pool.t[r].tolist(), pool.ids[r].tolist(), {c: v[r].tobytes() for c, v in pool.values.items()},
                 pool.label[r].tobytes(), pool.label_at[r].tolist(), r.stop - r.start, int(pool.late[slot]),
-                {c: _track(pool, t, slot) for c, t in pool.tracks.items()}, _track(pool, pool.labels, slot))
+                {c: _track(pool, t, slot) for c, t in pool.tracks.items()},
+                _track(pool, pool.labels, slot) if pool.late[slot] != NEVER else None)  # (kept once labelled)
     return out
 
 

@@ -70,13 +70,13 @@ def check(pool: Pool, model: Model, data: st.DataObject) -> None:
     keys = [k for k in model.states]
     if not keys:
         return
-    # every prefix of every state: [start, start + i) for each i
+    # every prefix of every state: [start, start + i) for each i (the label track: kept once a non-zero label came)
     for key in keys:
         s = pool.index[key]
         m = len(model.states[key])
         u = np.full(m + 1, s, dtype=np.int64)
         lo = np.full(m + 1, pool.start[s], dtype=np.int64)
-        for c in [*pool.columns, None]:
+        for c in [*pool.columns, *([None] if pool.late[s] != NEVER else [])]:
             total, valid, bad = pool.sums(pool.labels if c is None else pool.tracks[c], u, lo, lo + np.arange(m + 1))
             window = [e[4] if c is None else e[3][c] for e in model.states[key]]
             want = [math.fsum(v for v in window[:i] if math.isfinite(v)) for i in range(m + 1)]
@@ -91,8 +91,14 @@ def check(pool: Pool, model: Model, data: st.DataObject) -> None:
     columns = [*pool.columns, None]
     for c in columns:
         track = pool.labels if c is None else pool.tracks[c]
-        total, valid, bad = pool.sums(track, u, lo, hi)
+        kept = np.ones(len(qs), dtype=bool) if c is not None else pool.late[u] != NEVER
+        total, valid, bad = np.zeros(len(qs)), np.zeros(len(qs), dtype=np.int64), np.zeros(len(qs), dtype=np.int64)
+        if kept.any():
+            total[kept], valid[kept], bad[kept] = pool.sums(track, u[kept], lo[kept], hi[kept])
         for j, (k, _, _) in enumerate(qs):
+            if not kept[j]:  # only zero labels: no label track kept (its sums are 0 without reading it)
+                assert all(e[4] == 0.0 for e in model.states[k])
+                continue
             a, b = int(lo[j] - pool.start[u[j]]), int(hi[j] - pool.start[u[j]])
             window = [e[4] if c is None else e[3][c] for e in model.states[k][a:b]]
             finite = [v for v in window if math.isfinite(v)]

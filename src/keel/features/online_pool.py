@@ -16,7 +16,9 @@ integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled whe
 from the header row's (0 for a new state; what the pruned front summed to once pruned: a prune only advances
 ``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and ``lo - 1``) divided by
 ``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
-gives. NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
+gives. The label track is kept only for the slots that ever held a non-zero label (``late != NEVER``): the others
+hold only zero labels, their label sums are 0 without reading it, and it is rebuilt when their first non-zero
+label arrives (single inserts then skip three row writes per event, as the state path kept no label sums there). NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
 (a window holding one is summed by scanning its values instead).
 
 Positions (indices into the row arrays) are valid until the next :meth:`Pool.append` / :meth:`Pool.insert`
@@ -367,6 +369,7 @@ class Pool:
             at = np.asarray(label_at, dtype=np.int64)
             self.label[pos] = y
             self.label_at[pos] = at
+            self._label_track(slots[self.late[slots] == NEVER])
             self._push(self.labels, group, y[order])
             marked = np.flatnonzero(y != 0.0)  # (NaN too) set_label's rule for ``late``
             if len(marked):
@@ -461,10 +464,11 @@ class Pool:
                         continue
                 track.sums[end] = 0  # (a placeholder a rescale can shift)
                 self._put(track, slot, end, v, end + 1)
-            labels = self.labels  # a zero label: adds nothing, counts valid
-            labels.sums[end] = labels.sums[end - 1]
-            labels.valid_view[end] = labels.valid_view[end - 1] + 1
-            labels.bad_view[end] = labels.bad_view[end - 1]
+            if self.late_view[slot] != NEVER:  # a label track to keep: a zero label adds nothing, counts valid
+                labels = self.labels
+                labels.sums[end] = labels.sums[end - 1]
+                labels.valid_view[end] = labels.valid_view[end - 1] + 1
+                labels.bad_view[end] = labels.bad_view[end - 1]
             return end
         start = int(self.start[slot])
         if end >= int(self.cap[slot]):
@@ -490,7 +494,8 @@ class Pool:
             v = float(values.get(c, math.nan))
             self.values[c][i] = v
             self._put(self.tracks[c], slot, i, v, end + 1)
-        self._put(self.labels, slot, i, 0.0, end + 1)
+        if self.late_view[slot] != NEVER:
+            self._put(self.labels, slot, i, 0.0, end + 1)
         return i
 
     def _put(self, track: Track, slot: int, i: int, v: float, end: int) -> None:
@@ -523,12 +528,16 @@ class Pool:
 
     def set_label(self, slot: int, i: int, label: float, at: int) -> None:
         """Entry ``i`` of ``slot`` now has ``label``, known from ``at``: every later prefix of the label track
-        changes by the difference."""
+        changes by the difference (the track is built first if this is the slot's first non-zero label)."""
         old = float(self.label[i])
         self.label[i] = label
         self.label_at[i] = at
         if label != 0.0:
+            if self.late_view[slot] == NEVER:
+                self._label_track(np.array([slot], dtype=np.int64))
             self.late[slot] = max(int(self.late[slot]), at if math.isfinite(label) else NONFINITE)
+        elif self.late_view[slot] == NEVER:  # still only zero labels: no track to keep
+            return
         track = self.labels
         end = int(self.end[slot])
         b, ok_b, bad_b = self._term(track, slot, label)  # (first: the old value is on any finer grid too)
@@ -539,6 +548,19 @@ class Pool:
             track.valid[i:end] += ok_b - ok_a
         if bad_a != bad_b:
             track.bad[i:end] += bad_b - bad_a
+
+    def _label_track(self, slots: np.ndarray) -> None:
+        """Build the label track of slots holding only zero labels (``late == NEVER``: not kept until now), header
+        row included: every prefix sums to 0 on the coarsest grid and counts its entries valid."""
+        if not len(slots):
+            return
+        start, end = self.start[slots], self.end[slots]
+        rows, _ = _spans(start - 1, start - 1, end - start + 1)
+        track = self.labels
+        track.sums[rows] = 0
+        track.valid[rows] = rows - np.repeat(start - 1, end - start + 1)
+        track.bad[rows] = 0
+        track.shift[slots] = 0
 
     def find(self, slot: int, event_id: str) -> int | None:
         """The position of ``event_id`` in a slot's region, or None."""
