@@ -480,7 +480,9 @@ class OnlineStore:
                     for event_id, code in zip(pool.ids[live].tolist(), codes, strict=True):
                         if event_id is not None:
                             owners[event_id] = (*owners.get(event_id, ()), code)
-                    self._compact(pool)
+                    # packed, with room in every state and spare rows at the tail: the first requests' inserts
+                    # neither move regions nor regrow every row array
+                    pool.compact()
             finally:
                 self._staging = staging
             self._pending = {
