@@ -151,8 +151,11 @@ def test_property_pool_equals_model(data, columns) -> None:
             if data.draw(st.integers(0, 4)) == 0:  # appended, then taken back (the batch path's undo)
                 touched = np.unique(u)
                 sizes = pool.end[touched] - pool.start[touched]
-                pool.append(u, t, {c: np.array(v, dtype=np.float64) for c, v in vals.items()},
-                            np.arange(seq, seq + n), event_ids)
+                taken = pool.append(u, t, {c: np.array(v, dtype=np.float64) for c, v in vals.items()},
+                                    np.arange(seq, seq + n), event_ids)
+                if n:  # a label on a row taken back: the row is room again, without it (``late`` stays raised)
+                    pool.set_label(int(u[0]), int(taken[0]), 1.0, 5)
+                    model.late[keys[0]] = max(model.late.get(keys[0], NEVER), 5)
                 pool.truncate(touched, sizes)
                 check(pool, model, data)
             pos = pool.append(u, t, {c: np.array(v, dtype=np.float64) for c, v in vals.items()},
@@ -227,18 +230,24 @@ def test_a_full_region_with_a_pruned_front_shifts_back_in_place() -> None:
     their prefix sums and the pool's row accounting stay right."""
     pool = Pool(["x"], rows=2, slots=1)
     a, b = pool.slot("a"), pool.slot("b")
-    for k in range(8):
-        pool.insert(a, k, {"x": 0.1 * k}, k)
+    for k in range(8):  # every row labelled: the rows a shift leaves behind hold labels
+        pool.set_label(a, pool.insert(a, k, {"x": 0.1 * k}, k), 1.0, 50)
     pool.insert(b, 0, {"x": 1.0}, 100)  # after a's region: a cannot grow in place
     pool.prune_one(a, 5)  # drops 0..5, keeps 6, 7
     used, cap = pool.used, int(pool.cap[a])
     k = 8
     while int(pool.end[a]) < cap:
-        pool.insert(a, k, {"x": 0.1 * k}, k)
+        pool.set_label(a, pool.insert(a, k, {"x": 0.1 * k}, k), 1.0, 50)
         k += 1
     pool.insert(a, k, {"x": 0.1 * k}, k)  # full: shifted back over the pruned front
     assert pool.used == used and int(pool.start[a]) == int(pool.base[a]) + 1
     assert pool.t[pool.start[a]:pool.end[a]].tolist() == list(range(6, k + 1))
+    for j in range(k + 1, k + 4):  # into the rows the shift left behind: no label, as any new event
+        pool.insert(a, j, {"x": 0.1 * j}, j)
+    region = slice(int(pool.start[a]), int(pool.end[a]))
+    assert pool.label[region].tolist() == [1.0] * (k - 6) + [0.0] * 4
+    assert pool.label_at[region].tolist() == [50] * (k - 6) + [NO_LABEL_AT] * 4
+    k += 3
     total, valid, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]), int(pool.end[a]))
     assert total == math.fsum(0.1 * j for j in range(6, k + 1)) and valid == k - 5
     total, _, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]) + 1, int(pool.end[a]))
@@ -261,14 +270,30 @@ def test_a_batch_into_full_regions_with_pruned_fronts_shifts_them_back() -> None
     full = [s for s in (a, b) if int(pool.cap[s] - pool.end[s]) < 2]
     assert a in full
     ks = [8, 9]
+    for i in range(int(pool.start[a]), int(pool.end[a])):  # labelled rows: the shift leaves copies behind
+        pool.set_label(a, i, 1.0, 50)
     pool.append(np.array([a, a]), np.array(ks), {"x": np.array([0.1 * k for k in ks])}, np.array(ks))
     assert pool.used == used and int(pool.start[a]) == int(pool.base[a]) + 1  # shifted back, not moved
+    stop = int(pool.cap[a])
+    assert pool.label[int(pool.end[a]):stop].tolist() == [0.0] * (stop - int(pool.end[a]))  # room: no label
+    assert (pool.label_at[int(pool.end[a]):stop] == NO_LABEL_AT).all()
     assert pool.t[pool.start[a]:pool.end[a]].tolist() == [6, 7, 8, 9]
     total, valid, _ = pool.sum_one(pool.tracks["x"], a, int(pool.start[a]), int(pool.end[a]))
     assert total == math.fsum(0.1 * k for k in (6, 7, 8, 9)) and valid == 4
     assert pool.t[pool.start[b]:pool.end[b]].tolist() == list(range(1, 8))
     assert pool.t[pool.start[c]:pool.end[c]].tolist() == list(range(8))
     assert pool.held == sum(int(pool.cap[s] - pool.start[s]) + 1 for s in (a, b, c))
+
+
+def test_rows_taken_back_are_room_without_labels() -> None:
+    """A label set on an appended row that the append's undo takes back does not reach the next event there."""
+    pool = Pool(["x"])
+    a = pool.slot("a")
+    pos = pool.append(np.array([a, a]), np.array([1, 2]), {"x": np.array([1.0, 2.0])}, np.array([1, 2]))
+    pool.set_label(a, int(pos[1]), 1.0, 5)
+    pool.truncate(np.array([a]), np.array([1]))
+    i = pool.insert(a, 3, {"x": 3.0}, 3)
+    assert i == int(pos[1]) and float(pool.label[i]) == 0.0 and int(pool.label_at[i]) == NO_LABEL_AT
 
 
 def test_a_finer_value_rescales_only_its_slot_and_a_pruned_front_keeps_its_base() -> None:

@@ -21,6 +21,10 @@ hold only zero labels, their label sums are 0 without reading it, and it is rebu
 label arrives (single inserts then skip three row writes per event, as the state path kept no label sums there). NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
 (a window holding one is summed by scanning its values instead).
 
+Rows of a region's room (``[end, cap)``) always hold label 0.0, not arrived (``NO_LABEL_AT``): fresh rows are
+filled so, and whatever leaves rows behind inside an allocation (a shift back, a truncate) resets them; an insert at
+the end need not write them.
+
 Positions (indices into the row arrays) are valid until the next :meth:`Pool.append` / :meth:`Pool.insert`
 that moves the slot, or :meth:`Pool.compact`; slots and keys are stable.
 """
@@ -258,6 +262,8 @@ class Pool:
         self.held += start - 1 - base
         self.start[slot] = base + 1
         self.end[slot] = base + 1 + end - start
+        self.label[base + 1 + end - start:end] = 0.0  # (the rows left behind are room again)
+        self.label_at[base + 1 + end - start:end] = NO_LABEL_AT
     def _room(self, slots: np.ndarray, extra: np.ndarray) -> None:
         """Make room for ``extra`` more rows after each slot's end (distinct slots), moving the full ones."""
         full = self.end[slots] + extra > self.cap[slots]
@@ -282,6 +288,9 @@ class Pool:
         self.held += int((start - 1 - base).sum())
         self.start[slots] = base + 1
         self.end[slots] = base + 1 + end - start
+        left, _ = _spans(base + 1 + end - start, base, start - 1 - base)  # (the rows left behind are room again)
+        self.label[left] = 0.0
+        self.label_at[left] = NO_LABEL_AT
 
     def compact(self) -> None:
         """Pack every region (header row, rows, room for as many rows again as it holds, none for an empty one) at
@@ -385,6 +394,9 @@ class Pool:
         slots = np.asarray(slots, dtype=np.int64)
         ends = self.start[slots] + np.asarray(sizes, dtype=np.int64)
         self.live -= int((self.end[slots] - ends).sum())
+        cut, _ = _spans(ends, ends, self.end[slots] - ends)  # (room again: no label)
+        self.label[cut] = 0.0
+        self.label_at[cut] = NO_LABEL_AT
         self.end[slots] = ends
 
     @staticmethod
@@ -444,9 +456,7 @@ class Pool:
             # the usual case, the newest event of a state with room: writes through the memoryviews
             self.t_view[end] = t
             self.seq_view[end] = seq
-            self.ids[end] = event_id
-            self.label_view[end] = 0.0
-            self.label_at_view[end] = NO_LABEL_AT
+            self.ids[end] = event_id  # (its label: 0.0, not arrived, as every room row holds)
             ends[slot] = end + 1
             self.live += 1
             views = self.value_views
