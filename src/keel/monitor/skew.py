@@ -13,7 +13,6 @@ knows until a label arrives).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -90,39 +89,20 @@ def _sample_log(path: Path, sample: int, end: datetime | None) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows, columns=list(SAMPLE_COLUMNS))
 
 
-def _logged_events(path: Path, start: datetime, end: datetime) -> pd.DataFrame:
-    """The raw inputs of the rows with ``start <= event_time <= end`` in ``seq`` order, with their label (None
-    when none: the join ``labels.event_id = event_id``) in ``__label``."""
-    from keel.logformat import iso as _iso
-    from keel.serve.predlog import PREDICTION_COLUMNS, _only_spans, iter_rows
+def _logged_events(path: Path, start: datetime, end: datetime, fields: Sequence[str]) -> pd.DataFrame:
+    """The raw input ``fields`` of the rows with ``start <= event_time <= end`` in ``seq`` order, with their label
+    (NaN when none) in ``__label``; rows in the table and rows only in segments alike (read as monitoring reads
+    them: the segments' input columns, no row rebuilt)."""
+    from keel.monitor.logread import read_log
 
-    lo, hi = _iso(start), _iso(end)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        if not _only_spans(db, "event_time", lo, None):
-            # Every row is in the table: one join reads just the inputs and labels (rebuilding whole rows through
-            # iter_rows cost twice as much on the demo's 164k-row log).
-            joined = db.execute("select p.inputs, l.label from predictions p left join labels l on l.event_id ="
-                                " p.event_id where p.event_time >= ? and p.event_time <= ? order by p.seq",
-                                (lo, hi)).fetchall()
-            inputs = [json.loads(r[0]) for r in joined]
-            found = [r[1] for r in joined]
-        else:
-            k_t, k_id, k_in = (1 + PREDICTION_COLUMNS.index(c) for c in ("event_time", "event_id", "inputs"))
-            rows = [(r[k_in], r[k_id]) for r in iter_rows(path, lo, None, input_dicts=True) if r[k_t] <= hi]
-            ids = list({e for _, e in rows if e is not None})
-            labels: dict[str, float] = {}
-            for at in range(0, len(ids), 900):  # (SQLite's default limit is 999 parameters)
-                chunk = ids[at:at + 900]
-                labels.update(db.execute(f"select event_id, label from labels where event_id in"
-                                         f" ({', '.join('?' * len(chunk))})", chunk).fetchall())
-            # (a row stored only in a segment comes with its inputs as a dict, what parsing its text gives)
-            inputs = [json.loads(v) if type(v) is str else v for v, _ in rows]
-            found = [labels.get(e) for _, e in rows]  # type: ignore[arg-type]
-    finally:
-        db.close()
-    events = pd.DataFrame.from_records(inputs)
-    events["__label"] = found
+    frames = list(read_log(path, inputs=list(fields), start=start, end=end + timedelta(microseconds=1),
+                           columns=("seq",), labels=True, prefetch=False))
+    if not frames:
+        return pd.DataFrame({**{f: [] for f in fields}, "__label": []})
+    logged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    # (typed as parsing the rows' JSON and pandas.DataFrame.from_records type them: a column of ints as int64)
+    events = pd.DataFrame({f: logged[f"input.{f}"].to_numpy() for f in fields}).infer_objects()
+    events["__label"] = logged["label"].to_numpy()
     return events
 
 
@@ -145,7 +125,8 @@ def check_skew(spec: Any, log_path: str | Path, *, sample: int = 1000, end: date
     lookback = max((d.window + d.delay for d in windows), default=timedelta(0))
     times = pd.to_datetime(picked["event_time"], format="ISO8601")
     t_lo, t_hi = times.min().to_pydatetime(), times.max().to_pydatetime()
-    logged = _logged_events(path, t_lo - lookback, t_hi)
+    fields = list(dict.fromkeys(k for text in picked["inputs"] for k in json.loads(text)))
+    logged = _logged_events(path, t_lo - lookback, t_hi, fields)
     ts, ident = data.timestamp, data.id_column
     if ts not in logged or ident not in logged:
         return SkewReport(compared=0, note=f"logged inputs lack {ts!r} or {ident!r}")
