@@ -177,41 +177,20 @@ def _write_blob_log(path: Path, source: Path) -> None:
 def _write_segment_only_log(path: Path, source: Path) -> None:
     """The same log as the service stores ``/v1/predict/batch`` answers by default (``serving.log_batch_segments``):
     every columnar segment holds its rows alone, with no row in ``predictions`` and no label rows (labels are
-    matched at read time). The first segment's rows are checked against the rows they replace."""
+    matched at read time): ``keel log pack`` of a copy, each segment's rows checked against the rows they
+    replace."""
     import shutil
     import sqlite3
 
-    from keel.logformat import (
-        FEATURE_COLUMNS,
-        Segment,
-        ensure_segment_tables,
-        read_feature_sets,
-        segment_only_bounds,
-        segment_rows,
-    )
-    from keel.serve.predlog import PREDICTION_COLUMNS
+    from keel.serve.predlog import pack_segments
 
     tmp = path.with_suffix(".partial")
     shutil.copyfile(source, tmp)
+    packed = pack_segments(tmp)
     db = sqlite3.connect(tmp)
-    ensure_segment_tables(db)
-    sets = read_feature_sets(db)
-    cols = ", ".join([*PREDICTION_COLUMNS, *FEATURE_COLUMNS])
-    db.execute("begin")
-    for j, (seq0, n, data) in enumerate(db.execute(
-            "select seq0, n, data from prediction_segments order by seq0").fetchall()):
-        seg = Segment(data)
-        if j == 0 and segment_rows(seg, sets) != db.execute(
-                f"select {cols} from predictions where seq >= ? and seq < ? order by seq", (seq0, seq0 + n)).fetchall():
-            raise SystemExit("the bench log's first segment does not rebuild its rows")
-        db.execute("delete from predictions where seq >= ? and seq < ?", (seq0, seq0 + n))
-        db.execute("delete from label_rows where seq >= ? and seq < ?", (seq0, seq0 + n))
-        db.execute("update prediction_segments set segment_only = 1, t_lo = ?, t_hi = ?, t_null = ?, a_lo = ?,"
-                   " a_hi = ? where seq0 = ?", (*segment_only_bounds(seg.column("event_time"), seg.column("time")), seq0))
     (left,) = db.execute("select count(*) from predictions").fetchone()
-    if left:
-        raise SystemExit(f"{left} rows of the bench log are in no segment")
-    db.execute("commit")
+    if left or packed.mismatched or packed.incomplete:
+        raise SystemExit(f"the bench log did not pack whole: {left} rows left, {packed}")
     db.execute("vacuum")
     db.close()
     os.replace(tmp, path)

@@ -698,6 +698,64 @@ def log_backfill(
     out.print(f"{covered:,} rows newly covered by segments in {time.perf_counter() - t0:.1f} s ({log}).")
 
 
+@log_app.command("pack")
+@handles_errors
+def log_pack(
+    spec: SpecOpt = Path("keel.toml"),
+    log: Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")] = None,
+    before: Annotated[str | None, typer.Option(
+        help="Only segments answered entirely before this ISO date/time (UTC unless it has an offset).")] = None,
+    vacuum: Annotated[bool, typer.Option(
+        help="Then VACUUM, returning the freed pages to the file system (needs no service writing the log).")] = False,
+) -> None:
+    """Store rows that a columnar segment already holds only in that segment: the log shrinks ~5x, readers
+    return the same rows and labels.
+
+    What the service does for batch answers by default, for rows logged one by one or before it existed; run
+    [bold]keel log backfill[/] first for rows without a segment. Safe while the service writes (each segment
+    packs in its own short transaction); don't run monitoring at the same time.
+    Example: [bold]keel log pack -s keel.toml --before 2026-11-01[/]
+    """
+    import sqlite3
+
+    from rich.progress import Progress
+
+    from keel.serve.predlog import pack_segments
+
+    if log is None:
+        s = _load(spec)
+        log = s.store_path(s.serving.prediction_log)
+    if not log.is_file():
+        out.print(f"[red]No prediction log at {log}[/]: serve some traffic first, or pass --log PATH.")
+        raise typer.Exit(2)
+    t0, size0 = time.perf_counter(), _log_bytes(log)
+    with Progress(console=out, transient=True) as progress:
+        task = progress.add_task("Packing segments", total=None)
+        result = pack_segments(log, before=before,
+                               on_segment=lambda done, total: progress.update(task, completed=done, total=total))
+    out.print(f"{result.rows:,} rows in {result.segments:,} segments now stored only in their segment "
+              f"({time.perf_counter() - t0:.1f} s, {log}).")
+    if result.mismatched or result.incomplete:
+        out.print(f"[yellow]Left as they were:[/] {result.mismatched} segments whose rows differ from what the "
+                  f"segment rebuilds, {result.incomplete} whose rows are not all in the table.")
+    if vacuum:
+        db = sqlite3.connect(log, timeout=10)
+        try:
+            db.execute("vacuum")
+        except sqlite3.OperationalError as exc:
+            out.print(f"[red]VACUUM failed[/] ({exc}): stop the service writing {log} and run again with --vacuum.")
+            raise typer.Exit(1) from exc
+        finally:
+            db.close()
+        out.print(f"Log file {size0 / 1e6:,.1f} MB -> {_log_bytes(log) / 1e6:,.1f} MB after VACUUM.")
+
+
+def _log_bytes(path: Path) -> int:
+    """A SQLite file's size with its WAL."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.is_file() else 0)
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 pipeline_app = typer.Typer(help="The lifecycle as a cached DAG: validate, features, train, score, monitor.",
                            no_args_is_help=True)

@@ -19,15 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_predlog_columns import NAMES, _records, batches
 
-from keel.logformat import Segment, read_feature_sets, segment_only_bounds, segment_rows
+from keel.logformat import read_feature_sets
 from keel.monitor.drift import log_time_range
 from keel.monitor.logread import BASE_COLUMNS, read_log, seq_bounds
 from keel.monitor.skew import _logged_events, _sample_log
 from keel.serve.predlog import (
-    FEATURE_COLUMNS,
-    PREDICTION_COLUMNS,
     PredictionLog,
     iter_predictions,
+    pack_segment,
     read_predictions,
 )
 
@@ -43,21 +42,11 @@ def segment_only(src: Path, dst: Path, which: list[bool]) -> int:
     moved = 0
     try:
         sets = read_feature_sets(db)
-        cols = ", ".join([*PREDICTION_COLUMNS, *FEATURE_COLUMNS])
         segments = db.execute("select seq0, n, data from prediction_segments order by seq0").fetchall()
         for j, (seq0, n, data) in enumerate(segments):
-            if not which[j % len(which)]:
-                continue
-            seg = Segment(data)
-            stored = db.execute(f"select {cols} from predictions where seq >= ? and seq < ? order by seq",
-                                (seq0, seq0 + n)).fetchall()
-            assert segment_rows(seg, sets) == stored  # (exactness itself: test_predlog_segment_rows)
-            db.execute("delete from predictions where seq >= ? and seq < ?", (seq0, seq0 + n))
-            db.execute("delete from label_rows where seq >= ? and seq < ?", (seq0, seq0 + n))
-            db.execute("update prediction_segments set segment_only = 1, t_lo = ?, t_hi = ?, t_null = ?, a_lo = ?,"
-                       " a_hi = ? where seq0 = ?",
-                       (*segment_only_bounds(seg.column("event_time"), seg.column("time")), seq0))
-            moved += n
+            if which[j % len(which)]:
+                assert pack_segment(db, seq0, n, data, sets) == "packed"  # (exactness: test_predlog_segment_rows)
+                moved += n
         db.commit()
     finally:
         db.close()
