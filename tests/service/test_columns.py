@@ -8,6 +8,7 @@ batches (the common case) must take the fast path, or it buys nothing.
 from __future__ import annotations
 
 import math
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,66 @@ def test_valid_batches_are_taken_with_exact_values(models: Any, rows: list[tuple
     assert parsed is not None
     amounts = parsed[1]["tx_amount"]
     assert all(math.isfinite(a) for a in amounts)
+
+
+def _numpy_us(texts: list[str]) -> np.ndarray | None:
+    """What numpy reads of canonical texts, and None unless it writes every one back unchanged (the rule the
+    column-wise reader must follow exactly)."""
+    try:
+        with warnings.catch_warnings():  # (a text with "Z" reads, with a warning; it never writes back the same)
+            warnings.simplefilter("ignore", UserWarning)
+            parsed = np.array(texts, dtype="datetime64[us]")
+    except ValueError:
+        return None
+    if not np.array_equal(np.datetime_as_string(parsed, unit="us"), np.array(texts)):
+        return None
+    return parsed.astype(np.int64)
+
+
+_TIMES = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999))
+
+
+@st.composite
+def _time_texts(draw: Any) -> str:
+    """Canonical texts, and canonical texts with one character changed (a digit, a separator, anything)."""
+    text = draw(_TIMES).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text) - 1))
+        swap = draw(st.one_of(st.sampled_from("0123456789-T:. Z/+x"), st.characters(max_codepoint=0x1000)))
+        text = text[:at] + swap + text[at + 1:]
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_time_texts(), min_size=1, max_size=8))
+def test_canonical_times_read_column_wise_as_numpy_reads_them(texts: list[str]) -> None:
+    from keel.serve.columns import canonical_us
+
+    want = _numpy_us(texts)
+    try:
+        raw = "".join(texts).encode("ascii")
+    except UnicodeEncodeError:
+        raw = None
+    got = None if raw is None else canonical_us(raw, len(texts))
+    assert (got is None) == (want is None), texts
+    if want is not None:
+        assert got is not None and got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("text", ["2016-02-29T12:00:00.000000", "2000-02-29T00:00:00.000001",
+                                  "1970-01-01T00:00:00.000000", "2400-02-29T23:59:59.999999"])
+def test_leap_days_read_column_wise(text: str) -> None:
+    from keel.serve.columns import canonical_us
+
+    got = canonical_us(text.encode(), 1)
+    assert got is not None and got.tolist() == _numpy_us([text]).tolist()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("text", ["2017-02-29T12:00:00.000000", "1900-02-29T00:00:00.000000",
+                                  "2018-04-31T00:00:00.000000", "2018-04-01T24:00:00.000000",
+                                  "2018-04-01T00:00:60.000000", "2018-13-01T00:00:00.000000",
+                                  "2018-00-01T00:00:00.000000", "2018-04-00T00:00:00.000000"])
+def test_impossible_dates_are_declined(text: str) -> None:
+    from keel.serve.columns import canonical_us
+
+    assert _numpy_us([text]) is None and canonical_us(text.encode(), 1) is None

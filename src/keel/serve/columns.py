@@ -29,6 +29,44 @@ import orjson
 from keel.features.online import row_view
 from keel.serve.schemas import CLOCK_SECONDS, MAX_TEXT, FieldRule, RequestModels
 
+_SEPARATORS = {4: ord("-"), 7: ord("-"), 10: ord("T"), 13: ord(":"), 16: ord(":"), 19: ord(".")}
+_DIGITS = [i for i in range(26) if i not in _SEPARATORS]
+_DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def canonical_us(text: bytes, n: int) -> np.ndarray | None:
+    """Microseconds since the epoch of ``n`` times given as ``n`` canonical ISO-8601 texts of 26 ASCII characters
+    laid end to end (``YYYY-MM-DDTHH:MM:SS.ffffff``, what ``numpy.datetime_as_string(..., unit="us")`` writes), or
+    None when one is not exactly that (a wrong separator or length, a non-digit, month 13, 30 February, hour 24,
+    second 60): the texts numpy would read and write back unchanged, read column-wise without a Python object
+    per event (numpy's own parse of 1,000 texts and the check that it writes them back cost ~3 us per event)."""
+    if len(text) != 26 * n or n == 0:
+        return None
+    a = np.frombuffer(text, dtype=np.uint8).reshape(n, 26)
+    for at, sep in _SEPARATORS.items():
+        if not (a[:, at] == sep).all():
+            return None
+    d = a[:, _DIGITS].astype(np.int64) - 48
+    if ((d < 0) | (d > 9)).any():
+        return None
+    year = d[:, 0] * 1000 + d[:, 1] * 100 + d[:, 2] * 10 + d[:, 3]
+    month, day = d[:, 4] * 10 + d[:, 5], d[:, 6] * 10 + d[:, 7]
+    hour, minute, second = d[:, 8] * 10 + d[:, 9], d[:, 10] * 10 + d[:, 11], d[:, 12] * 10 + d[:, 13]
+    fraction = d[:, 14:20] @ np.array([100_000, 10_000, 1_000, 100, 10, 1], dtype=np.int64)
+    if ((month < 1) | (month > 12) | (day < 1) | (hour > 23) | (minute > 59) | (second > 59)).any():
+        return None
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    if (day > _DAYS_IN_MONTH[month] + (leap & (month == 2))).any():
+        return None
+    # Days from the civil date (the proleptic Gregorian calendar, as numpy counts): years start in March, so
+    # that the leap day ends a year, and 400-year eras repeat exactly.
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (month + np.where(month > 2, -3, 9)) + 2) // 5 + day - 1
+    days = era * 146_097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719_468
+    return ((days * 24 + hour) * 60 + minute) * 60_000_000 + second * 1_000_000 + fraction
+
 
 class BatchColumns:
     """Validate batch bodies column-wise against one spec's request models (see the module docstring)."""
@@ -86,16 +124,15 @@ class BatchColumns:
             values = [v[:-1] for v in values]
         # Canonical text only, seconds or microseconds (isoformat() drops a zero fraction): what numpy reads
         # leniently (a missing second, hour 24, a space) goes to the models.
-        text = [v if len(v) == 26 else v + ".000000" if len(v) == 19 else "" for v in values]
         try:
-            parsed = np.array(text, dtype="datetime64[us]")
-        except ValueError:
+            text = "".join([v if len(v) == 26 else v + ".000000" if len(v) == 19 else "" for v in values]
+                           ).encode("ascii")
+        except UnicodeEncodeError:
             return None
-        if not np.array_equal(np.datetime_as_string(parsed, unit="us"), np.array(text)):
+        us = canonical_us(text, len(values))
+        if us is None or us.min() < 0 or us.max() > self._now_limit().astype(np.int64):
             return None
-        if parsed.min() < np.datetime64(0, "us") or parsed.max() > self._now_limit():
-            return None
-        return parsed.astype("datetime64[ns]")
+        return (us * 1000).view("datetime64[ns]")
 
     @staticmethod
     def _float(rule: FieldRule, values: list[Any]) -> np.ndarray | None:
