@@ -672,14 +672,15 @@ class Service:
             if scores[0] is not None:
                 m.scores.observe(scores[0])
         else:
-            m.scores.observe_many(np.array([v for v in scores if v is not None], dtype=np.float64))
+            values = np.array(scores, dtype=np.float64)  # (None reads as NaN: the events no model scored)
+            m.scores.observe_many(values[~np.isnan(values)])
         children = self._children
         if len(scores) == 1:  # one event: no Counter to build
             counts: Any = ((("fallbacks", reasons[0]), 1),) if reasons[0] is not None else ()
             counts = (*counts, (("decisions", decisions[0]), 1))
-        else:
-            counts = Counter([*(("fallbacks", r) for r in reasons if r is not None),
-                              *(("decisions", d) for d in decisions)]).items()
+        else:  # (Counter counts a list in C; the keys are labelled after)
+            counts = [*((("fallbacks", r), k) for r, k in Counter(reasons).items() if r is not None),
+                      *((("decisions", d), k) for d, k in Counter(decisions).items())]
         for key, k in counts:
             child = children.get(key)
             if child is None:  # labelled children cached: .labels() takes a lock and builds a key each time
