@@ -284,15 +284,9 @@ def test_staged_events_count_at_once_and_reach_disk_only_with_the_group_commit(t
 
 def _scan_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force every window onto the scanning path (``math.fsum`` over the window's values)."""
-    from keel.features import online
+    from keel.features import online_pool
 
-    def scanning(values: list[float]) -> object:
-        prefix = real(values)
-        prefix.exact = False
-        return prefix
-
-    real = online._ExactPrefix
-    monkeypatch.setattr(online, "_ExactPrefix", scanning)
+    monkeypatch.setattr(online_pool, "EXACT", False)
 
 
 def test_prefix_sums_give_the_bits_of_summing_each_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
