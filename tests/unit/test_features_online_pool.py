@@ -1,6 +1,7 @@
 """online_pool.Pool: every state's region, exact window sums, valid and infinity counts and window edges equal a
 plain-Python model of the same states (lists in (time, arrival) order, sums by math.fsum) through any sequence
-of batch appends, single inserts (in or out of time order), labels, prunes and compactions."""
+of batch appends, single inserts (in or out of time order), labels, prunes, undos, compactions and compaction
+passes run step by step between them (:meth:`Pool.compact_step`, random budgets)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def check(pool: Pool, model: Model, data: st.DataObject) -> None:
         assert pool.late[pool.index[key]] == model.late.get(key, NEVER), key
     n = len(pool.keys)
     assert pool.held == int((pool.cap[:n] - pool.start[:n] + 1).sum()) <= pool.used <= len(pool.t)
+    check_rows(pool)
     keys = [k for k in model.states]
     if not keys:
         return
@@ -121,6 +123,33 @@ def check(pool: Pool, model: Model, data: st.DataObject) -> None:
         assert pool.region_bisect(int(u[j]), int(xs[j])) == got[j]
 
 
+def check_rows(pool: Pool) -> None:
+    """The row layout: allocations ``[base, cap)`` are disjoint and below ``used``, each slot's header row is where
+    ``head`` says, rows of room (and every row after ``used``) hold no label, and during a compaction pass every
+    allocation beginning below the cursor ends at or before it and none begins between it and the scan."""
+    n = len(pool.keys)
+    base, start, end, cap = (a[:n] for a in (pool.base, pool.start, pool.end, pool.cap))
+    assert (base < start).all() and (start <= end).all() and (end <= cap).all() and (cap <= pool.used).all()
+    order = np.argsort(base)
+    assert (cap[order][:-1] <= base[order][1:]).all()  # disjoint
+    assert np.flatnonzero(pool.head >= 0).tolist() == sorted(base.tolist())
+    assert (pool.head[base] == np.arange(n)).all()
+    for s in range(n):
+        assert not pool.label[end[s]:cap[s]].any() and (pool.label_at[end[s]:cap[s]] == NO_LABEL_AT).all()
+    assert not pool.label[pool.used:].any() and (pool.label_at[pool.used:] == NO_LABEL_AT).all()
+    if pool.cursor >= 0:
+        below = base < pool.cursor
+        assert (cap[below] <= pool.cursor).all()
+        assert not ((base >= pool.cursor) & (base < pool._scan)).any()
+
+
+def step(pool: Pool, data: st.DataObject) -> None:
+    """Maybe start a compaction pass, and carry one on by a random budget."""
+    if pool.cursor < 0 and data.draw(st.booleans()):
+        pool.begin_pass()
+    pool.compact_step(data.draw(st.integers(1, 30)))
+
+
 # (|x| <= 1e300: no window sum beyond the float range, see test_a_sum_beyond_the_float_range_raises)
 values = st.sampled_from(ODD) | st.floats(-1e300, 1e300, width=64)
 
@@ -132,8 +161,9 @@ def test_property_pool_equals_model(data, columns) -> None:
     model = Model(columns)
     seq = 0
     ids = 0
+    stepping = data.draw(st.booleans())  # compaction steps between the operations (and inside insert runs)
     for _ in range(data.draw(st.integers(1, 12))):
-        op = data.draw(st.sampled_from(["append", "append", "insert", "label", "prune", "compact"]))
+        op = data.draw(st.sampled_from(["append", "append", "insert", "label", "prune", "compact", "step"]))
         if op == "append":
             n = data.draw(st.integers(0, 12))
             keys = data.draw(st.lists(st.sampled_from(KEYS), min_size=n, max_size=n))
@@ -175,6 +205,8 @@ def test_property_pool_equals_model(data, columns) -> None:
                 assert pool.ids[i] == str(ids) and pool.t[i] == t
                 seq += 1
                 ids += 1
+                if stepping:
+                    step(pool, data)
         elif op == "label":
             keys = [k for k, s in model.states.items() if s]
             if not keys:
@@ -201,10 +233,15 @@ def test_property_pool_equals_model(data, columns) -> None:
                 dropped = [e[1] for e in model.states.get(key, [])[: s - f]]
                 assert model.prune(key, b) == s - f
                 assert pool.seq[f:s].tolist() == dropped
-        else:
+        elif op == "compact":
             pool.compact()
             assert pool.wasted() == 0.0 and pool.live == sum(map(len, model.states.values()))
+        else:
+            step(pool, data)
         check(pool, model, data)
+        if stepping:
+            step(pool, data)
+            check(pool, model, data)
     assert pool.live == sum(map(len, model.states.values()))
 
 
@@ -330,3 +367,61 @@ def test_a_sum_beyond_the_float_range_raises_as_fsum_does() -> None:
         pool.sums(pool.tracks["x"], np.array([s]), pool.start[[s]], pool.end[[s]])
     with pytest.raises(OverflowError):
         pool.sum_one(pool.tracks["x"], s, int(pool.start[s]), int(pool.end[s]))
+
+
+def test_a_pass_run_to_its_end_packs_every_region_in_place() -> None:
+    """Without traffic, a compaction pass stepped to its end leaves no dead row (``used == held``), keeps the
+    arrays, and every region its rows and sums."""
+    pool = Pool(["x"], rows=2, slots=1)
+    keys = [f"k{j}" for j in range(30)]
+    rng = np.random.default_rng(4)
+    for k in range(40):  # interleaved appends move regions to the tail; prunes leave dead fronts
+        u = pool.slots([keys[j] for j in rng.integers(0, 30, 6)])
+        pool.append(u, np.full(6, k), {"x": rng.random(6)}, np.arange(6 * k, 6 * k + 6))
+        if k % 5 == 4:
+            slots = np.unique(u)
+            pool.prune(slots, np.full(len(slots), k - 3))
+    want = {key: (pool.t[pool.start[s]:pool.end[s]].tolist(),
+                  pool.sum_one(pool.tracks["x"], s, int(pool.start[s]), int(pool.end[s])))
+            for key, s in pool.index.items()}
+    size, live = len(pool.t), pool.live
+    assert pool.wasted() > 0.3
+    pool.begin_pass()
+    steps = 0
+    while pool.cursor >= 0:
+        pool.compact_step(7)
+        steps += 1
+        check_rows(pool)
+    assert steps > 5 and pool.used == pool.held and pool.wasted() == 0.0
+    assert len(pool.t) == size and pool.live == live
+    assert {key: (pool.t[pool.start[s]:pool.end[s]].tolist(),
+                  pool.sum_one(pool.tracks["x"], s, int(pool.start[s]), int(pool.end[s])))
+            for key, s in pool.index.items()} == want
+
+
+def test_passes_keep_up_with_steady_traffic_without_growing_the_arrays() -> None:
+    """Steady traffic (each state keeps its last events; its region moves when full): tidy() after every call
+    starts passes when half the rows are dead, each pass ends within a bounded number of calls, the dead share
+    stays bounded and the arrays stop growing once they hold the working set."""
+    pool = Pool(["x"])
+    rng = np.random.default_rng(7)
+    keys = [f"k{j}" for j in range(300)]
+    sizes, passes, longest, calls_in_pass = [], 0, 0, 0
+    for k in range(1, 1500):
+        u = pool.slots([keys[j] for j in rng.integers(0, 300, 20)])
+        pool.append(u, np.full(20, k), {"x": rng.random(20)}, np.arange(20 * k, 20 * k + 20))
+        slots = np.unique(u)
+        pool.prune(slots, np.full(len(slots), k - 150))  # about 10 events per state stay
+        before = pool.passes
+        pool.tidy()
+        if pool.cursor >= 0:
+            calls_in_pass += 1
+        else:
+            longest = max(longest, calls_in_pass + (pool.passes > before))
+            calls_in_pass = 0
+        passes = pool.passes
+        sizes.append(len(pool.t))
+        assert pool.wasted() < 0.75
+    assert passes >= 3 and longest < 100
+    assert sizes[-1] == sizes[len(sizes) // 3]  # no growth in the last two thirds
+    check_rows(pool)

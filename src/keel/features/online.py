@@ -494,12 +494,6 @@ class OnlineStore:
             self._loaded_all = True
             return loaded
 
-    @staticmethod
-    def _compact(pool: Pool) -> None:
-        """Pack a pool whose rows are mostly in no state any more (left by moves and prunes)."""
-        if pool.used > 4096 and pool.wasted() > 0.5:
-            pool.compact()
-
     def _event_time(self, event: Mapping[str, Any]) -> int:
         assert self.timestamp is not None
         return _time_ns(event.get(self.timestamp), self.timestamp)
@@ -645,6 +639,7 @@ class OnlineStore:
             tv = pool.t_view
             if tv[pool.start_view[slot]] <= tv[pool.end_view[slot] - 1] - self._horizon[entity]:
                 self._prune(entity, slot)  # (else nothing to drop)
+            pool.tidy()  # (a compaction step: this call uses no position of this pool any more)
 
     def _prune(self, entity: str, slot: int) -> None:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
@@ -656,7 +651,6 @@ class OnlineStore:
             self._drop_rows(pool.seq[first:stop].tolist())
             self._disown([slot * len(self._entities) + self._entity_index[entity]] * (stop - first),
                          pool.ids[first:stop].tolist(), labels, label_at)
-            self._compact(pool)
 
     def _disown(self, mine: list[int], ids: list[str | None], labels: Sequence[float] | None,
                 label_at: Sequence[int]) -> None:

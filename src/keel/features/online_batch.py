@@ -137,10 +137,13 @@ def batch_of(
         part.slots = np.unique(part.u)
         part.sizes = part.pool.end[part.slots] - part.pool.start[part.slots]
     try:
-        return _stage_and_compute(store, n, parts, times, t_np, ids, raw, rows, column, stale)
+        batch = _stage_and_compute(store, n, parts, times, t_np, ids, raw, rows, column, stale)
     except Exception:  # e.g. a window sum beyond the float range: undo, and the replay reports it per event
         _undo(store, parts, staged, ids)
         return None
+    for part in parts:  # compaction steps, now that the batch's positions are used
+        part.pool.tidy(ahead=True)
+    return batch
 
 
 def _flag_stale(stale: np.ndarray, order: np.ndarray, st: np.ndarray, new_state: np.ndarray, newest: np.ndarray,
@@ -231,7 +234,6 @@ def _prune(store: OnlineStore, part: _Entity) -> None:
     store._drop_rows(pool.seq[dropped].tolist())
     mine = np.repeat(slots * len(store._entities) + store._entity_index[part.entity], stop - first).tolist()
     store._disown(mine, pool.ids[dropped].tolist(), labels, label_at)
-    store._compact(pool)
 
 
 def _undo(store: OnlineStore, parts: list[_Entity], staged: int, ids: list[str | None]) -> None:

@@ -6,8 +6,10 @@ event: ``t`` (int64 ns), ``seq`` (its row on disk), ``ids`` (event id or None), 
 ``[start[slot], end[slot])`` of those arrays, in (time, arrival) order, with spare room up to ``cap[slot]`` and
 one header row at ``start - 1`` whose prefix sums are the region's base (what precedes ``start``). A
 state that outgrows its room is moved to the pool's tail with twice the room (:meth:`Pool.append`); pruning
-advances ``start``; :meth:`Pool.compact` packs the live regions when moves and prunes have left the pool mostly
-dead space. A batch of events is then a few numpy operations over the whole batch: appends are fancy assignments
+advances ``start``. Moves and prunes leave dead rows behind: once half the pool's rows are dead, a compaction
+pass packs the regions in place, a bounded step at a time, at the end of each store call (:meth:`Pool.tidy`),
+so no single call pays for a whole-array copy; :meth:`Pool.compact` packs everything into fresh arrays at once
+(the store's preload). A batch of events is then a few numpy operations over the whole batch: appends are fancy assignments
 at ``end[slot] + rank within the batch``, window edges a vectorised binary search over each event's region
 (:meth:`Pool.bisect_right`).
 
@@ -26,7 +28,8 @@ filled so, and whatever leaves rows behind inside an allocation (a shift back, a
 the end need not write them.
 
 Positions (indices into the row arrays) are valid until the next :meth:`Pool.append` / :meth:`Pool.insert`
-that moves the slot, or :meth:`Pool.compact`; slots and keys are stable.
+that moves the slot, :meth:`Pool.compact` or compaction step (:meth:`Pool.tidy`, :meth:`Pool.compact_step`);
+slots and keys are stable.
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ NO_LABEL_AT = 2**62  # label_at of an event without a label (online._NO_LABEL_AT
 NEVER = -(2**63)  # Pool.late of a state that never held a non-zero label
 NONFINITE = 2**63 - 1  # Pool.late of a state that held a NaN or infinite label: its label sums scan
 _MIN_ROOM = 8  # a state's room when it first needs one
+# a compaction pass starts (:meth:`Pool.tidy`) when more than _PASS_MIN rows are handed out and more than
+# _PASS_WASTE of them are dead, or more than _PASS_FULL of the arrays' rows are handed out and more than
+# _PASS_SOME of them are dead (a pass before the arrays must grow)
+_PASS_MIN = 4096
+_PASS_WASTE = 0.5
+_PASS_FULL = 0.7
+_PASS_SOME = 0.15
+# a batch call (``tidy(ahead=True)``) grows the arrays when states hold more than this share of their rows, so
+# that single events rarely find them full
+_AHEAD = 0.45
+# rows a compaction step copies on every :meth:`Pool.tidy` during a pass, besides twice the rows the call added
+_STEP_ROWS = 1024
+_SCAN_WEIGHT = 64  # a dead row skipped costs a copied row's 1/_SCAN_WEIGHT
 # False sends every window down the scanning path (math.fsum over the window): tests set it to compare both paths
 EXACT = True
 
@@ -126,6 +142,14 @@ class Pool:
         # infinite one): a window of an event at or after it sees every label it holds, so its label sum comes
         # from the prefix sums (online._EntityState.late_label)
         self.late = np.full(slots, NEVER, dtype=np.int64)
+        # per row, the slot whose allocation begins there (its ``base``), else -1: how a compaction step finds the
+        # next allocation in row order
+        self.head = np.full(rows, -1, dtype=np.int64)
+        self.cursor = -1  # during a compaction pass: every allocation beginning below it is packed; else -1
+        self._scan = 0  # during a pass: rows [cursor, _scan) are in no allocation
+        self._mark = 0  # ``used`` at the end of the latest :meth:`tidy`
+        self.passes = 0  # compaction passes started (:meth:`tidy`)
+        self.growths = 0  # times the row arrays were regrown (:meth:`_reserve`)
         self._views()
 
     def _views(self) -> None:
@@ -183,6 +207,7 @@ class Pool:
             track.bad[header] = 0
         self.start[first:need] = self.end[first:need] = self.cap[first:need] = header + 1
         self.base[first:need] = header
+        self.head[header] = out
         self.used += k
         self.held += k
         self._views()
@@ -217,10 +242,15 @@ class Pool:
         size = len(self.t)
         if need <= size:
             return
-        size = max(need, 2 * size)
+        self.grow(max(need, 2 * size))
+
+    def grow(self, size: int) -> None:
+        """Row arrays of ``size`` rows (more than now): a copy of every row array."""
         arrays = self._row_arrays()
         fills = [0, 0, None, *[0.0] * len(self.columns), 0.0, NO_LABEL_AT] + [0] * (3 * len(self._all_tracks()))
         self._set_row_arrays([_grown(a, size, f) for a, f in zip(arrays, fills, strict=True)])
+        self.head = _grown(self.head, size, -1)
+        self.growths += 1
 
     def _move(self, slots: np.ndarray, room: np.ndarray) -> None:
         """Move each slot's region (and header row) to the pool's tail with ``room`` rows of room (at least its
@@ -236,6 +266,8 @@ class Pool:
         self.start[slots] = offsets + 1
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
+        self.head[self.base[slots]] = -1
+        self.head[offsets] = slots
         self.base[slots] = offsets
         self.used += total
 
@@ -250,6 +282,8 @@ class Pool:
         self.start[slot] = dst + 1
         self.end[slot] = dst + 1 + end - start
         self.cap[slot] = dst + 1 + room
+        self.head[self.base[slot]] = -1
+        self.head[dst] = slot
         self.base[slot] = dst
         self.used += room + 1
 
@@ -311,12 +345,107 @@ class Pool:
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
         self.base[slots] = offsets
-        self.used = self.held = total
+        self.head = np.full(len(self.t), -1, dtype=np.int64)
+        self.head[offsets] = slots
+        self.used = self.held = self._mark = total
+        self.cursor = -1  # (a pass under way has nothing left to do)
 
     def wasted(self) -> float:
         """The share of the pool's handed-out rows in no region (left by moves and prunes: what :meth:`compact`
-        frees)."""
+        and compaction passes free)."""
         return 1.0 - self.held / self.used if self.used else 0.0
+
+    # --- incremental compaction -------------------------------------------------------------------------------
+    def tidy(self, *, ahead: bool = False) -> int:
+        """Where a store call no longer uses positions it read: start a compaction pass when more than half the
+        handed-out rows are dead, and during a pass run one step of it, copying about :data:`_STEP_ROWS` rows
+        plus twice what the pool's tail grew by since the previous call (so a pass outpaces the rows calls add
+        and ends). ``ahead`` (a batch call, whose pause is shared by its events): grow the arrays when states
+        hold more than :data:`_AHEAD` of them. Returns the rows copied. Positions change."""
+        rows = len(self.t)
+        if ahead and self.held > _AHEAD * rows:
+            self.grow(2 * rows)
+        if self.cursor < 0:
+            wasted = self.wasted()
+            if self.used <= _PASS_MIN or not (wasted > _PASS_WASTE or (wasted > _PASS_SOME
+                                                                       and self.used > _PASS_FULL * rows)):
+                self._mark = self.used
+                return 0
+            self.begin_pass()
+        copied = self.compact_step(_STEP_ROWS + 2 * max(self.used - self._mark, 0))
+        self._mark = self.used
+        return copied
+
+    def begin_pass(self) -> None:
+        """Start a compaction pass from the first row (:meth:`compact_step` carries it on)."""
+        self.cursor = self._scan = 0
+        self.passes += 1
+
+    def compact_step(self, budget: int) -> int:
+        """Carry a compaction pass on by about ``budget`` copied rows (at least one allocation; a skipped dead row
+        counts 1/:data:`_SCAN_WEIGHT`): each next allocation in row order moves down to the cursor in place
+        (header row and rows; its room trimmed to twice its size, at least :data:`_MIN_ROOM`, when it had more),
+        and the cursor follows it. When the cursor reaches ``used``, the rows after it are handed back (``used``
+        becomes the cursor) and the pass ends. Returns the rows copied; positions change. Allocations moved to
+        the tail meanwhile are reached later in the same pass; no fresh arrays."""
+        c, p = self.cursor, self._scan
+        if c < 0:
+            return 0
+        copied = spent = 0  # (spent: in 1/_SCAN_WEIGHT rows)
+        limit = budget * _SCAN_WEIGHT
+        head = self.head
+        while spent < limit:
+            if p >= self.used:
+                self._end_pass(c)
+                return copied
+            hi = min(self.used, p + max(limit - spent, 4096))
+            heads = np.flatnonzero(head[p:hi] >= 0)
+            if not len(heads):
+                spent += hi - p
+                p = hi
+                continue
+            heads += p
+            slots = head[heads]
+            start, end, cap = self.start[slots], self.end[slots], self.cap[slots]
+            size = end - start
+            room = np.minimum(cap - start, np.maximum(2 * size, _MIN_ROOM))
+            offsets = c + np.cumsum(room + 1) - (room + 1)
+            moved = (offsets != start - 1) | (room != cap - start)  # (else already in place)
+            # each allocation's cost: the dead rows before it, then its rows copied or (in place) skipped
+            gaps = heads - np.concatenate(([p], cap[:-1]))
+            cost = np.cumsum(gaps + np.where(moved, _SCAN_WEIGHT * (size + 1), cap - heads))
+            k = min(int(np.searchsorted(cost, limit - spent)) + 1, len(slots))
+            spent += int(cost[k - 1])
+            c, p = int(offsets[k - 1] + room[k - 1]) + 1, int(cap[k - 1])
+            moved[k:] = False
+            if not moved.any():
+                continue
+            slots, heads, start, end, cap, size, room, offsets = (
+                a[moved] for a in (slots, heads, start, end, cap, size, room, offsets))
+            src, dst = _spans(start - 1, offsets, size + 1)
+            for a in self._row_arrays():
+                a[dst] = a[src]  # (the gather copies first: overlapping spans are safe)
+            rows, _ = _spans(offsets + 1 + size, offsets, room - size)  # their room: no label, as every room row
+            self.label[rows] = 0.0
+            self.label_at[rows] = NO_LABEL_AT
+            self.held -= int((cap - start - room).sum())
+            self.start[slots] = offsets + 1
+            self.end[slots] = offsets + 1 + size
+            self.cap[slots] = offsets + 1 + room
+            head[heads] = -1
+            head[offsets] = slots
+            self.base[slots] = offsets
+            copied += len(src)
+        self.cursor, self._scan = c, p
+        return copied
+
+    def _end_pass(self, c: int) -> None:
+        """The pass reached ``used``: the rows from ``c`` on are in no allocation; they go back to the tail,
+        holding no label as fresh rows do."""
+        self.label[c:self.used] = 0.0
+        self.label_at[c:self.used] = NO_LABEL_AT
+        self.used = self._mark = c
+        self.cursor = -1
 
     # --- appends ----------------------------------------------------------------------------------------------
     def appendable(self, u: np.ndarray, t: np.ndarray) -> bool:
