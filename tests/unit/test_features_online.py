@@ -423,6 +423,7 @@ def test_compaction_passes_through_every_call_change_no_feature(tmp_path: Path, 
         want_many = [plain.features_many(records[i:i + 40], stage=True).matrix for i in range(0, len(records), 40)]
     monkeypatch.setattr(online_pool, "_PASS_MIN", 0)
     monkeypatch.setattr(online_pool, "_PASS_WASTE", -1.0)  # a pass whenever none runs
+    monkeypatch.setattr(online_pool, "_CALL_ROWS", 2)  # a step of a few rows every other call
     monkeypatch.setattr(online_pool, "_STEP_ROWS", 3)
     with store_at(tmp_path / "moved.sqlite") as store:
         got = replay(store, frame)

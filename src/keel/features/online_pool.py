@@ -58,7 +58,11 @@ _PASS_SOME = 0.15
 # a batch call (``tidy(ahead=True)``) grows the arrays when states hold more than this share of their rows, so
 # that single events rarely find them full
 _AHEAD = 0.45
-# rows a compaction step copies on every :meth:`Pool.tidy` during a pass, besides twice the rows the call added
+# during a pass, each :meth:`Pool.tidy` earns _CALL_ROWS rows of compaction plus twice the rows the call added at
+# the tail; a step runs once _STEP_ROWS are earned (~0.6 ms: one request in ~30 pays it). A pass is spread thin (a
+# 180k-row pool: ~5,600 single calls) because a service near its capacity has little room per request: a step of
+# 1,000 rows on every call queued requests at 1,500 req/s as the whole-array copy did
+_CALL_ROWS = 32
 _STEP_ROWS = 1024
 _SCAN_WEIGHT = 64  # a dead row skipped costs a copied row's 1/_SCAN_WEIGHT
 # False sends every window down the scanning path (math.fsum over the window): tests set it to compare both paths
@@ -148,6 +152,7 @@ class Pool:
         self.cursor = -1  # during a compaction pass: every allocation beginning below it is packed; else -1
         self._scan = 0  # during a pass: rows [cursor, _scan) are in no allocation
         self._mark = 0  # ``used`` at the end of the latest :meth:`tidy`
+        self._credit = 0  # during a pass: rows of compaction earned by calls and not run yet
         self.passes = 0  # compaction passes started (:meth:`tidy`)
         self.growths = 0  # times the row arrays were regrown (:meth:`_reserve`)
         self._views()
@@ -358,10 +363,10 @@ class Pool:
     # --- incremental compaction -------------------------------------------------------------------------------
     def tidy(self, *, ahead: bool = False) -> int:
         """Where a store call no longer uses positions it read: start a compaction pass when more than half the
-        handed-out rows are dead, and during a pass run one step of it, copying about :data:`_STEP_ROWS` rows
-        plus twice what the pool's tail grew by since the previous call (so a pass outpaces the rows calls add
-        and ends). ``ahead`` (a batch call, whose pause is shared by its events): grow the arrays when states
-        hold more than :data:`_AHEAD` of them. Returns the rows copied. Positions change."""
+        handed-out rows are dead, and during a pass earn :data:`_CALL_ROWS` rows of compaction plus twice what
+        the pool's tail grew by since the previous call (so a pass outpaces the rows calls add, and ends); once
+        :data:`_STEP_ROWS` are earned, run a step of that many. ``ahead`` (a batch call, whose pause is shared by
+        its events): grow the arrays when states hold more than :data:`_AHEAD` of them. Returns the rows copied. Positions change."""
         rows = len(self.t)
         if ahead and self.held > _AHEAD * rows:
             self.grow(2 * rows)
@@ -372,13 +377,18 @@ class Pool:
                 self._mark = self.used
                 return 0
             self.begin_pass()
-        copied = self.compact_step(_STEP_ROWS + 2 * max(self.used - self._mark, 0))
+        self._credit += _CALL_ROWS + 2 * max(self.used - self._mark, 0)
+        self._mark = self.used
+        if self._credit < _STEP_ROWS:
+            return 0
+        budget, self._credit = self._credit, 0
+        copied = self.compact_step(budget)
         self._mark = self.used
         return copied
 
     def begin_pass(self) -> None:
         """Start a compaction pass from the first row (:meth:`compact_step` carries it on)."""
-        self.cursor = self._scan = 0
+        self.cursor = self._scan = self._credit = 0
         self.passes += 1
 
     def compact_step(self, budget: int) -> int:
@@ -394,15 +404,17 @@ class Pool:
         copied = spent = 0  # (spent: in 1/_SCAN_WEIGHT rows)
         limit = budget * _SCAN_WEIGHT
         head = self.head
+        window = 4 * budget  # rows searched for allocations, four times more after a search that moved none
         while spent < limit:
             if p >= self.used:
                 self._end_pass(c)
                 return copied
-            hi = min(self.used, p + max(limit - spent, 4096))
+            hi = min(self.used, p + window, p + limit - spent)
             heads = np.flatnonzero(head[p:hi] >= 0)
             if not len(heads):
                 spent += hi - p
                 p = hi
+                window *= 4
                 continue
             heads += p
             slots = head[heads]
@@ -419,6 +431,7 @@ class Pool:
             c, p = int(offsets[k - 1] + room[k - 1]) + 1, int(cap[k - 1])
             moved[k:] = False
             if not moved.any():
+                window *= 4
                 continue
             slots, heads, start, end, cap, size, room, offsets = (
                 a[moved] for a in (slots, heads, start, end, cap, size, room, offsets))
