@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel.errors import FeatureError
+from keel.features import online_pool
 from keel.features.definitions import feature_names, resolve_definitions
 from keel.features.offline import compute_features
 from keel.features.online import OnlineStore
@@ -284,15 +285,9 @@ def test_staged_events_count_at_once_and_reach_disk_only_with_the_group_commit(t
 
 def _scan_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force every window onto the scanning path (``math.fsum`` over the window's values)."""
-    from keel.features import online
+    from keel.features import online_pool
 
-    def scanning(values: list[float]) -> object:
-        prefix = real(values)
-        prefix.exact = False
-        return prefix
-
-    real = online._ExactPrefix
-    monkeypatch.setattr(online, "_ExactPrefix", scanning)
+    monkeypatch.setattr(online_pool, "EXACT", False)
 
 
 def test_prefix_sums_give_the_bits_of_summing_each_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -413,3 +408,30 @@ def test_labels_kept_in_memory_equal_the_labels_table(tmp_path: Path) -> None:
         assert "5000" not in mem._pending
         later = {**early, "id": -2, "ts": early["ts"] + timedelta(hours=2, minutes=30)}  # early in its 1 h window
         assert mem.features(later)["shop_label_count_1h"] == sql.features(later)["shop_label_count_1h"] >= 1
+
+
+def test_compaction_passes_through_every_call_change_no_feature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction passes forced through every call, a few rows per step (states move under events, labels and
+    prunes, on the single-event and the batch path): the features are bit for bit those of a store that never
+    compacts, and equal the offline table."""
+    frame = random_events(11, 500)
+    monkeypatch.setattr(online_pool, "_PASS_MIN", 10**9)  # never
+    with store_at(tmp_path / "plain.sqlite") as plain:
+        want = replay(plain, frame).to_numpy()
+    with store_at(tmp_path / "plain_many.sqlite") as plain:
+        records = frame.to_dict("records")
+        want_many = [plain.features_many(records[i:i + 40], stage=True).matrix for i in range(0, len(records), 40)]
+    monkeypatch.setattr(online_pool, "_PASS_MIN", 0)
+    monkeypatch.setattr(online_pool, "_PASS_WASTE", -1.0)  # a pass whenever none runs
+    monkeypatch.setattr(online_pool, "_CALL_ROWS", 2)  # a step of a few rows every other call
+    monkeypatch.setattr(online_pool, "_STEP_ROWS", 3)
+    with store_at(tmp_path / "moved.sqlite") as store:
+        got = replay(store, frame)
+        assert min(p.passes for p in store._pools.values()) > 20
+    assert np.array_equal(got.to_numpy(), want, equal_nan=True)
+    assert_frames_equal(got, compute_features(frame, DEFS, timestamp="ts", label="y"))
+    with store_at(tmp_path / "moved_many.sqlite") as store:
+        got_many = [store.features_many(records[i:i + 40], stage=True).matrix for i in range(0, len(records), 40)]
+        assert min(p.passes for p in store._pools.values()) > 2
+    for a, b in zip(got_many, want_many, strict=True):
+        assert np.array_equal(a, b, equal_nan=True)

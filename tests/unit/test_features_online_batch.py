@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from keel.features import online_batch
 from keel.features.definitions import resolve_definitions
 from keel.features.online import OnlineStore
+from keel.features.online_pool import NEVER
 from keel.spec import Data, Features
 
 BASE = pd.Timestamp("2024-03-01 00:00:00")
@@ -124,64 +125,70 @@ def compare(tmp: Path, defs, history: list[dict], labels: list[tuple], batch: li
     assert_same_state_after(one, many, tmp / "many.sqlite", defs, history + batch)
 
 
-def _prefix(p) -> tuple | None:
-    return None if p is None else (p.shift, list(p.sums), p.valid.tolist(), p.exact)
+def _track(pool, track, slot: int) -> tuple:
+    """What windows read of a state's prefix sums: each entry's exact sum, valid and infinity counts since the
+    region's header row (a prune only moves the header), as exact fractions."""
+    start, end = int(pool.start[slot]), int(pool.end[slot])
+    shift = int(track.shift[slot])
+    return ([Fraction(int(x) - int(track.sums[start - 1]), 2**shift) for x in track.sums[start:end]],
+            (track.valid[start:end] - track.valid[start - 1]).tolist(),
+            (track.bad[start:end] - track.bad[start - 1]).tolist())
+
+
+def states(store: OnlineStore) -> dict:
+    """Every state of every pool by (entity, key): its rows (floats as their bytes; but the seqs of rows,
+    numbered per event on the replay and per entity column on the batch path), latest label arrival and tracks."""
+    out = {}
+    for entity, pool in store._pools.items():
+        for key, slot in pool.index.items():
+            r = slice(int(pool.start[slot]), int(pool.end[slot]))
+            out[(entity, key)] = (
+                pool.t[r].tolist(), pool.ids[r].tolist(), {c: v[r].tobytes() for c, v in pool.values.items()},
+                pool.label[r].tobytes(), pool.label_at[r].tolist(), r.stop - r.start, int(pool.late[slot]),
+                {c: _track(pool, t, slot) for c, t in pool.tracks.items()},
+                _track(pool, pool.labels, slot) if pool.late[slot] != NEVER else None)  # (kept once labelled)
+    return out
+
+
+def owners(store: OnlineStore) -> dict:
+    """The owner map with each owner as the (entity, key) of its state, in order."""
+    named = {}
+    for event_id, codes in store._owners.items():
+        found = []
+        for code in codes:
+            pool, slot = store._owned(code)
+            entity = next(e for e, p in store._pools.items() if p is pool)
+            found.append((entity, pool.keys[slot]))
+        named[event_id] = tuple(found)
+    return named
 
 
 def memory(store: OnlineStore) -> tuple[dict, dict, dict]:
-    """Everything the store holds in memory per entity state (floats as their bytes; but the seqs of rows, numbered per event on the
-    replay and per entity column on the batch path), its owner map (event id -> states, by key) and the labels
-    waiting for their events."""
-    where = {id(state): entity_key for entity_key, state in store._cache.items()}
-    states = {
-        entity_key: (s.times.tolist(), list(s.ids), {c: v.tobytes() for c, v in s.values.items()}, s.labels.tobytes(),
-                     s.label_at.tolist(), set(s.id_set), len(s.seqs), s.late_label,
-                     None if s.sums is None else {c: _prefix(p) for c, p in s.sums.items()}, _prefix(s.label_sums))
-        for entity_key, s in store._cache.items()
-    }
-    owners = {i: tuple(where[id(s)] for s in held) for i, held in store._owners.items()}
-    return states, owners, dict(store._pending)
-
-
-def _relative(p: tuple) -> tuple:
-    """A prefix sum as what windows read of it: differences of its entries (a state's prefix built after a prune
-    starts from 0, one kept up to date through it from the pruned events' sum), as exact fractions."""
-    shift, sums, valid, exact = p
-    return [Fraction(x - sums[0], 2**shift) for x in sums], [v - valid[0] for v in valid], exact
+    """Everything the store holds in memory: its states, owner map and the labels waiting for their events."""
+    return states(store), owners(store), dict(store._pending)
 
 
 def assert_same_memory(reference: OnlineStore, store: OnlineStore, *, preloaded: bool) -> None:
-    """The same in-memory states, owners and waiting labels, bit for bit. Prefix sums: a preload builds every
-    state's, then each change keeps them up to date: the same integers on the same grid; otherwise the batch path
-    builds every touched state's and the replay those its windows read, at other times: the same differences.
-    A prefix built on one side only (a new state's that no window of the replay read) is not compared."""
+    """The same in-memory states (rows bit for bit, prefix sums as exact differences: what windows read), owners
+    and waiting labels."""
     want, got = memory(reference), memory(store)
     assert got[1:] == want[1:]
     assert got[0].keys() == want[0].keys()
     for entity_key, w in want[0].items():
-        g = got[0][entity_key]
-        assert g[:8] == w[:8], entity_key
-        pairs = [(g[9], w[9])]
-        if g[8] is not None and w[8] is not None:
-            assert g[8].keys() == w[8].keys()
-            pairs += [(g[8][c], w[8][c]) for c in w[8]]
-        for mine, theirs in pairs:
-            if mine is not None and theirs is not None:
-                assert (mine if preloaded else _relative(mine)) == (theirs if preloaded else _relative(theirs)), \
-                    entity_key
+        assert got[0][entity_key] == w, (entity_key, preloaded)
 
 
 def assert_consistent(store: OnlineStore, labels: list[tuple]) -> None:
-    """What the store keeps beside its states agrees with them: each state's id set holds its ids, the owner map
+    """What the store keeps beside its states agrees with them: a state holds an event id once, the owner map
     names exactly the states holding each event id, and a labelled event no state holds any more (pruned, or
     never stored) waits in ``_pending`` with its latest label."""
     held: dict[str, set] = {}
-    for entity_key, state in store._cache.items():
-        assert state.id_set == {i for i in state.ids if i is not None}, entity_key
-        for i in state.id_set:
-            held.setdefault(i, set()).add(entity_key)
-    where = {id(state): entity_key for entity_key, state in store._cache.items()}
-    assert {i: {where[id(s)] for s in states} for i, states in store._owners.items()} == held
+    for (entity, key), state in states(store).items():
+        ids = [i for i in state[1] if i is not None]
+        assert len(ids) == len(set(ids)), (entity, key)
+        for i in ids:
+            held.setdefault(i, set()).add((entity, key))
+    assert {i: set(named) for i, named in owners(store).items()} == held
     latest = {str(i): (float(y), int(pd.Timestamp(at).value)) for i, y, at in labels}
     for i, label in latest.items():
         if i not in held:

@@ -230,7 +230,7 @@ def test_a_commit_with_thousands_of_deletes_leaves_exactly_the_rows_memory_holds
                      for i in range(1000)]
             store.features_many(batch, stage=True)
             store.commit_staged(deletes=True)
-        held = {seq for state in store._cache.values() for seq in state.seqs}
+        held = {seq for pool in store._pools.values() for seq in pool.seq[pool.rows(np.arange(len(pool.keys)))].tolist()}
         with sqlite3.connect(path) as db:
             on_disk = {seq for (seq,) in db.execute("select seq from events")}
         assert on_disk == held

@@ -20,19 +20,17 @@ lies in the (delayed) window and the label arrived at or before ``t``.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import math
 import sqlite3
 import threading
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import accumulate, compress, repeat
-from operator import and_, eq, getitem, is_, not_
+from itertools import compress, groupby, repeat
+from operator import and_, eq, getitem, itemgetter, not_
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,8 @@ from keel.features.definitions import (
     feature_names,
     window_definitions,
 )
-from keel.features.offline import finish_aggregate, ratio_feature, row_value, to_ns
+from keel.features.offline import ratio_feature, row_value, to_ns
+from keel.features.online_pool import NO_LABEL_AT, Pool, window_group
 from keel.sqlbatch import execute_chunked
 
 _SCHEMA = """
@@ -77,13 +76,17 @@ _DELETE_MANY = "delete from events where seq in (" + ", ".join("?" * _PARAMS) + 
 
 
 _EPOCH = datetime(1970, 1, 1)
-_NO_LABEL_AT = 2**62  # label_at of an event without a label
-_NEVER_LABELLED = -(2**63)  # _EntityState.late_label of a state that never held a non-zero label
+_NO_LABEL_AT = NO_LABEL_AT  # label_at of an event without a label
 _ONE_US = timedelta(microseconds=1)
-_INFINITIES = (math.inf, -math.inf)
 _MISSING = object()
 _consume = deque(maxlen=0).extend  # runs an iterator (of C-level ``map`` calls) to its end
 _BATCH_MIN = 32  # features_many(stage=True) of at least this many events tries the batch path (online_batch)
+
+
+def _spans(first: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """The positions of the ranges ``[first[j], stop[j])``, one after another."""
+    size = stop - first
+    return np.repeat(first - np.cumsum(size) + size, size) + np.arange(int(size.sum()), dtype=np.int64)
 
 
 def _key(value: Any) -> str:
@@ -236,230 +239,6 @@ class FeatureBatch:
     errors: list[tuple[int, str, Exception]]
 
 
-def _scaled(x: float) -> tuple[int, int]:
-    """A finite float as ``(n, k)`` with ``x == n / 2**k`` exactly."""
-    num, den = x.as_integer_ratio()
-    return num, den.bit_length() - 1
-
-
-class _ExactPrefix:
-    """Exact prefix sums of a float column (NaN skipped) as Python integers scaled by ``2**shift``.
-
-    A window's sum is ``(sums[hi] - sums[lo]) / 2**shift``: the exact sum of its values, rounded once (Python's
-    int/int division is correctly rounded), which is what ``math.fsum`` returns for the same values. So the
-    window sum costs O(1) and is bit-identical to summing the window's values with ``fsum``. A non-finite value
-    (only infinities: NaN is skipped) makes the column ``exact = False`` and callers sum the window instead.
-    """
-
-    __slots__ = ("exact", "shift", "sums", "valid")
-
-    def __init__(self, values: Sequence[float]) -> None:
-        # What push() of each value in turn gives, in one pass: the finest grid any value needs, then each
-        # value's integer on it and running sums (no rescaling of the sums built so far).
-        ratios = [x.as_integer_ratio() if x == x and x not in _INFINITIES else None for x in values]
-        self.exact = not any(x in _INFINITIES for x in values)  # an infinity: callers sum the window instead
-        shift = max((den.bit_length() - 1 for _, den in filter(None, ratios)), default=0)
-        self.shift = shift
-        self.sums = [0, *accumulate(0 if r is None else r[0] << (shift - r[1].bit_length() + 1) for r in ratios)]
-        self.valid = array("q", [0, *accumulate(1 if x == x else 0 for x in values)])
-
-    def _term(self, x: float) -> tuple[int, int]:
-        """(scaled value, valid) of one value, rescaling the stored sums when it needs a finer grid."""
-        if x != x:
-            return 0, 0
-        if x in (math.inf, -math.inf):
-            self.exact = False
-            return 0, 1
-        n, k = _scaled(x)
-        if k > self.shift:
-            self._rescale(k)
-        return n << (self.shift - k), 1
-
-    def _rescale(self, k: int) -> None:
-        up = k - self.shift
-        self.sums = [s << up for s in self.sums]
-        self.shift = k
-
-    def refine(self, x: float) -> None:
-        """Rescale the sums to the grid a finite ``x`` needs, if finer (what :meth:`push` of it does first)."""
-        k = _scaled(x)[1]
-        if k > self.shift:
-            self._rescale(k)
-
-    def push(self, x: float) -> None:
-        term, ok = self._term(x)
-        self.sums.append(self.sums[-1] + term)
-        self.valid.append(self.valid[-1] + ok)
-
-    def insert(self, i: int, x: float) -> None:
-        term, ok = self._term(x)
-        self.sums.insert(i + 1, self.sums[i] + term)
-        self.valid.insert(i + 1, self.valid[i] + ok)
-        if term:
-            for j in range(i + 2, len(self.sums)):
-                self.sums[j] += term
-        if ok:
-            for j in range(i + 2, len(self.valid)):
-                self.valid[j] += ok
-
-    def replace(self, i: int, old: float, new: float) -> None:
-        """Value ``i`` changed from ``old`` to ``new`` (both finite)."""
-        a, _ = self._term(old)
-        b, _ = self._term(new)
-        if a != b:
-            for j in range(i + 1, len(self.sums)):
-                self.sums[j] += b - a
-
-    def drop(self, k: int) -> None:
-        del self.sums[:k], self.valid[:k]
-
-
-@dataclass(slots=True)
-class _EntityState:
-    """One entity's recent events, in (time, arrival) order, as compact columns (``array``: 8 bytes a value).
-
-    ``sums`` (per value column) and ``label_sums`` are exact prefix sums built on first use and kept up to date
-    by every change made through the methods below; ``late_label`` is the latest arrival time of any non-zero
-    label (an upper bound): events at or after it see every label, so their label sums come from the prefix.
-    """
-
-    times: array = field(default_factory=lambda: array("q"))  # int64 nanoseconds
-    ids: list[str | None] = field(default_factory=list)
-    values: dict[str, array] = field(default_factory=dict)  # float64 per value column
-    labels: array = field(default_factory=lambda: array("d"))
-    label_at: array = field(default_factory=lambda: array("q"))
-    id_set: set[str] = field(default_factory=set)
-    seqs: array = field(default_factory=lambda: array("q"))  # per event, its row's seq on disk (once written)
-    sums: dict[str, _ExactPrefix] | None = None
-    label_sums: _ExactPrefix | None = None
-    late_label: int = _NEVER_LABELLED
-
-    def append(self, t: int, event_id: str | None, vals: Mapping[str, float], label: float, at: int,
-               seq: int) -> None:
-        """Add a stored event known to be the latest so far (loading in time order)."""
-        self.times.append(t)
-        self.seqs.append(seq)
-        self.ids.append(event_id)
-        if event_id is not None:
-            self.id_set.add(event_id)
-        for c, column in self.values.items():
-            column.append(vals.get(c, math.nan))
-        self.labels.append(label)
-        self.label_at.append(at)
-        self._note_label(label, at)
-        self.sums = self.label_sums = None  # rebuilt on first use
-
-    def insert(self, t: int, event_id: str | None, vals: Mapping[str, float], seq: int) -> int:
-        times = self.times
-        if not times or times[-1] <= t:  # the usual case, events in time order: appends only
-            i = len(times)
-            times.append(t)
-            self.seqs.append(seq)
-            self.ids.append(event_id)
-            if event_id is not None:
-                self.id_set.add(event_id)
-            sums = self.sums
-            for c, column in self.values.items():
-                v = vals.get(c, math.nan)
-                column.append(v)
-                if sums is not None:
-                    prefix = sums[c]
-                    if v == v and v not in _INFINITIES:  # push(v) without the call, on the state's grid
-                        num, den = v.as_integer_ratio()
-                        k = den.bit_length() - 1
-                        if k <= prefix.shift:
-                            prefix.sums.append(prefix.sums[-1] + (num << (prefix.shift - k)))
-                            prefix.valid.append(prefix.valid[-1] + 1)
-                            continue
-                    prefix.push(v)
-            self.labels.append(0.0)
-            self.label_at.append(_NO_LABEL_AT)
-            label_sums = self.label_sums
-            if label_sums is not None:  # push(0.0): a finite zero adds nothing and counts as valid
-                label_sums.sums.append(label_sums.sums[-1])
-                label_sums.valid.append(label_sums.valid[-1] + 1)
-            return i
-        i = bisect.bisect_right(times, t)
-        self.times.insert(i, t)
-        self.seqs.insert(i, seq)
-        self.ids.insert(i, event_id)
-        if event_id is not None:
-            self.id_set.add(event_id)
-        for c, column in self.values.items():
-            v = vals.get(c, math.nan)
-            column.insert(i, v)
-            if self.sums is not None:
-                if i == len(column) - 1:
-                    self.sums[c].push(v)
-                else:
-                    self.sums[c].insert(i, v)
-        self.labels.insert(i, 0.0)
-        self.label_at.insert(i, 2**62)
-        if self.label_sums is not None:
-            self.label_sums.insert(i, 0.0)
-        return i
-
-    def set_label(self, i: int, label: float, at: int) -> None:
-        old = self.labels[i]
-        self.labels[i], self.label_at[i] = label, at
-        self._note_label(label, at)
-        if self.label_sums is not None:
-            if math.isfinite(old) and math.isfinite(label):
-                self.label_sums.replace(i, old, label)
-            else:
-                self.label_sums = None
-
-    def _note_label(self, label: float, at: int) -> None:
-        if label != 0.0:  # a non-finite label keeps every label sum on the scanning path
-            self.late_label = max(self.late_label, at if math.isfinite(label) else 2**63)
-
-    def prune(self, before: int) -> int:
-        """Drop events with time <= before; return how many."""
-        k = bisect.bisect_right(self.times, before)
-        if k:
-            self.drop_first(k)
-        return k
-
-    def drop_first(self, k: int) -> None:
-        """Drop the ``k`` oldest events."""
-        if k == len(self.ids):
-            self.id_set.clear()
-        else:
-            self.id_set.difference_update(self.ids[:k])
-        del self.times[:k], self.ids[:k], self.labels[:k], self.label_at[:k], self.seqs[:k]
-        for column in self.values.values():
-            del column[:k]
-        for prefix in (self.sums or {}).values():
-            prefix.drop(k)
-        if self.label_sums is not None:
-            self.label_sums.drop(k)
-
-    def prefix(self) -> dict[str, _ExactPrefix]:
-        if self.sums is None:
-            self.sums = {c: _ExactPrefix(column) for c, column in self.values.items()}
-        return self.sums
-
-    def label_prefix(self) -> _ExactPrefix:
-        if self.label_sums is None:
-            self.label_sums = _ExactPrefix(self.labels)
-        return self.label_sums
-
-
-def _exact_total(prefix: _ExactPrefix, lo: int, hi: int, current: float | None) -> tuple[float, int]:
-    """(sum, non-null count) of a window's values plus ``current``, as ``math.fsum`` of them would give."""
-    total = prefix.sums[hi] - prefix.sums[lo]
-    valid = prefix.valid[hi] - prefix.valid[lo]
-    shift = prefix.shift
-    if current is not None and current == current:
-        n, k = _scaled(current)
-        if k > shift:
-            total <<= k - shift
-            shift = k
-        total += n << (shift - k)
-        valid += 1
-    return (total / (1 << shift) if total else 0.0), valid
-
-
 @dataclass(frozen=True)
 class _GroupPlan:
     """One window shared by some definitions of one entity, with its edges in integer nanoseconds."""
@@ -477,110 +256,6 @@ class _GroupPlan:
         first = defs[0]
         return cls(tuple(defs), to_ns(first.delay), to_ns(first.window), first.delay == timedelta(0),
                    first.include_current, tuple((d.name, d.aggregate, d.column, d.reads_label) for d in defs))
-
-
-def _window_group(
-    state: _EntityState,
-    plan: _GroupPlan,
-    t: int,
-    current: Mapping[str, float] | None,
-    own: int | None,
-    out: dict[str, float],
-    scaled: dict[str, tuple[int, int] | None] | None = None,
-) -> None:
-    """Window features sharing one window (same delay, length, include_current) for an event at ``t``.
-
-    ``current`` is the event itself when it is not stored yet; ``own`` its index when it is. Counts, sums,
-    means and label sums come from exact prefix sums (O(1) per window, the same numbers as ``math.fsum`` over
-    the window); std, min and max (and columns holding infinities) scan the window. ``scaled`` caches the
-    current event's values as :func:`_scaled` gives them, shared by the event's windows (NaN: None).
-    """
-    times = state.times
-    end = t - plan.delay_ns  # window_edges(): (t - delay - window, t - delay]
-    if plan.zero_delay and own is not None:
-        hi = own + 1 if plan.include_current else own
-    else:
-        hi = bisect.bisect_right(times, end)
-    lo = bisect.bisect_right(times, end - plan.window_ns)
-    if lo > hi:
-        lo = hi
-    with_current = current is not None and plan.zero_delay and plan.include_current
-    count = hi - lo + 1 if with_current else hi - lo
-    values: dict[str, list[float]] = {}
-    label_total: float | None = None
-    sums: dict[str, _ExactPrefix] | None = None
-    for name, aggregate, column, reads_label in plan.items:
-        if aggregate == "count":
-            out[name] = float(count)
-            continue
-        if column and (aggregate == "mean" or aggregate == "sum"):
-            if sums is None:
-                sums = state.sums if state.sums is not None else state.prefix()
-            prefix = sums[column]
-            if prefix.exact:
-                # _exact_total(prefix, lo, hi, current value) with the value's scaled form computed once
-                psums = prefix.sums
-                total = psums[hi] - psums[lo]
-                pvalid = prefix.valid
-                valid = pvalid[hi] - pvalid[lo]
-                shift = prefix.shift
-                if with_current:
-                    if scaled is None:
-                        scaled = {}
-                    if column in scaled:
-                        term = scaled[column]
-                    else:
-                        v = current.get(column, math.nan)  # type: ignore[union-attr]
-                        term = scaled[column] = _scaled(v) if v == v else None
-                    if term is not None:
-                        n, k = term
-                        if k > shift:
-                            total <<= k - shift
-                            shift = k
-                        total += n << (shift - k)
-                        valid += 1
-                value = total / (1 << shift) if total else 0.0
-                # _finish_scalar's rules for these two, without the call
-                if aggregate == "mean":
-                    out[name] = value / valid if valid > 0 else math.nan
-                else:
-                    out[name] = value if valid else 0.0
-                continue
-        total = m2 = mn = mx = 0.0
-        valid = 0
-        if column:  # the scanning path: std, min, max, and sums over a column holding infinities
-            if column not in values:
-                window = [v for v in state.values[column][lo:hi] if v == v]  # v == v drops NaN
-                if with_current:
-                    v = current.get(column, math.nan)  # type: ignore[union-attr]
-                    if v == v:
-                        window.append(v)
-                values[column] = window
-            vals = values[column]
-            valid = len(vals)
-            if aggregate in ("sum", "mean"):
-                total = math.fsum(vals)
-            elif aggregate == "std" and valid:
-                mean = math.fsum(vals) / valid
-                m2 = math.fsum((v - mean) ** 2 for v in vals)
-            elif aggregate == "min" and valid:
-                mn = min(vals)
-            elif aggregate == "max" and valid:
-                mx = max(vals)
-        if reads_label and label_total is None and state.late_label == _NEVER_LABELLED:
-            label_total = 0.0  # only zero labels: the sum the prefix gives, without building it
-        if reads_label and label_total is None:
-            labels = (state.label_sums or state.label_prefix()) if t >= state.late_label else None
-            if labels is not None and labels.exact:
-                label_total = _exact_total(labels, lo, hi, None)[0]
-            else:
-                label_total = math.fsum(
-                    y for y, at in zip(state.labels[lo:hi], state.label_at[lo:hi], strict=True) if at <= t
-                )
-        if aggregate == "label_rate":
-            out[name] = float(label_total or 0.0) / count if count > 0 else 0.0
-            continue
-        out[name] = finish_aggregate(aggregate, count, valid, total, m2, mn, mx, label_total or 0.0)
 
 
 class OnlineStore:
@@ -630,8 +305,6 @@ class OnlineStore:
             else:
                 groups.append([d])
         self._plans = {e: [_GroupPlan.of(g) for g in groups] for e, groups in self._groups.items()}
-        # entities whose windows read labels: their states that ever held a non-zero label keep label prefix sums
-        self._label_entities = {e for e, plans in self._plans.items() if any(r for p in plans for *_, r in p.items)}
         self._raw = [d for d in self.definitions if isinstance(d, RawDefinition)]
         self._rows = [d for d in self.definitions if isinstance(d, RowDefinition)]
         self._ratios = [d for d in self.definitions if isinstance(d, RatioDefinition)]
@@ -647,9 +320,12 @@ class OnlineStore:
         }
         if self._windows and not timestamp:
             raise FeatureError("Window features need an event time, but no timestamp column was given.")
-        self._cache: dict[tuple[str, str], _EntityState] = {}
-        # event id -> the in-memory states holding it (one per entity column)
-        self._owners: dict[str, tuple[_EntityState, ...]] = {}
+        # Every entity column's states in one pool (online_pool: column arrays, a slot per entity key)
+        self._pools: dict[str, Pool] = {e: Pool(self._columns[e]) for e in self._entities}
+        # event id -> the in-memory states holding it (one per entity column), each as an owner code
+        # ``slot * len(entities) + the entity's index`` (see _owner)
+        self._owners: dict[str, tuple[int, ...]] = {}
+        self._entity_index = {e: i for i, e in enumerate(self._entities)}
         self._lock = threading.RLock()
         self._depth = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -729,37 +405,34 @@ class OnlineStore:
         self.close()
 
     # --- state --------------------------------------------------------------------------------------------
-    def _state(self, entity: str, key: str) -> _EntityState:
-        """An entity's state: every state is loaded at once on the first miss (:meth:`preload`; the events table
-        has no per-entity index, which would cost most of each commit), after which a miss is a new entity."""
-        cached = self._cache.get((entity, key))
-        if cached is not None:
-            return cached
+    def _state(self, entity: str, key: str) -> int:
+        """An entity's state (its slot in the entity column's pool): every state is loaded at once on the first
+        miss (:meth:`preload`; the events table has no per-entity index, which would cost most of each commit),
+        after which a miss is a new entity (an empty state)."""
+        slot = self._pools[entity].index.get(key)
+        if slot is not None:
+            return slot
         if not self._loaded_all:
             self.preload()
-            cached = self._cache.get((entity, key))
-            if cached is not None:
-                return cached
-        state = self._cache[(entity, key)] = _EntityState(values={c: array("d") for c in self._columns[entity]})
-        return state
+        return self._pools[entity].slot(key)
+
+    def _owner(self, entity: str, slot: int) -> int:
+        """The owner code of a state in :attr:`_owners`."""
+        return slot * len(self._entities) + self._entity_index[entity]
+
+    def _owned(self, code: int) -> tuple[Pool, int]:
+        """The pool and slot of an owner code."""
+        slot, e = divmod(code, len(self._entities))
+        return self._pools[self._entities[e]], slot
 
     def _forget(self) -> None:
         """Drop the in-memory state (reloaded from SQLite on next use) after a failed write."""
-        self._cache.clear()
+        self._pools = {e: Pool(self._columns[e]) for e in self._entities}
         self._owners.clear()
         self._pending.clear()
         self._pending_complete = False
         self._loaded_all = False
         self._staged_deletes.clear()  # rows left on disk are pruned again when loaded: keeping them is safe
-
-    def _append_stored(self, state: _EntityState, entity: str, key: str, row: Sequence[Any]) -> None:
-        """Add one stored event (seq, event_id, t, vals, label, at) to an entity's in-memory state."""
-        seq, event_id, t, vals, label, at = row
-        decoded = json.loads(vals)
-        state.append(t, event_id, {c: _number(decoded.get(c)) for c in state.values},
-                     0.0 if label is None else float(label), 2**62 if at is None else int(at), seq)
-        if event_id is not None:
-            self._owners[event_id] = (*self._owners.get(event_id, ()), state)
 
     def preload(self) -> int:
         """Load every entity's state into memory in one ordered pass; returns how many entities.
@@ -773,26 +446,45 @@ class OnlineStore:
                 "select e.entity, e.key, e.seq, e.event_id, e.t, e.vals, l.label, l.at from events e left join"
                 " labels l on l.event_id = e.event_id order by e.entity, e.key, e.t, e.seq"
             ).fetchall()
-            loaded: dict[tuple[str, str], _EntityState] = {}
-            for entity, key, *row in rows:
-                if entity not in self._columns or (entity, key) in self._cache:
-                    continue
-                state = loaded.get((entity, key))
-                if state is None:
-                    state = loaded[(entity, key)] = _EntityState(values={c: array("d") for c in self._columns[entity]})
-                self._append_stored(state, entity, key, row)
-            self._cache.update(loaded)
+            loaded = 0
+            owners = self._owners
             staging, self._staging = self._staging, True  # deletes of rows left on disk: with the next commit
             try:
-                for (entity, key), state in loaded.items():
-                    self._prune(entity, key, state)
+                for entity, group in groupby(rows, key=itemgetter(0)):
+                    if entity not in self._columns:
+                        continue
+                    pool = self._pools[entity]
+                    known = pool.index
+                    part = [row for row in group if row[1] not in known]
+                    if not part:
+                        continue
+                    keys = [row[1] for row in part]
+                    loaded += len(dict.fromkeys(keys))
+                    decoded = [json.loads(row[5]) for row in part]
+                    values = {c: np.array([_number(d.get(c)) for d in decoded], dtype=np.float64)
+                              for c in self._columns[entity]}
+                    u = pool.slots(keys)
+                    pool.append(u, np.array([row[4] for row in part], dtype=np.int64), values,
+                                np.array([row[2] for row in part], dtype=np.int64), [row[3] for row in part],
+                                np.array([0.0 if row[6] is None else float(row[6]) for row in part]),
+                                np.array([_NO_LABEL_AT if row[7] is None else int(row[7]) for row in part],
+                                         dtype=np.int64))
+                    slots = np.unique(u)
+                    first, stop = pool.prune(slots, pool.t[pool.end[slots] - 1] - self._horizon[entity])
+                    dropped = _spans(first, stop)
+                    if len(dropped):
+                        self._drop_rows(pool.seq[dropped].tolist())
+                    live = pool.rows(slots)
+                    codes = np.repeat(slots * len(self._entities) + self._entity_index[entity],
+                                      pool.end[slots] - pool.start[slots]).tolist()
+                    for event_id, code in zip(pool.ids[live].tolist(), codes, strict=True):
+                        if event_id is not None:
+                            owners[event_id] = (*owners.get(event_id, ()), code)
+                    # packed, with room in every state and spare rows at the tail: the first requests' inserts
+                    # neither move regions nor regrow every row array
+                    pool.compact()
             finally:
                 self._staging = staging
-            for (entity, _), state in self._cache.items():  # prefix sums now, not on each entity's first request
-                state.prefix()
-                if entity in self._label_entities and state.late_label != _NEVER_LABELLED:
-                    state.label_prefix()
-            owners = self._owners
             self._pending = {
                 event_id: (float(label), int(at))
                 for event_id, label, at in self._db.execute("select event_id, label, at from labels")
@@ -800,7 +492,7 @@ class OnlineStore:
             }
             self._pending_complete = True
             self._loaded_all = True
-            return len(loaded)
+            return loaded
 
     def _event_time(self, event: Mapping[str, Any]) -> int:
         assert self.timestamp is not None
@@ -866,10 +558,11 @@ class OnlineStore:
         pending = self._pending.get(event_id)
         if pending is not None:
             return pending
-        for state in self._owners.get(event_id, ()):  # the event is in another entity's window: its label is there
-            i = state.ids.index(event_id)
-            if state.label_at[i] != _NO_LABEL_AT:
-                return state.labels[i], state.label_at[i]
+        for code in self._owners.get(event_id, ()):  # the event is in another entity's window: its label is there
+            pool, slot = self._owned(code)
+            i = pool.find(slot, event_id)
+            if i is not None and pool.label_at_view[i] != _NO_LABEL_AT:
+                return pool.label_view[i], pool.label_at_view[i]
             if self._pending_complete:
                 return None
         if self._pending_complete:
@@ -918,8 +611,11 @@ class OnlineStore:
                      for entity, key in ((e, self._entity_key(event, e)) for e in self._entities)]
         known: tuple[float, int] | None = None
         looked = False
-        for entity, key, state, vals in parts:
-            if event_id is not None and event_id in state.id_set:
+        owners = self._owners
+        for entity, key, slot, vals in parts:
+            pool = self._pools[entity]
+            code = slot * len(self._entities) + self._entity_index[entity]
+            if event_id is not None and code in owners.get(event_id, ()):
                 continue  # idempotent: the same event twice counts once
             if vals is None:
                 vals = {c: _number(event.get(c)) for c in self._columns[entity]}
@@ -928,7 +624,7 @@ class OnlineStore:
                 looked = True
             seq = self._next_seq
             self._next_seq = seq + 1
-            i = state.insert(t, event_id, vals, seq)
+            i = pool.insert(slot, t, vals, seq, event_id)
             row = (seq, entity, key, event_id, t, self._vals_text(entity, vals))
             if self._staging:  # with the next commit_staged
                 self._staged.append(row)
@@ -936,30 +632,31 @@ class OnlineStore:
             else:
                 self._db.execute(_INSERT, row)
             if event_id is not None:
-                self._owners[event_id] = (*self._owners.get(event_id, ()), state)
+                owners[event_id] = (*owners.get(event_id, ()), code)
                 self._pending.pop(event_id, None)
                 if known is not None:
-                    state.set_label(i, known[0], known[1])
-            times = state.times
-            if times[0] <= times[-1] - self._horizon[entity]:  # else _prune has nothing to drop
-                self._prune(entity, key, state)
+                    pool.set_label(slot, i, known[0], known[1])
+            tv = pool.t_view
+            if tv[pool.start_view[slot]] <= tv[pool.end_view[slot] - 1] - self._horizon[entity]:
+                self._prune(entity, slot)  # (else nothing to drop)
+            pool.tidy()  # (a compaction step: this call uses no position of this pool any more)
 
-    def _prune(self, entity: str, key: str, state: _EntityState) -> None:
+    def _prune(self, entity: str, slot: int) -> None:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
-        times = state.times
-        before = times[-1] - self._horizon[entity]
-        if times[0] <= before:
-            k = bisect.bisect_right(times, before)
-            ids, seqs, label_at = state.ids[:k], state.seqs[:k], state.label_at[:k]
-            labels = state.labels[:k] if label_at.count(_NO_LABEL_AT) != k else None
-            state.drop_first(k)
-            self._drop_rows(seqs)
-            self._disown(state, ids, labels, label_at)
+        pool = self._pools[entity]
+        first, stop = pool.prune_one(slot, pool.t_view[pool.end_view[slot] - 1] - self._horizon[entity])
+        if stop > first:
+            label_at = pool.label_at[first:stop].tolist()
+            labels = pool.label[first:stop].tolist() if label_at.count(_NO_LABEL_AT) != len(label_at) else None
+            self._drop_rows(pool.seq[first:stop].tolist())
+            self._disown([slot * len(self._entities) + self._entity_index[entity]] * (stop - first),
+                         pool.ids[first:stop].tolist(), labels, label_at)
 
-    def _disown(self, state: _EntityState, ids: list[str | None], labels: Sequence[float] | None,
+    def _disown(self, mine: list[int], ids: list[str | None], labels: Sequence[float] | None,
                 label_at: Sequence[int]) -> None:
-        """``state`` no longer holds the events ``ids``: take it out of their owners; an event no state holds any
-        more goes back to waiting with its label (``labels``: None when none has one), as it may be sent again."""
+        """The states ``mine`` (owner codes, one per event) no longer hold the events ``ids``: take them out of
+        their owners; an event no state holds any more goes back to waiting with its label (``labels``: None
+        when none has one), as it may be sent again."""
         owners = self._owners
         held = list(map(owners.get, ids))
         if None not in held:  # the usual case, as C-level maps: every event has owners
@@ -969,9 +666,10 @@ class OnlineStore:
             if set(lens) <= {1, 2}:
                 alone = list(compress(held, last))
                 pairs = list(compress(held, shared))
-                if all(map(is_, map(getitem, alone, repeat(0)), repeat(state))):
+                ours = list(compress(mine, shared))
+                if all(map(eq, map(getitem, alone, repeat(0)), compress(mine, last))):
                     for at, rest in ((0, slice(1, None)), (1, slice(0, 1))):  # held by two: the other one stays
-                        if all(map(is_, map(getitem, pairs, repeat(at)), repeat(state))):
+                        if all(map(eq, map(getitem, pairs, repeat(at)), ours)):
                             owners.update(zip(compress(ids, shared), map(getitem, pairs, repeat(rest)),
                                               strict=True))
                             _consume(map(owners.__delitem__, compress(ids, last)))
@@ -980,9 +678,10 @@ class OnlineStore:
                                     if gone and at_ns != _NO_LABEL_AT:
                                         self._pending[old] = (label, at_ns)
                             return
-        for old, label, at_ns in zip(ids, repeat(0.0) if labels is None else labels, label_at, strict=False):
+        for old, code, label, at_ns in zip(ids, mine, repeat(0.0) if labels is None else labels, label_at,
+                                           strict=False):
             if old is not None and old in owners:
-                rest = tuple(o for o in owners[old] if o is not state)
+                rest = tuple(o for o in owners[old] if o != code)
                 if rest:
                     owners[old] = rest
                 else:
@@ -1124,11 +823,12 @@ class OnlineStore:
                 (key, value, at_ns),
             )
             found = False
-            for state in self._owners.get(key, ()):
-                for i, stored in enumerate(state.ids):
-                    if stored == key:
-                        state.set_label(i, value, at_ns)
-                        found = True
+            for code in self._owners.get(key, ()):
+                pool, slot = self._owned(code)
+                i = pool.find(slot, key)
+                if i is not None:
+                    pool.set_label(slot, i, value, at_ns)
+                    found = True
             if found:
                 self._pending.pop(key, None)
             else:  # the event comes later (or comes back): it finds its label in memory
@@ -1146,7 +846,7 @@ class OnlineStore:
         """(feature values in ``feature_names`` order, stale entities, unknown entities); hold the lock.
 
         ``seen`` (a list) receives what :meth:`_add` needs to stage the event right after without looking it up
-        again: ``[t, event_id, (entity, key, state, current values or None when stored), ...]``.
+        again: ``[t, event_id, (entity, key, slot, current values or None when stored), ...]``.
         """
         out: dict[str, float] = {}
         stale: list[str] = []
@@ -1162,25 +862,32 @@ class OnlineStore:
                 seen += (t, event_id)
             fresh = self._freshness_ns
             scaled: dict[str, tuple[int, int] | None] = {}  # the event's values, scaled once for every window
+            owners = self._owners
             for entity in self._entities:
                 value = event.get(entity, _MISSING)
                 key = self._entity_key(event, entity) if value is _MISSING else (
                     value if type(value) is str else _key(value))
-                state = self._cache.get((entity, key)) or self._state(entity, key)
-                if not state.times:
+                pool = self._pools[entity]
+                slot = pool.index.get(key)
+                if slot is None:
+                    slot = self._state(entity, key)
+                    pool = self._pools[entity]
+                end = pool.end_view[slot]
+                if end == pool.start_view[slot]:
                     unknown.append(entity)
-                elif fresh is not None and t - state.times[-1] > fresh:
+                elif fresh is not None and t - pool.t_view[end - 1] > fresh:
                     stale.append(entity)
                 own = None
-                if event_id is not None and event_id in state.id_set:
-                    own = state.ids.index(event_id)
+                if event_id is not None and event_id in owners and (
+                        slot * len(self._entities) + self._entity_index[entity] in owners[event_id]):
+                    own = pool.find(slot, event_id)
                 current = None
                 if own is None:
                     current = {c: _number(event.get(c)) for c in self._columns[entity]}
                 for plan in self._plans[entity]:
-                    _window_group(state, plan, t, current, own, out, scaled)
+                    window_group(pool, slot, plan, t, current, own, out, scaled)
                 if seen is not None:
-                    seen.append((entity, key, state, current))
+                    seen.append((entity, key, slot, current))
         for q in self._ratios:
             num = out[q.numerator] if q.numerator in out else _number(event.get(q.numerator))
             den = out[q.denominator] if q.denominator in out else _number(event.get(q.denominator))
