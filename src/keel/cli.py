@@ -672,11 +672,25 @@ log_app = typer.Typer(help="The prediction log: maintenance.", no_args_is_help=T
 app.add_typer(log_app, name="log")
 
 
+LogOpt = Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")]
+
+
+def _existing_log(spec: Path, log: Path | None) -> Path:
+    """The prediction log to work on (``--log``, else the spec's); exits 2 when there is none."""
+    if log is None:
+        s = _load(spec)
+        log = s.store_path(s.serving.prediction_log)
+    if not log.is_file():
+        out.print(f"[red]No prediction log at {log}[/]: serve some traffic first, or pass --log PATH.")
+        raise typer.Exit(2)
+    return log
+
+
 @log_app.command("backfill")
 @handles_errors
 def log_backfill(
     spec: SpecOpt = Path("keel.toml"),
-    log: Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")] = None,
+    log: LogOpt = None,
     segment_rows: Annotated[int | None, typer.Option(
         min=1, help="Rows per columnar segment (default: the service's).")] = None,
 ) -> None:
@@ -686,12 +700,7 @@ def log_backfill(
     """
     from keel.serve.predlog import SEGMENT_ROWS, backfill_segments
 
-    if log is None:
-        s = _load(spec)
-        log = s.store_path(s.serving.prediction_log)
-    if not log.is_file():
-        out.print(f"[red]No prediction log at {log}[/]: serve some traffic first, or pass --log PATH.")
-        raise typer.Exit(2)
+    log = _existing_log(spec, log)
     t0 = time.perf_counter()
     with out.status("Writing columnar segments..."):
         covered = backfill_segments(log, segment_rows=segment_rows or SEGMENT_ROWS)
@@ -702,7 +711,7 @@ def log_backfill(
 @handles_errors
 def log_pack(
     spec: SpecOpt = Path("keel.toml"),
-    log: Annotated[Path | None, typer.Option(help="Prediction log (default: the spec's, under the state dir).")] = None,
+    log: LogOpt = None,
     before: Annotated[str | None, typer.Option(
         help="Only segments answered entirely before this ISO date/time (UTC unless it has an offset).")] = None,
     vacuum: Annotated[bool, typer.Option(
@@ -722,12 +731,7 @@ def log_pack(
 
     from keel.serve.predlog import pack_segments
 
-    if log is None:
-        s = _load(spec)
-        log = s.store_path(s.serving.prediction_log)
-    if not log.is_file():
-        out.print(f"[red]No prediction log at {log}[/]: serve some traffic first, or pass --log PATH.")
-        raise typer.Exit(2)
+    log = _existing_log(spec, log)
     t0, size0 = time.perf_counter(), _log_bytes(log)
     with Progress(console=out, transient=True) as progress:
         task = progress.add_task("Packing segments", total=None)
