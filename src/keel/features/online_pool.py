@@ -264,17 +264,24 @@ class Pool:
         offsets = self.used + np.cumsum(room + 1) - (room + 1)  # each slot's new header row
         total = int(room.sum()) + len(slots)
         self._reserve(total)
+        self.held += total - int((self.cap[slots] - self.start[slots] + 1).sum())
+        self._relocate(slots, offsets, size, room)
+        self.used += total
+
+    def _relocate(self, slots: np.ndarray, offsets: np.ndarray, size: np.ndarray, room: np.ndarray) -> int:
+        """Copy each slot's header row and ``size`` rows to start at ``offsets`` (its new header row), give it
+        ``room`` rows there and point its bounds, ``base`` and ``head`` entry at them; returns the rows copied.
+        Overlapping spans are safe (the gather copies first); ``held`` and ``used`` are the caller's."""
         src, dst = _spans(self.start[slots] - 1, offsets, size + 1)
         for a in self._row_arrays():
             a[dst] = a[src]
-        self.held += total - int((self.cap[slots] - self.start[slots] + 1).sum())
         self.start[slots] = offsets + 1
         self.end[slots] = offsets + 1 + size
         self.cap[slots] = offsets + 1 + room
         self.head[self.base[slots]] = -1
         self.head[offsets] = slots
         self.base[slots] = offsets
-        self.used += total
+        return len(src)
 
     def _move_one(self, slot: int, room: int) -> None:
         """:meth:`_move` of one slot, by slices."""
@@ -433,22 +440,12 @@ class Pool:
             if not moved.any():
                 window *= 4
                 continue
-            slots, heads, start, end, cap, size, room, offsets = (
-                a[moved] for a in (slots, heads, start, end, cap, size, room, offsets))
-            src, dst = _spans(start - 1, offsets, size + 1)
-            for a in self._row_arrays():
-                a[dst] = a[src]  # (the gather copies first: overlapping spans are safe)
+            slots, start, cap, size, room, offsets = (a[moved] for a in (slots, start, cap, size, room, offsets))
+            copied += self._relocate(slots, offsets, size, room)
             rows, _ = _spans(offsets + 1 + size, offsets, room - size)  # their room: no label, as every room row
             self.label[rows] = 0.0
             self.label_at[rows] = NO_LABEL_AT
             self.held -= int((cap - start - room).sum())
-            self.start[slots] = offsets + 1
-            self.end[slots] = offsets + 1 + size
-            self.cap[slots] = offsets + 1 + room
-            head[heads] = -1
-            head[offsets] = slots
-            self.base[slots] = offsets
-            copied += len(src)
         self.cursor, self._scan = c, p
         return copied
 
