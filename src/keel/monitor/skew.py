@@ -125,7 +125,8 @@ def check_skew(spec: Any, log_path: str | Path, *, sample: int = 1000, end: date
     lookback = max((d.window + d.delay for d in windows), default=timedelta(0))
     times = pd.to_datetime(picked["event_time"], format="ISO8601")
     t_lo, t_hi = times.min().to_pydatetime(), times.max().to_pydatetime()
-    fields = list(dict.fromkeys(k for text in picked["inputs"] for k in json.loads(text)))
+    sampled = [json.loads(text) for text in picked["inputs"]]
+    fields = list(dict.fromkeys(k for inputs in sampled for k in inputs))
     logged = _logged_events(path, t_lo - lookback, t_hi, fields)
     ts, ident = data.timestamp, data.id_column
     if ts not in logged or ident not in logged:
@@ -152,7 +153,7 @@ def check_skew(spec: Any, log_path: str | Path, *, sample: int = 1000, end: date
     computed["__id"] = union[ident].astype(str).to_numpy()
     computed = computed.drop_duplicates("__id", keep="last").set_index("__id")
     served = pd.DataFrame.from_records([json.loads(f) for f in picked["features"]])
-    ids = [str(json.loads(i).get(ident)) for i in picked["inputs"]]
+    ids = [str(inputs.get(ident)) for inputs in sampled]
     keep = [i in computed.index for i in ids]
     served = served[keep].reset_index(drop=True)
     offline = computed.loc[[i for i, k in zip(ids, keep, strict=True) if k], names].reset_index(drop=True)
