@@ -1304,18 +1304,11 @@ def pack_segments(path: str | Path, *, before: datetime | str | None = None,
 def _time_us(value: datetime | str) -> int:
     """A time (naive: UTC; with an offset: converted) as int64 microseconds since the epoch, as segments store
     times."""
-    import pandas as pd
-
     try:
-        t = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
+        return _us_of(iso(value))  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:  # (a text pandas cannot read, or NaT)
         raise MonitorError(f"Cannot read {value!r} as a time.",
                            hint="Give an ISO-8601 date or time, e.g. 2026-11-01 or 2026-11-01T12:00:00Z.") from exc
-    if t is pd.NaT:
-        raise MonitorError(f"Cannot read {value!r} as a time.", hint="Give an ISO-8601 date or time.")
-    if t.tzinfo is not None:
-        t = t.tz_convert("UTC").tz_localize(None)
-    return int(t.value // 1000)
 
 
 # --- readers ---------------------------------------------------------------------------------------------
