@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import make_spec
-from keel.features.online import OnlineStore
+from keel.features.online import OnlineStore, stored_rows
 from keel.serve import PathProvider
 from keel.serve.schemas import build_request_models
 from keel.serve.service import Service
@@ -17,7 +17,7 @@ from keel.serve.service import Service
 
 def _on_disk(path: Path) -> set[str]:
     with sqlite3.connect(path) as db:
-        return {str(r[0]) for r in db.execute("select distinct event_id from events")}
+        return {str(row[3]) for row in stored_rows(db)}
 
 
 def test_answered_events_are_on_disk_alone_and_concurrent(tmp_path: Path, model_dirs: dict[str, Path],

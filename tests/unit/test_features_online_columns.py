@@ -27,6 +27,7 @@ from test_features_online_batch import (
 
 from keel.features import online_batch
 from keel.features.offline import compute_features
+from keel.features.online import stored_rows
 
 
 def columns(batch: list[dict]) -> dict:
@@ -46,7 +47,7 @@ def row_view(cols: dict) -> list[dict]:
 
 def on_disk(path: Path) -> list[tuple]:
     with sqlite3.connect(path) as db:
-        return db.execute("select seq, entity, key, event_id, t, vals from events order by seq").fetchall()
+        return stored_rows(db)
 
 
 def errors_of(batch) -> list[tuple]:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel.features.definitions import resolve_definitions
-from keel.features.online import OnlineStore
+from keel.features.online import OnlineStore, stored_rows
 from keel.spec import Data, Features
 
 BASE = pd.Timestamp("2024-03-01 00:00:00")
@@ -39,7 +41,7 @@ def event(i: int, minute: int, card: int = 1, shop: int = 2, amount: float = 1.0
 
 def rows_on_disk(path: Path) -> list[tuple]:
     with sqlite3.connect(path) as db:
-        return db.execute("select entity, key, event_id, t from events order by seq").fetchall()
+        return [row[1:5] for row in stored_rows(db)]
 
 
 def answers(store: OnlineStore, probes: list[dict]) -> np.ndarray:
@@ -232,7 +234,7 @@ def test_a_commit_with_thousands_of_deletes_leaves_exactly_the_rows_memory_holds
             store.commit_staged(deletes=True)
         held = {seq for pool in store._pools.values() for seq in pool.seq[pool.rows(np.arange(len(pool.keys)))].tolist()}
         with sqlite3.connect(path) as db:
-            on_disk = {seq for (seq,) in db.execute("select seq from events")}
+            on_disk = {row[0] for row in stored_rows(db)}
         assert on_disk == held
         assert min(held) > 2000  # the first batch's 2,000 rows were deleted in one commit
 
@@ -277,3 +279,189 @@ def test_the_log_restarts_though_commits_land_while_it_is_checkpointed(tmp_path,
     assert after < before  # the commit wrote the log from its start: it no longer holds the earlier pages
     store.close()
     assert len([row for row in rows_on_disk(path) if row[0] == "card"]) == 52
+
+
+def held_seqs(store: OnlineStore) -> set[int]:
+    """The seqs of every event row memory holds."""
+    return {seq for pool in store._pools.values() for seq in pool.seq[pool.rows(np.arange(len(pool.keys)))].tolist()}
+
+
+def same_answers_after_reopen(store: OnlineStore, tmp_path: Path, probes: list[dict]) -> None:
+    """A copy of the store's file, reopened (preloaded or loaded on its first miss), answers ``probes`` as the
+    store that wrote it does."""
+    want = answers(store, probes)
+    for preload in (True, False):
+        copy = tmp_path / f"copy-{preload}.sqlite"
+        shutil.copy(store.path, copy)
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{store.path}{suffix}").exists():
+                shutil.copy(f"{store.path}{suffix}", f"{copy}{suffix}")
+        with open_store(copy) as reopened:
+            if preload:
+                reopened.preload()
+            assert np.array_equal(answers(reopened, probes), want, equal_nan=True)
+
+
+def test_a_batch_is_one_block_per_entity_and_reloads_bit_for_bit(tmp_path) -> None:
+    """The batch path's rows reach the file as one block per entity (no row per event), and a reload gives back
+    every value to the bit: -0.0, subnormals, 0.1 + 0.2, NaN."""
+    amounts = [1.0, 57.16, np.nan, -0.0, 1e-300, 0.1 + 0.2, 1e22, 123456.789, 5e-324, -7.25]
+    batch = [event(i, i // 4, card=i % 7, shop=i % 5, amount=amounts[i % len(amounts)]) for i in range(200)]
+    path = tmp_path / "s.sqlite"
+    with open_store(path) as store:
+        store.features_many(batch, stage=True)
+        assert store.commit_staged() == 400
+        assert store.entity_count() == 12
+        with sqlite3.connect(path) as db:
+            assert db.execute("select entity, n from blocks order by first").fetchall() == [("card", 200),
+                                                                                            ("shop", 200)]
+            assert db.execute("select count(*) from events").fetchone()[0] == 0
+        same_answers_after_reopen(store, tmp_path, [event(1000 + k, 60, card=k, shop=k) for k in range(7)])
+    with open_store(path) as again:
+        again.preload()
+        pool = again._pools["card"]
+        rows = pool.rows(np.arange(len(pool.keys)))
+        got = dict(zip(pool.ids[rows].tolist(), pool.values["amount"][rows].tolist(), strict=True))
+        assert len(got) == 200
+        for e in batch:
+            assert np.float64(got[str(e["id"])]).tobytes() == np.float64(e["amount"]).tobytes()
+
+
+def test_blocks_memory_no_longer_needs_leave_the_file_and_thin_ones_are_written_again(tmp_path) -> None:
+    """A block whose rows memory all dropped is deleted; one with at most a quarter of its stored rows left is
+    written again with those alone (same seqs and values), and deleted once they are dropped too, by a batch or
+    by single events; the file then holds exactly the rows memory holds, and a reopened copy answers the same at
+    every step."""
+    path = tmp_path / "s.sqlite"
+    probes = [event(10**6 + k, 2000, card=k, shop=k % 3) for k in range(10)]
+    with open_store(path) as store:
+        odd = [1.0, 57.16, np.nan, -0.0, 1e-300, 0.1 + 0.2, 1e22, 5e-324, -7.25, 123456.789, 2.5]
+        first = [event(i, i // 2, card=i % 10, shop=i % 3, amount=odd[i % len(odd)]) for i in range(100)]
+        first[98]["id"] = 'quote " and \\ and é'  # (a card 8 event: its row is written again)
+        store.features_many(first, stage=True)
+        store.commit_staged()
+        with sqlite3.connect(path) as db:
+            before = {row[0]: row[1:] for row in stored_rows(db)}
+        # 3 h later: cards 0-7 and every shop again; only cards 8 and 9 keep their 20 older events
+        later = [event(1000 + i, 300 + i // 2, card=i % 8, shop=i % 3, amount=2.0) for i in range(80)]
+        store.features_many(later, stage=True)
+        store.commit_staged(deletes=True)
+        with sqlite3.connect(path) as db:
+            assert db.execute("select entity, n, json_array_length(rows), json_array_length(offs) from blocks"
+                              " where first < 200").fetchall() == [("card", 100, 20, 20)]
+            assert db.execute("select count(*) from events").fetchone()[0] == 0
+            stored = stored_rows(db)
+        assert {row[0] for row in stored} == held_seqs(store)
+        assert [row[3] for row in stored if row[0] in before] == [str(e["id"]) for e in first if e["card"] >= 8]
+        assert all(before[row[0]] == row[1:] for row in stored if row[0] in before)  # the same rows, to the text
+        shutil.copy(path, tmp_path / "reload.sqlite")
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{path}{suffix}").exists():
+                shutil.copy(f"{path}{suffix}", tmp_path / f"reload.sqlite{suffix}")
+        with open_store(tmp_path / "reload.sqlite") as again:  # the values written again, to the bit
+            again.preload()
+            pool = again._pools["card"]
+            rows = pool.rows(np.arange(len(pool.keys)))
+            got = dict(zip(pool.ids[rows].tolist(), pool.values["amount"][rows].tolist(), strict=True))
+            assert [np.float64(got[str(e["id"])]).tobytes() for e in first if e["card"] >= 8] == [
+                np.float64(e["amount"]).tobytes() for e in first if e["card"] >= 8]
+        same_answers_after_reopen(store, tmp_path, probes)
+        # card 8 again 3 h later, event by event: its 10 older events are dropped a few seqs at a time
+        for i in range(5):
+            store.stage(event(2000 + i, 600 + i, card=8, shop=0, amount=3.0))
+            store.commit_staged(deletes=True)
+        with sqlite3.connect(path) as db:
+            # (10 of its 20 stored rows left: more than a quarter, so the block stays as it is; a load prunes them)
+            assert db.execute("select json_array_length(offs) from blocks where first < 200").fetchall() == [(20,)]
+        same_answers_after_reopen(store, tmp_path, probes)
+        # card 9 too, as a batch: the block is empty and leaves the file
+        store.features_many([event(3000 + i, 610 + i, card=9, shop=i % 3) for i in range(40)], stage=True)
+        store.commit_staged(deletes=True)
+        with sqlite3.connect(path) as db:
+            assert db.execute("select count(*) from blocks where first < 200").fetchone()[0] == 0
+            assert {row[0] for row in stored_rows(db)} == held_seqs(store)
+        same_answers_after_reopen(store, tmp_path, probes)
+
+
+def test_a_block_with_most_rows_alive_stays_and_a_load_prunes_its_dead_rows(tmp_path) -> None:
+    path = tmp_path / "s.sqlite"
+    probes = [event(10**6 + k, 2000, card=k, shop=k % 3) for k in range(10)]
+    with open_store(path) as store:
+        store.features_many([event(i, i // 2, card=i % 10, shop=i % 3, amount=float(i)) for i in range(100)],
+                            stage=True)
+        store.commit_staged()
+        store.features_many([event(1000 + i, 300 + i, card=i % 3, shop=i % 3) for i in range(40)], stage=True)
+        store.commit_staged(deletes=True)  # cards 0-2 pruned: 70 of the card block's 100 rows alive
+        with sqlite3.connect(path) as db:
+            assert db.execute("select n from blocks where entity = 'card' and first < 200").fetchall() == [(100,)]
+            assert len(held_seqs(store)) < len(stored_rows(db))
+        same_answers_after_reopen(store, tmp_path, probes)
+
+
+def test_a_block_and_rows_of_two_stores_with_the_same_seqs_lose_no_event(tmp_path) -> None:
+    """Two stores of one file pick the same seqs, one for a block and one for rows, in either order: the later
+    commit finds them taken (the file's triggers refuse the overlap) and writes its rows after the last one."""
+    for block_first in (True, False):
+        path = tmp_path / f"s-{block_first}.sqlite"
+        blocks, rows = open_store(path), open_store(path)
+        batch = [event(i, i, card=i % 3, shop=i % 4) for i in range(40)]
+        blocks.features_many(batch, stage=True)  # seqs 1-80
+        rows.stage(event(500, 50, card=1))  # seqs 1-2
+        if block_first:
+            assert blocks.commit_staged() == 80
+            rows.commit_staged()
+        else:
+            assert rows.commit_staged() == 2
+            blocks.commit_staged()
+        with sqlite3.connect(path) as db:
+            stored = stored_rows(db)
+        seqs = [row[0] for row in stored]
+        assert len(seqs) == len(set(seqs)) == 82
+        assert sorted(int(row[3]) for row in stored if row[1] == "card") == [*range(40), 500]
+        probe = [event(10**6, 60, card=1)]
+        want = 13 + 1 + 1  # card 1: its 13 batch events within the hour, event 500 and the probe
+        blocks.close()
+        rows.close()
+        with open_store(path) as again:
+            assert again.features_many(probe).matrix[0, 0] == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40)), min_size=1, max_size=8), st.data())
+def test_property_the_block_index_sorts_drops_into_blocks_and_rows(spans, data) -> None:
+    """_Blocks against sets: which dropped seqs are rows of blocks (marked) and which are rows of the events
+    table (returned in order), which blocks are dead or thin, for drops of a few seqs (the single-event path) and
+    of many (a batch); and, commit after commit, what each thin block keeps and where those rows sit in what it
+    stored until then."""
+    from keel.features.online import _THIN, _Blocks
+
+    index, model, sizes, stored, seq = _Blocks(), {}, {}, {}, 1
+    for gap, n in spans:  # blocks with rows of the events table between them
+        seq += gap
+        index.add(seq, n)
+        model[seq], sizes[seq], stored[seq] = set(range(seq, seq + n)), n, list(range(seq, seq + n))
+        seq += n
+    for _ in range(data.draw(st.integers(1, 4))):  # commits
+        for _ in range(data.draw(st.integers(1, 3))):  # drops between two commits
+            rnd = data.draw(st.randoms(use_true_random=False))  # any share of the seqs, in any order
+            drops = rnd.sample(range(seq + 4), data.draw(st.integers(0, seq + 4)))
+            in_blocks = {s for s in drops if any(first <= s < first + n for first, n in sizes.items())}
+            assert index.drop(drops) == [s for s in drops if s not in in_blocks]
+            for alive in model.values():
+                alive -= set(drops)
+            for first, alive in model.items():
+                assert set(np.flatnonzero(index.alive[first]) + first) == alive
+                assert index.count[first] == len(alive)
+                assert (first in index.dead) == (not alive)
+                assert (first in index.thin) == (0 < len(alive) * _THIN <= len(stored[first]))
+        dead, thin = index.take()
+        assert dead == sorted(f for f, alive in model.items() if not alive)
+        want = [f for f in sorted(model) if model[f] and len(model[f]) * _THIN <= len(stored[f])]
+        assert [(f, (keep + f).tolist()) for f, keep, _ in thin] == [(f, sorted(model[f])) for f in want]
+        for f, keep, at in thin:  # each kept row's position in what the block stored
+            assert at.tolist() == [stored[f].index(s) for s in (keep + f).tolist()]
+            stored[f] = sorted(model[f])
+            assert index.stored[f] == len(keep)
+        for f in dead:
+            del model[f], sizes[f], stored[f]
+        assert not index.dead and not index.thin and set(index.firsts) == set(model)

@@ -181,8 +181,7 @@ def _stage_and_compute(
         # the rows reach SQLite with the next commit, as one block of columns (the commit builds the rows)
         first = store._next_seq
         store._next_seq = first + n
-        store._staged_seqs.update(range(first, first + n))
-        store._staged_blocks.append((first, part.entity, part.keys, ids, times, part.values))
+        store._stage_block(first, part.entity, part.keys, ids, times, part.values)
         values = {c: np.array(v, dtype=np.float64) for c, v in zip(store._columns[part.entity], part.values,
                                                                     strict=True)}
         part.pos = part.pool.append(part.u, t_np, values, np.arange(first, first + n, dtype=np.int64), ids)
@@ -243,9 +242,7 @@ def _undo(store: OnlineStore, parts: list[_Entity], staged: int, ids: list[str |
         part.pool.truncate(part.slots, part.sizes)
     for event_id in {i for i in ids if i is not None}:
         store._owners.pop(event_id, None)
-    for first, _, keys, *_ in store._staged_blocks[staged:]:
-        store._staged_seqs.difference_update(range(first, first + len(keys)))
-    del store._staged_blocks[staged:]
+    store._unstage_blocks(staged)
 
 
 def _windows(store: OnlineStore, part: _Entity, times: list[int], t_np: np.ndarray, matrix: np.ndarray,
