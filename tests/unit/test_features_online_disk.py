@@ -169,22 +169,51 @@ def test_commits_leave_the_log_checkpoint_to_a_background_thread(tmp_path, monke
     assert len(cards) == 200  # one card each: none pruned, every staged row on disk
 
 
-def test_two_stores_writing_one_file_lose_no_event(tmp_path) -> None:
-    """Each store picks its rows' seqs when staging; when another store of the same file took them meanwhile, the
-    commit writes its rows after the last one on disk and reloads memory from the file."""
-    path = tmp_path / "s.sqlite"
-    first, second = open_store(path), open_store(path)
-    first.stage(event(1, 0, card=1))
-    second.stage(event(2, 1, card=1))  # the same seq as event 1's rows
-    assert first.commit_staged() == 2
-    assert second.commit_staged() == 2
-    assert sorted(r[2] for r in rows_on_disk(path)) == ["1", "1", "2", "2"]
-    probe = [event(3, 2, card=1)]
-    assert second.features_many(probe).matrix[0, 0] == 3  # reloaded: both events count, and the probe
-    first.close()
-    second.close()
-    with open_store(path) as again:
-        assert again.features_many(probe).matrix[0, 0] == 3
+def test_two_stores_writing_one_file_take_their_own_seqs_and_lose_no_event(tmp_path) -> None:
+    """Each store reserves a range of seqs in the file when it first needs one, so two stores of one file never
+    write the same seq, by rows or blocks, in any order; a store opened after sees every event; a reservation
+    taken in a transaction that rolls back is taken again."""
+    for block_first in (True, False):
+        path = tmp_path / f"s-{block_first}.sqlite"
+        blocks, rows = open_store(path), open_store(path)
+        batch = [event(i, i, card=i % 3, shop=i % 4) for i in range(40)]
+        blocks.features_many(batch, stage=True)  # one block per entity
+        rows.stage(event(500, 50, card=1))
+        if block_first:
+            assert blocks.commit_staged() == 80
+            assert rows.commit_staged() == 2
+        else:
+            assert rows.commit_staged() == 2
+            assert blocks.commit_staged() == 80
+        with sqlite3.connect(path) as db:
+            stored = stored_rows(db)
+        seqs = [row[0] for row in stored]
+        assert len(seqs) == len(set(seqs)) == 82
+        assert sorted(int(row[3]) for row in stored if row[1] == "card") == [*range(40), 500]
+        blocks.close()
+        rows.close()
+        probe = [event(10**6, 60, card=1)]
+        with open_store(path) as again:
+            assert again.features_many(probe).matrix[0, 0] == 13 + 1 + 1  # card 1's batch events, 500, the probe
+            again.stage(event(501, 61, card=1))
+            again.commit_staged()
+            with sqlite3.connect(path) as db:
+                assert max(seqs) < max(row[0] for row in stored_rows(db))  # a reopened store's seqs come after
+    path = tmp_path / "rollback.sqlite"
+    with open_store(path) as store:
+        try:
+            with store.transaction():
+                store.update(event(1, 0))
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        other = open_store(path)  # reserves the range the rolled-back one had
+        other.update_many([event(2, 1), event(4, 3)])
+        store.update(event(3, 2))
+        other.close()
+    with sqlite3.connect(path) as db:
+        seqs = [row[0] for row in stored_rows(db)]
+    assert len(seqs) == len(set(seqs)) == 6
 
 
 def test_large_commits_write_every_row_as_the_single_event_path_does(tmp_path) -> None:
@@ -396,34 +425,6 @@ def test_a_block_with_most_rows_alive_stays_and_a_load_prunes_its_dead_rows(tmp_
             assert db.execute("select n from blocks where entity = 'card' and first < 200").fetchall() == [(100,)]
             assert len(held_seqs(store)) < len(stored_rows(db))
         same_answers_after_reopen(store, tmp_path, probes)
-
-
-def test_a_block_and_rows_of_two_stores_with_the_same_seqs_lose_no_event(tmp_path) -> None:
-    """Two stores of one file pick the same seqs, one for a block and one for rows, in either order: the later
-    commit finds them taken (the file's triggers refuse the overlap) and writes its rows after the last one."""
-    for block_first in (True, False):
-        path = tmp_path / f"s-{block_first}.sqlite"
-        blocks, rows = open_store(path), open_store(path)
-        batch = [event(i, i, card=i % 3, shop=i % 4) for i in range(40)]
-        blocks.features_many(batch, stage=True)  # seqs 1-80
-        rows.stage(event(500, 50, card=1))  # seqs 1-2
-        if block_first:
-            assert blocks.commit_staged() == 80
-            rows.commit_staged()
-        else:
-            assert rows.commit_staged() == 2
-            blocks.commit_staged()
-        with sqlite3.connect(path) as db:
-            stored = stored_rows(db)
-        seqs = [row[0] for row in stored]
-        assert len(seqs) == len(set(seqs)) == 82
-        assert sorted(int(row[3]) for row in stored if row[1] == "card") == [*range(40), 500]
-        probe = [event(10**6, 60, card=1)]
-        want = 13 + 1 + 1  # card 1: its 13 batch events within the hour, event 500 and the probe
-        blocks.close()
-        rows.close()
-        with open_store(path) as again:
-            assert again.features_many(probe).matrix[0, 0] == want
 
 
 @settings(max_examples=200, deadline=None)

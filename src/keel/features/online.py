@@ -67,22 +67,12 @@ create table if not exists blocks (
     first integer primary key, n integer not null, entity text not null, cols text not null, rows text not null,
     offs text
 );
-create trigger if not exists events_outside_blocks before insert on events
-when exists (select 1 from (select first, n from blocks where first <= new.seq order by first desc limit 1)
-             where first + n > new.seq)
-begin select raise(abort, 'seq taken by a block'); end;
-create trigger if not exists blocks_outside_events before insert on blocks
-when exists (select 1 from events where seq >= new.first and seq < new.first + new.n)
-  or exists (select 1 from (select first, n from blocks where first < new.first + new.n order by first desc limit 1)
-             where first + n > new.first)
-begin select raise(abort, 'seq taken'); end;
 """
 # A batch's rows of one entity are one ``blocks`` row (seqs ``first .. first + n - 1``): ``cols`` the value columns'
 # names, ``rows`` a JSON array of ``[key, event id, t, value...]`` (NaN as null), ``offs`` NULL; once memory
 # dropped most of them, the rows still held are written again alone, ``offs`` their offsets from ``first``. A
 # commit writes one row per entity and batch instead of a row per event (executemany's binding and B-tree inserts
-# were ~20% of the serving process's CPU on /v1/predict/batch). The triggers keep the seqs of rows and blocks apart
-# when two stores write one file (the commit then renumbers, as for a clash between rows).
+# were ~20% of the serving process's CPU on /v1/predict/batch).
 _INSERT_BLOCK = "insert into blocks (first, n, entity, cols, rows) values (?, ?, ?, ?, ?)"
 _DELETE_BLOCK = "delete from blocks where first = ?"
 _MAX_SEQ = ("select max(coalesce((select max(seq) from events), 0),"
@@ -92,6 +82,10 @@ _MAX_SEQ = ("select max(coalesce((select max(seq) from events), 0),"
 _THIN_BLOCK = ("update blocks set rows = (select json_group_array(json(value)) from (select j.value from"
                " json_each(blocks.rows) j where j.key in (select value from json_each(?1)) order by j.key)),"
                " offs = ?2 where first = ?3")
+# Seqs a store reserves in the file (meta ``next_seq``) when it first needs one: two stores of one file never hand
+# out the same seq, so neither a row nor a block of one can take the place of the other's (2**63 / 2**40: eight
+# million reservations)
+_SEQ_RANGE = 2**40
 _THIN = 4  # a block with at most 1/_THIN of its stored rows alive is written again without the others
 _INSERT = "insert into events (seq, entity, key, event_id, t, vals) values (?, ?, ?, ?, ?, ?)"
 _DELETE = "delete from events where seq = ?"
@@ -513,7 +507,7 @@ class OnlineStore:
         self._writer_lock = threading.Lock()
         self._checkpointer: _Checkpointer | None = None
         self._check_definitions()
-        self._next_seq = int(self._db.execute(_MAX_SEQ).fetchone()[0]) + 1
+        self._next_seq = self._seq_end = 0  # no seqs reserved yet (see _seqs)
 
     @classmethod
     def from_spec(cls, spec: Any, path: str | Path | None = None) -> OnlineStore:
@@ -595,6 +589,7 @@ class OnlineStore:
         self._pending_complete = False
         self._loaded_all = False
         self._staged_deletes.clear()  # rows left on disk are pruned again when loaded: keeping them is safe
+        self._seq_end = 0  # (a rolled-back transaction may have taken the reservation back: reserve again)
         self._block_index = _Blocks()  # (the load registers the blocks on disk again)
         for first, _, keys, *_ in self._staged_blocks:
             self._block_index.add(first, len(keys))
@@ -819,8 +814,7 @@ class OnlineStore:
             if event_id is not None and not looked:  # one look-up per event, whatever the number of entities
                 known = self._known_label(event_id)
                 looked = True
-            seq = self._next_seq
-            self._next_seq = seq + 1
+            seq = self._seqs(1)
             i = pool.insert(slot, t, vals, seq, event_id)
             row = (seq, entity, key, event_id, t, self._vals_text(entity, vals))
             if self._staging:  # with the next commit_staged
@@ -885,6 +879,36 @@ class OnlineStore:
                     del owners[old]
                     if at_ns != _NO_LABEL_AT:  # back to waiting: the event may be sent again
                         self._pending[old] = (label, at_ns)
+
+    def _seqs(self, n: int) -> int:
+        """The first of ``n`` fresh seqs (in arrival order), from the range this store reserved in the file."""
+        first = self._next_seq
+        if first + n > self._seq_end:
+            first = self._reserve_seqs(n)
+        self._next_seq = first + n
+        return first
+
+    def _reserve_seqs(self, n: int) -> int:
+        """Reserve the next range of seqs in the file (in the open transaction if there is one: a rollback takes
+        it back, and :meth:`_forget` makes the store reserve again); return its first."""
+        db = self._db
+        own = not db.in_transaction
+        if own:
+            db.execute("begin immediate")
+        try:
+            row = db.execute("select v from meta where k = 'next_seq'").fetchone()
+            first = max(int(row[0]) if row else 0, int(db.execute(_MAX_SEQ).fetchone()[0]) + 1, self._next_seq)
+            end = first + max(n, _SEQ_RANGE)
+            db.execute("insert or replace into meta values ('next_seq', ?)", (str(end),))
+            if own:
+                db.execute("commit")
+        except BaseException:
+            if own:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("rollback")
+            raise
+        self._seq_end = end
+        return first
 
     def _stage_block(self, first: int, entity: str, keys: list[str], ids: list[str | None], times: list[int],
                      columns: list[list[float]]) -> None:
@@ -995,7 +1019,7 @@ class OnlineStore:
                         execute_chunked(db, _INSERT, _INSERT_MANY, live, _INSERT_ROWS)
                     if blocks:
                         db.executemany(_INSERT_BLOCK, map(self._block_row, blocks))
-                except sqlite3.IntegrityError:  # another store wrote these seqs to the same file meanwhile
+                except sqlite3.IntegrityError:  # a writer that reserves no seqs (an older store) took these
                     db.execute("rollback")  # (the rows before the clash were inserted)
                     db.execute("begin immediate")
                     self._write_renumbered(db, live + [row for block in blocks for row in self._block_rows(*block)])
@@ -1034,13 +1058,13 @@ class OnlineStore:
 
     def _write_renumbered(self, db: sqlite3.Connection, live: list[tuple[Any, ...]]) -> None:
         """Insert ``live`` after the last row on disk, in the open transaction, when their seqs were taken by
-        another writer of the file; memory is then dropped and reloaded from disk on next use (so its seqs, and
-        the other writer's events, match the file)."""
+        another writer of the file that reserves none; memory is then dropped and reloaded from disk on next use
+        (so its seqs, and the other writer's events, match the file)."""
         base = int(db.execute(_MAX_SEQ).fetchone()[0]) + 1
         db.executemany(_INSERT, [(base + i, *row[1:]) for i, row in enumerate(live)])
         with self._lock:
             self._next_seq = max(self._next_seq, base + len(live))
-            self._forget()
+            self._forget()  # (the next seq is reserved after these rows)
 
     def add_label(self, event_id: Any, label: float, at: datetime | pd.Timestamp | str) -> bool:
         """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.

@@ -179,8 +179,7 @@ def _stage_and_compute(
     owners = []
     for part in parts:
         # the rows reach SQLite with the next commit, as one block of columns (the commit builds the rows)
-        first = store._next_seq
-        store._next_seq = first + n
+        first = store._seqs(n)
         store._stage_block(first, part.entity, part.keys, ids, times, part.values)
         values = {c: np.array(v, dtype=np.float64) for c, v in zip(store._columns[part.entity], part.values,
                                                                     strict=True)}
