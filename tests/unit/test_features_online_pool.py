@@ -341,14 +341,14 @@ def test_a_finer_value_rescales_only_its_slot_and_a_pruned_front_keeps_its_base(
     assert track.shift[pool.index["a"]] == 2 and track.shift[pool.index["b"]] == 60
     pool.prune(pool.slots(["b"]), np.array([1]))
     sb = pool.index["b"]
-    assert track.sums[pool.start[sb] - 1] == 2**59  # the header row: 0.5 on the 2**-60 grid
+    assert track.prefix(int(pool.start[sb]) - 1) == 2**59  # the header row: 0.5 on the 2**-60 grid
     total, valid, _ = pool.sums(track, np.array([sb]), pool.start[[sb]], pool.end[[sb]])
     assert total[0] == 2**-60 and valid[0] == 1
     # a finer value after the prune: the region's sums and the pruned front's base move to the finer grid
     sa = pool.index["a"]
     pool.prune(np.array([sa]), np.array([1]))
     pool.append(np.array([sa]), np.array([3]), {"x": np.array([2**-70])}, np.array([9]))
-    assert track.shift[sa] == 70 and track.sums[pool.start[sa] - 1] == 2**69
+    assert track.shift[sa] == 70 and track.prefix(int(pool.start[sa]) - 1) == 2**69
     total, valid, _ = pool.sums(track, np.array([sa]), pool.start[[sa]], pool.end[[sa]])
     assert total[0] == 0.25 + 2**-70 and valid[0] == 2
     pool.insert(sa, 2, {"x": 2**-80}, 10)
