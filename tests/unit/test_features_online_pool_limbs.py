@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from keel.features import online_batch, online_pool
@@ -32,12 +32,17 @@ def limbs(x: int) -> tuple[int, int]:
 # differences D: small, around the limb (2**48), around the float conversion's guard (|hi| difference 2**53,
 # i.e. |D| near 2**101) and up to what the limbs hold (|hi| < 2**62 per prefix)
 diffs = (st.integers(-(2**60), 2**60) | st.integers(-(2**102), 2**102) | st.integers(-(2**109), 2**109)
-         | st.builds(lambda k, d: (1 << k) + d, st.integers(0, 109), st.integers(-3, 3)))
+         | st.builds(lambda k, d: (1 << k) + d, st.integers(0, 109), st.integers(-3, 3))
+         | st.builds(lambda h, lo: (h << 48) + lo, st.integers(-(2**61), 2**61), st.integers(-(2**48) + 1, 2**48 - 1)))
 bases = st.integers(-(2**108), 2**108)
 
 
 @settings(max_examples=300, deadline=None)
-@given(queries=st.lists(st.tuples(bases, diffs, st.integers(0, 1130)), min_size=1, max_size=8))
+@given(queries=st.lists(st.tuples(bases, diffs, st.integers(0, 1200)), min_size=1, max_size=8))
+@example(queries=[(0, ((2**53 + 1) << 48) + 1, 0)])  # a 54-bit hi difference: two roundings would give 2**101
+@example(queries=[(5, -(((2**53 + 1) << 48) + 1), 60)])
+@example(queries=[(0, 5 * 2**60 + 1, 1135)])  # a subnormal result: ldexp would round 2.5 * 2**-1074 to even
+@example(queries=[(2**100, 0, 3), (-(2**90), 0, 0)])  # +0.0
 def test_window_sums_from_limbs_are_the_exact_int_division(queries) -> None:
     """Pool.sums (vectorised) and sum_one of a window whose prefixes are ``base`` and ``base + D`` on the grid
     ``2**-shift`` give ``D / 2**shift`` correctly rounded (Python's int division, Fraction), +0.0 for D == 0,
@@ -77,9 +82,11 @@ def test_single_inserts_carry_across_the_limbs_and_stay_canonical() -> None:
         k = sum(1 for x in times if x <= t)
         times.insert(k, t)
         vals.insert(k, v)
+        rows = slice(int(pool.start[s]) - 1, int(pool.end[s]))
+        assert ((track.lo[rows] >= 0) & (track.lo[rows] < LIMB)).all()  # canonical after every insert
 
     for j in range(6):
-        add(10 * j, 2.0**47 + 0.5)  # grid 2**-1: terms of 2**48 + 1 (a carry every time)
+        add(10 * j, 2.0**47 - 0.5)  # grid 2**-1: terms of 2**48 - 1 (a carry in lo nearly every time)
     add(100, -(2.0**48))  # a borrow
     add(110, 2.0**95)  # to 2**96 and beyond
     add(120, 2.0**95 + 2.0**43)
@@ -110,7 +117,7 @@ def test_labels_set_on_a_limb_track_carry_through_every_later_prefix() -> None:
         pool.insert(s, k, {"x": 1.0}, k)
     start = int(pool.start[s])
     labels = [0.0] * 8
-    for i, y in [(1, 2.0**47 + 0.5), (3, 2.0**47 + 0.5), (2, -(2.0**50)), (5, 2.0**95), (3, 0.0), (6, 2.0**-12)]:
+    for i, y in [(1, 2.0**47 - 0.5), (3, 2.0**47 - 0.5), (4, 2.0**47 - 0.25), (2, -(2.0**50)), (5, 2.0**95), (3, 0.0), (6, 2.0**-12)]:
         pool.set_label(s, start + i, y, 1)
         labels[i] = y
         total, _, _ = pool.sums(pool.labels, np.full(9, s), np.full(9, start), start + np.arange(9))
@@ -188,6 +195,24 @@ def test_a_slot_goes_wide_and_its_windows_scan_the_same_numbers(single: bool) ->
     check()
     pool.compact()
     check()
+
+
+def test_a_batch_whose_running_sum_outgrows_the_limbs_widens_its_slot() -> None:
+    """Terms each within the limbs (2**108 < 2**109) whose running sum in one batch passes 2**110: the slot goes
+    wide (its windows scan) rather than wrapping around int64."""
+    pool = Pool(["x"])
+    u = pool.slots(["a"] * 9 + ["b"] * 3)
+    vals = [2.0**108] * 9 + [2.0**107, 2.0**107, 3.0]  # (b: 2**108 + 3, on limbs)
+    pool.append(u, np.arange(12), {"x": np.array(vals)}, np.arange(12))
+    a, b = pool.index["a"], pool.index["b"]
+    assert pool.tracks["x"].shift[a] == WIDE and pool.tracks["x"].shift[b] == 0
+    for s, vs in ((a, vals[:9]), (b, vals[9:])):
+        m = len(vs)
+        total, _, _ = pool.sums(pool.tracks["x"], np.full(m + 1, s), np.full(m + 1, pool.start[s]),
+                                pool.start[s] + np.arange(m + 1))
+        assert total.tolist() == [math.fsum(vs[:i]) for i in range(m + 1)]
+    assert pool.tracks["x"].prefix(int(pool.end[b]) - 1) - pool.tracks["x"].prefix(int(pool.start[b]) - 1) == (
+        2**108 + 3)
 
 
 # --- the store: wide slots give the scanning store's features and the offline table's ----------------------

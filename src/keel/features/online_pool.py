@@ -71,7 +71,6 @@ EXACT = True
 _LIMB = 48
 _LOW = (1 << _LIMB) - 1
 _HI_MAX = 1 << 62
-_TERM_MAX = 2.0**109  # a batch term this large or larger widens its slot (its th would not stay below 2**61)
 _TINY = 2.0**-1022  # the smallest normal double
 WIDE = -1  # Track.shift of a slot whose limbs are not kept (its windows on that track scan)
 
@@ -628,24 +627,19 @@ class Pool:
             shift = np.repeat(track.shift[g.slots], g.counts)
             with np.errstate(over="ignore"):
                 scaled = np.ldexp(clean, shift)
-        keep = shift >= 0  # (per event: its slot is not wide)
-        # a term of 2**109 or more on its grid (beyond the float range once scaled: inf) widens its slot
-        big = keep & ~(np.abs(scaled) < _TERM_MAX)
-        if big.any():
-            for s in np.unique(np.repeat(g.slots, g.counts)[big]).tolist():
-                track.widen(s)
-            keep = np.repeat(track.shift[g.slots] >= 0, g.counts)
         h0, l0, v0, b0 = self._before(track, self.end[g.slots])
-        kept = track.shift[g.slots] >= 0
+        kept = track.shift[g.slots] >= 0  # (per slot: not wide)
+        keep = np.repeat(kept, g.counts)
         scaled = np.where(keep, scaled, 0.0)
         h0, l0 = np.where(kept, h0, 0), np.where(kept, l0, 0)  # (a wide slot's limbs: anything)
         # th = floor(term / 2**48) is exact (a power-of-two scaling of an integer >= 1 in magnitude: normal), and
         # so is tl = term - th * 2**48: the exact difference is an integer in [0, 2**48) that is a multiple of the
         # term's ulp (th * 2**48 is one too), hence a double, and IEEE subtraction returns a representable
-        # exact result exactly. |th| <= 2**61 (|term| < 2**109): both convert to int64 exactly.
+        # exact result exactly. Below, |th| < 2**61: both convert to int64 exactly.
         th = np.floor(np.ldexp(scaled, -_LIMB))
         # the running sums of th stay below 2**62 (with the base and the carries: at most 2 per event) when the
-        # batch's total does; else per slot, widening the slots that might not (a float bound, 2**61 for margin)
+        # batch's total does; else per slot, widening the slots that might not (a float bound, 2**61 for margin;
+        # it widens the slot of any term of 2**109 or more, or beyond the float range once scaled: inf)
         if float(np.abs(h0).max()) + float(np.abs(th).sum()) + 2 * len(v) >= 2.0**61:
             bound = np.add.reduceat(np.abs(th), g.heads) + np.abs(h0).astype(np.float64) + 2 * g.counts
             over = bound >= 2.0**61
