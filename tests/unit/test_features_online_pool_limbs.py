@@ -65,6 +65,32 @@ def test_window_sums_from_limbs_are_the_exact_int_division(queries) -> None:
     assert valid.tolist() == [1] * len(queries)
 
 
+@pytest.mark.parametrize("up", [1, 13, 15, 40, 47, 48, 49, 60, 100])
+def test_a_rescale_moves_every_prefix_exactly_or_widens(up: int) -> None:
+    """Track.rescale of a region (header included) by ``up`` bits: every prefix times ``2**up`` exactly, in
+    canonical limbs; a prefix that would outgrow the limbs widens the slot instead."""
+    rng = np.random.default_rng(up)
+    for outgrow in (False, True):
+        pool = Pool(["x"])
+        s = pool.slot("a")
+        pool.append(np.full(100, s), np.arange(100), {"x": np.zeros(100)}, np.arange(100))
+        track = pool.tracks["x"]
+        start, end = int(pool.start[s]), int(pool.end[s])
+        top = max(108 - up, 1)
+        prefixes = [int(x) * (1 << max(top - 62, 0)) for x in rng.integers(-(2**min(top, 62)), 2**min(top, 62), 101)]
+        if outgrow:
+            prefixes[37] = 1 << (111 - up) if up < 111 else 1
+        for i, x in enumerate(prefixes):
+            track.hi[start - 1 + i], track.lo[start - 1 + i] = limbs(x)
+        track.rescale(s, up, start, end)
+        if outgrow:
+            assert track.shift[s] == WIDE
+            continue
+        assert track.shift[s] == up
+        assert [track.prefix(i) for i in range(start - 1, end)] == [x << up for x in prefixes]
+        assert ((track.lo[start - 1:end] >= 0) & (track.lo[start - 1:end] < LIMB)).all()
+
+
 def test_single_inserts_carry_across_the_limbs_and_stay_canonical() -> None:
     """Single events (the fast path, rescales, inserts in the middle of a region) whose prefixes cross 2**48 and
     2**96 both ways, with negative terms: every window equals the exact sum; every prefix is canonical."""

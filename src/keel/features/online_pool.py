@@ -132,6 +132,17 @@ class Track:
         """Stop keeping the slot's limbs: its windows on this track scan from now on."""
         self.shift[slot] = WIDE
 
+    def put(self, slot: int, i: int, term: int) -> None:
+        """Row ``i``'s prefix is row ``i - 1``'s plus ``term`` (an int on the slot's grid; the slot not wide),
+        or the slot widens when it would outgrow the limbs."""
+        lo = self.lo_view[i - 1] + term
+        h = self.hi_view[i - 1] + (lo >> _LIMB)
+        if -_HI_MAX < h < _HI_MAX:
+            self.hi_view[i] = h
+            self.lo_view[i] = lo & _LOW
+        else:
+            self.widen(slot)
+
     def add(self, slot: int, a: int, b: int, term: int) -> None:
         """Add ``term`` (an int on the slot's grid) to the prefixes of rows ``[a, b)`` of a slot (not wide),
         widening the slot when a prefix would outgrow the limbs."""
@@ -154,15 +165,18 @@ class Track:
             return
         up = k - shift
         hi, lo = self.hi[start - 1:end], self.lo[start - 1:end]
-        while up > 0 and (hi.any() or lo.any()):  # (by up to 14 bits at a time: lo << 14 < 2**62)
-            s = min(up, 14)
-            if max(-int(hi.min()), int(hi.max())) >= (_HI_MAX >> s) - 1:
+        while up > 0:  # (by up to 48 bits at a time: the bits lo loses are hi's carry)
+            s = min(up, _LIMB)
+            top = max(-int(hi.min()), int(hi.max()))
+            if top >= (_HI_MAX >> s) - 1:  # (|hi << s| + carry < 2**62 below this)
                 self.widen(slot)
                 return
-            lo <<= s
+            if not top and not lo.any():  # (all 0: 0 on every grid)
+                break
             hi <<= s
-            hi += lo >> _LIMB
-            lo &= _LOW
+            hi += lo >> (_LIMB - s)
+            lo &= (1 << (_LIMB - s)) - 1
+            lo <<= s
             up -= s
         self.shift[slot] = k
 
@@ -673,6 +687,7 @@ class Pool:
             ends[slot] = end + 1
             self.live += 1
             views = self.value_views
+            prev = end - 1
             for c, track in self.tracks.items():
                 v = float(values.get(c, math.nan))
                 views[c][end] = v
@@ -681,26 +696,22 @@ class Pool:
                     k = den.bit_length() - 1
                     shift = track.shift_view[slot]
                     if k <= shift:  # on the slot's grid (never for a wide slot: its shift is -1)
-                        term = n << (shift - k)
-                        h = track.hi_view[end - 1] + (term >> _LIMB)
-                        lo = track.lo_view[end - 1] + (term & _LOW)
-                        if lo > _LOW:
-                            h += 1
-                            lo -= _LOW + 1
+                        lo = track.lo_view[prev] + (n << (shift - k))  # (the term added to lo, then carried)
+                        h = track.hi_view[prev] + (lo >> _LIMB)
                         if -_HI_MAX < h < _HI_MAX:
                             track.hi_view[end] = h
-                            track.lo_view[end] = lo
-                            track.valid_view[end] = track.valid_view[end - 1] + 1
-                            track.bad_view[end] = track.bad_view[end - 1]
+                            track.lo_view[end] = lo & _LOW
+                            track.valid_view[end] = track.valid_view[prev] + 1
+                            track.bad_view[end] = track.bad_view[prev]
                             continue
                 track.hi_view[end] = track.lo_view[end] = 0  # (a placeholder a rescale can shift)
                 self._put(track, slot, end, v, end + 1)
             if self.late_view[slot] != NEVER:  # a label track to keep: a zero label adds nothing, counts valid
                 labels = self.labels
-                labels.hi_view[end] = labels.hi_view[end - 1]
-                labels.lo_view[end] = labels.lo_view[end - 1]
-                labels.valid_view[end] = labels.valid_view[end - 1] + 1
-                labels.bad_view[end] = labels.bad_view[end - 1]
+                labels.hi_view[end] = labels.hi_view[prev]
+                labels.lo_view[end] = labels.lo_view[prev]
+                labels.valid_view[end] = labels.valid_view[prev] + 1
+                labels.bad_view[end] = labels.bad_view[prev]
             return end
         start = int(self.start[slot])
         if end >= int(self.cap[slot]):
@@ -736,8 +747,9 @@ class Pool:
         track.valid[i] = int(track.valid[i - 1]) + ok
         track.bad[i] = int(track.bad[i - 1]) + bad
         if track.shift_view[slot] != WIDE:
-            track.hi[i], track.lo[i] = track.hi[i - 1], track.lo[i - 1]
-            track.add(slot, i, end, term)  # (entry i and every later prefix; may widen the slot)
+            track.put(slot, i, term)  # (may widen the slot)
+        if i + 1 < end and track.shift_view[slot] != WIDE:
+            track.add(slot, i + 1, end, term)
         if i + 1 < end:
             if ok:
                 track.valid[i + 1:end] += ok
@@ -931,11 +943,12 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
             bad = track.bad_view
             shift = track.shift_view[slot]
             # no infinity in the window, limbs kept (not wide): the exact prefix sums
-            if bad[hi - 1] == bad[lo - 1] and shift != WIDE and EXACT:
+            a, b = hi - 1, lo - 1
+            if bad[a] == bad[b] and shift != WIDE and EXACT:
                 phi, plo = track.hi_view, track.lo_view
-                total = ((phi[hi - 1] - phi[lo - 1]) << _LIMB) + (plo[hi - 1] - plo[lo - 1])
+                total = ((phi[a] - phi[b]) << _LIMB) + (plo[a] - plo[b])
                 pvalid = track.valid_view
-                valid = pvalid[hi - 1] - pvalid[lo - 1]
+                valid = pvalid[a] - pvalid[b]
                 term = None
                 if with_current:
                     if scaled is None:
