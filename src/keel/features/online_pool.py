@@ -88,8 +88,9 @@ def _objects(values: Iterable[Any], n: int) -> np.ndarray:
 
 
 def _grown(a: np.ndarray, size: int, fill: Any = 0) -> np.ndarray:
-    b = np.empty(size, dtype=a.dtype) if a.dtype == object else np.full(size, fill, dtype=a.dtype)
+    b = np.empty(size, dtype=a.dtype)  # (each row written once: the copy, then the fill after it)
     b[: len(a)] = a
+    b[len(a):] = fill
     return b
 
 
