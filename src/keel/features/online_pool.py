@@ -13,12 +13,14 @@ so no single call pays for a whole-array copy; :meth:`Pool.compact` packs everyt
 at ``end[slot] + rank within the batch``, window edges a vectorised binary search over each event's region
 (:meth:`Pool.bisect_right`).
 
-Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, as Python
-integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives), starting
-from the header row's (0 for a new state; what the pruned front summed to once pruned: a prune only advances
-``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and ``lo - 1``) divided by
-``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
-gives. The label track is kept only for the slots that ever held a non-zero label (``late != NEVER``): the others
+Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, an integer
+on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives) kept in two int64 limbs
+(``hi * 2**48 + lo``), starting from the header row's (0 for a new state; what the pruned front summed to once
+pruned: a prune only advances ``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and
+``lo - 1``) divided by ``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
+gives (:meth:`Pool.sums` converts the limbs with numpy where two doubles provably round once, else exactly in
+Python ints). A slot whose prefixes outgrow the limbs (a term of about 2**110 on its grid: 1e300 next to 1e-300)
+is *wide* on that track: its windows there are summed by scanning their values, the same numbers. The label track is kept only for the slots that ever held a non-zero label (``late != NEVER``): the others
 hold only zero labels, their label sums are 0 without reading it, and it is rebuilt when their first non-zero
 label arrives (single inserts then skip three row writes per event, as the state path kept no label sums there). NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
 (a window holding one is summed by scanning its values instead).
