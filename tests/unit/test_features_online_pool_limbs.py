@@ -223,6 +223,38 @@ def test_a_slot_goes_wide_and_its_windows_scan_the_same_numbers(single: bool) ->
     check()
 
 
+def test_compact_gives_a_wide_slot_its_limbs_back_once_its_values_fit() -> None:
+    """A slot wide because of a value now pruned gets its limbs back at compact() (on the grid its remaining
+    values need); one whose values still do not fit stays wide; windows are right either way, and later events
+    keep them right."""
+    pool = Pool(["x"])
+    u = pool.slots(["a", "a", "a", "a", "b", "b", "b"])
+    vals = [1e30, 2.0**-60, 1.0, float("nan"), 1e30, 2.0**-60, 1.5]
+    pool.append(u, np.array([1, 2, 3, 4, 1, 2, 3]), {"x": np.array(vals)}, np.arange(7))
+    pool.set_label(int(u[0]), int(pool.start[u[0]]), 1e300, 0)  # a wide label track, its 1e300 pruned below
+    pool.set_label(int(u[0]), int(pool.start[u[0]]) + 1, 1e-300, 0)
+    track = pool.tracks["x"]
+    a, b = pool.index["a"], pool.index["b"]
+    assert track.shift[a] == WIDE and track.shift[b] == WIDE and pool.labels.shift[a] == WIDE
+    pool.prune(np.array([a]), np.array([1]))  # a's 1e30 (and 1e300 label) go; b keeps both extremes
+    pool.compact()
+    assert track.shift[a] == 60 and track.shift[b] == WIDE
+    assert pool.labels.shift[a] == (1e-300).as_integer_ratio()[1].bit_length() - 1  # (1e-300 alone now)
+    pool.append(np.array([a, b]), np.array([5, 5]), {"x": np.array([0.25, 0.25])}, np.array([7, 8]))
+    pool.insert(a, 2, {"x": 3.0}, 9)
+    want = {a: [2.0**-60, 3.0, 1.0, float("nan"), 0.25], b: [1e30, 2.0**-60, 1.5, 0.25]}
+    for s, vs in want.items():
+        m = len(vs)
+        total, valid, _ = pool.sums(track, np.full(m + 1, s), np.full(m + 1, pool.start[s]),
+                                    pool.start[s] + np.arange(m + 1))
+        assert total.tolist() == [math.fsum(v for v in vs[:i] if v == v) for i in range(m + 1)]
+        assert valid.tolist() == [sum(v == v for v in vs[:i]) for i in range(m + 1)]
+    labels, _, _ = pool.sums(pool.labels, np.array([a]), pool.start[[a]], pool.end[[a]])
+    assert labels.tolist() == [1e-300]
+    rows = slice(int(pool.start[a]) - 1, int(pool.end[a]))
+    assert ((track.lo[rows] >= 0) & (track.lo[rows] < LIMB)).all()
+
+
 def test_a_batch_whose_running_sum_outgrows_the_limbs_widens_its_slot() -> None:
     """Terms each within the limbs (2**108 < 2**109) whose running sum in one batch passes 2**110: the slot goes
     wide (its windows scan) rather than wrapping around int64."""

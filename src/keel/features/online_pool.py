@@ -429,6 +429,26 @@ class Pool:
         self.head[offsets] = slots
         self.used = self.held = self._mark = total
         self.cursor = -1  # (a pass under way has nothing left to do)
+        for track in self._all_tracks():  # wide slots whose values fit the limbs again (e.g. pruned) get them back
+            # (a label track widens only once kept: never for a slot with ``late == NEVER``)
+            for s in slots[track.shift[slots] == WIDE].tolist():
+                self._rebuild(track, s)
+
+    def _rebuild(self, track: Track, slot: int) -> None:
+        """Give a wide slot its limbs back when its region's prefixes fit them: recomputed from its values on the
+        finest grid they need, the header row at 0 (windows read differences only)."""
+        values = (self.label if track.name is None else self.values[track.name])[self.start[slot]:self.end[slot]]
+        ratios = [_ratio(v) if v - v == 0.0 else None for v in values.tolist()]  # (None: NaN or infinite)
+        k = max((r[1] for r in ratios if r is not None), default=0)
+        prefixes = [0]
+        for r in ratios:
+            prefixes.append(prefixes[-1] if r is None else prefixes[-1] + (r[0] << (k - r[1])))
+        if max(prefixes) >= _HI_MAX << _LIMB or min(prefixes) <= -(_HI_MAX << _LIMB):  # (|hi| < 2**62)
+            return
+        rows = slice(int(self.start[slot]) - 1, int(self.end[slot]))
+        track.hi[rows] = [p >> _LIMB for p in prefixes]
+        track.lo[rows] = [p & _LOW for p in prefixes]
+        track.shift[slot] = k
 
     def wasted(self) -> float:
         """The share of the pool's handed-out rows in no region (left by moves and prunes: what :meth:`compact`
