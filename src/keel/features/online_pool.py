@@ -1131,5 +1131,5 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_columns", "window_edges",
+__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "WIDE", "Plan", "Pool", "Track", "window_columns", "window_edges",
            "window_group"]
