@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from keel.features import online_batch
 from keel.features.definitions import resolve_definitions
 from keel.features.online import OnlineStore, stored_rows
-from keel.features.online_pool import NEVER
+from keel.features.online_pool import NEVER, WIDE
 from keel.spec import Data, Features
 
 BASE = pd.Timestamp("2024-03-01 00:00:00")
@@ -130,7 +130,10 @@ def _track(pool, track, slot: int) -> tuple:
     region's header row (a prune only moves the header), as exact fractions."""
     start, end = int(pool.start[slot]), int(pool.end[slot])
     shift = int(track.shift[slot])
-    return ([Fraction(int(x) - int(track.sums[start - 1]), 2**shift) for x in track.sums[start:end]],
+    if shift == WIDE:  # no limbs kept: the windows scan
+        return None, (track.valid[start:end] - track.valid[start - 1]).tolist(), (
+            track.bad[start:end] - track.bad[start - 1]).tolist()
+    return ([Fraction(track.prefix(i) - track.prefix(start - 1), 2**shift) for i in range(start, end)],
             (track.valid[start:end] - track.valid[start - 1]).tolist(),
             (track.bad[start:end] - track.bad[start - 1]).tolist())
 

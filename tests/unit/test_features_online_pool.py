@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.features.online_pool import NEVER, NO_LABEL_AT, NONFINITE, Pool
+from keel.features.online_pool import NEVER, NO_LABEL_AT, NONFINITE, WIDE, Pool
 
 ODD = [math.nan, 0.0, -0.0, 1e-300, 5e-324, 1e12 + 0.1, 1 / 3, 2.5, 57.16, 0.01, 999.99, -7.0, 1e300,
        math.inf, -math.inf]
@@ -137,6 +137,13 @@ def check_rows(pool: Pool) -> None:
     for s in range(n):
         assert not pool.label[end[s]:cap[s]].any() and (pool.label_at[end[s]:cap[s]] == NO_LABEL_AT).all()
     assert not pool.label[pool.used:].any() and (pool.label_at[pool.used:] == NO_LABEL_AT).all()
+    for track in [*pool.tracks.values(), pool.labels]:  # limbs: canonical in every region kept (header included)
+        kept = [s for s in range(n) if track.shift[s] != WIDE and (track.name or pool.late[s] != NEVER)]
+        if kept:
+            rows = pool.rows(np.array(kept))
+            rows = np.concatenate([rows, start[kept] - 1])
+            assert ((track.lo[rows] >= 0) & (track.lo[rows] < 2**48)).all(), track.name
+            assert (np.abs(track.hi[rows]) < 2**62).all(), track.name
     if pool.cursor >= 0:
         below = base < pool.cursor
         assert (cap[below] <= pool.cursor).all()
@@ -154,9 +161,30 @@ def step(pool: Pool, data: st.DataObject) -> None:
 values = st.sampled_from(ODD) | st.floats(-1e300, 1e300, width=64)
 
 
+# values whose terms on a slot's grid sit at the limbs' edges: carries across 2**48 and 2**96, negative terms,
+# differences beyond 2**101 (|hi| difference >= 2**53: the exact-int fallback), terms of 2**109 and more (the slot
+# becomes wide), tiny values on fine grids and sums that are subnormal
+EDGE = [2.0**47, 2.0**48 - 1, -(2.0**47), 2.0**95 + 2.0**43, -(2.0**95), 2.0**100 + 1.5 * 2**49, 2.0**108, 2.0**109,
+        2.0**-20, 0.5, -0.75, 3e-9, 2.0**-1000 * 3, 5e-324, -5e-324, 1e-310, 2.0**60 + 2.0**8]
+limb_values = (st.sampled_from(EDGE) | st.builds(lambda m, e: math.ldexp(m, e), st.integers(-(2**53), 2**53),
+                                                 st.integers(-60, 60)))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), columns=st.sampled_from([[], ["amount"], ["amount", "fee"]]))
 def test_property_pool_equals_model(data, columns) -> None:
+    run_model(data, columns, values)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), columns=st.sampled_from([["amount"], ["amount", "fee"]]))
+def test_property_pool_equals_model_at_the_limb_edges(data, columns) -> None:
+    """The model test with values whose terms cross the limbs' carries, their float conversion's guards and the
+    wide threshold (sums that fit a float: |x| < 2**110)."""
+    run_model(data, columns, limb_values)
+
+
+def run_model(data: st.DataObject, columns: list[str], values: st.SearchStrategy[float]) -> None:
     pool = Pool(columns, rows=4, slots=2)  # tiny: moves and growth from the first appends on
     model = Model(columns)
     seq = 0
@@ -341,14 +369,14 @@ def test_a_finer_value_rescales_only_its_slot_and_a_pruned_front_keeps_its_base(
     assert track.shift[pool.index["a"]] == 2 and track.shift[pool.index["b"]] == 60
     pool.prune(pool.slots(["b"]), np.array([1]))
     sb = pool.index["b"]
-    assert track.sums[pool.start[sb] - 1] == 2**59  # the header row: 0.5 on the 2**-60 grid
+    assert track.prefix(int(pool.start[sb]) - 1) == 2**59  # the header row: 0.5 on the 2**-60 grid
     total, valid, _ = pool.sums(track, np.array([sb]), pool.start[[sb]], pool.end[[sb]])
     assert total[0] == 2**-60 and valid[0] == 1
     # a finer value after the prune: the region's sums and the pruned front's base move to the finer grid
     sa = pool.index["a"]
     pool.prune(np.array([sa]), np.array([1]))
     pool.append(np.array([sa]), np.array([3]), {"x": np.array([2**-70])}, np.array([9]))
-    assert track.shift[sa] == 70 and track.sums[pool.start[sa] - 1] == 2**69
+    assert track.shift[sa] == 70 and track.prefix(int(pool.start[sa]) - 1) == 2**69
     total, valid, _ = pool.sums(track, np.array([sa]), pool.start[[sa]], pool.end[[sa]])
     assert total[0] == 0.25 + 2**-70 and valid[0] == 2
     pool.insert(sa, 2, {"x": 2**-80}, 10)

@@ -13,12 +13,14 @@ so no single call pays for a whole-array copy; :meth:`Pool.compact` packs everyt
 at ``end[slot] + rank within the batch``, window edges a vectorised binary search over each event's region
 (:meth:`Pool.bisect_right`).
 
-Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, as Python
-integers in an object array on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives), starting
-from the header row's (0 for a new state; what the pruned front summed to once pruned: a prune only advances
-``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and ``lo - 1``) divided by
-``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
-gives. The label track is kept only for the slots that ever held a non-zero label (``late != NEVER``): the others
+Sums are exact (:class:`Track`): per value column (and the labels) an inclusive prefix sum per entry, an integer
+on a per-slot grid ``2**-shift[slot]`` (rescaled when a finer value arrives) kept in two int64 limbs
+(``hi * 2**48 + lo``), starting from the header row's (0 for a new state; what the pruned front summed to once
+pruned: a prune only advances ``start``). A window's sum is the difference of two prefixes (at ``hi - 1`` and
+``lo - 1``) divided by ``2**shift`` once: the exact sum rounded once, what ``math.fsum`` of the window's values
+gives (:meth:`Pool.sums` converts the limbs with numpy where two doubles provably round once, else exactly in
+Python ints). A slot whose prefixes outgrow the limbs (a term of about 2**110 on its grid: 1e300 next to 1e-300)
+is *wide* on that track: its windows there are summed by scanning their values, the same numbers. The label track is kept only for the slots that ever held a non-zero label (``late != NEVER``): the others
 hold only zero labels, their label sums are 0 without reading it, and it is rebuilt when their first non-zero
 label arrives (single inserts then skip three row writes per event, as the state path kept no label sums there). NaN adds nothing and is not counted valid; an infinity adds nothing, counts valid and counts in ``bad``
 (a window holding one is summed by scanning its values instead).
@@ -37,7 +39,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from operator import sub, truediv
 from typing import Any, Protocol
 
 import numpy as np
@@ -67,6 +68,13 @@ _STEP_ROWS = 1024
 _SCAN_WEIGHT = 64  # a dead row skipped costs a copied row's 1/_SCAN_WEIGHT
 # False sends every window down the scanning path (math.fsum over the window): tests set it to compare both paths
 EXACT = True
+# prefix sums as two int64 limbs (Track): prefix = hi * 2**_LIMB + lo, 0 <= lo < 2**_LIMB, |hi| < _HI_MAX (so a
+# difference of two his fits in int64 and a carry never overflows)
+_LIMB = 48
+_LOW = (1 << _LIMB) - 1
+_HI_MAX = 1 << 62
+_TINY = 2.0**-1022  # the smallest normal double
+WIDE = -1  # Track.shift of a slot whose limbs are not kept (its windows on that track scan)
 
 
 def _ratio(x: float) -> tuple[int, int]:
@@ -82,40 +90,97 @@ def _objects(values: Iterable[Any], n: int) -> np.ndarray:
 
 
 def _grown(a: np.ndarray, size: int, fill: Any = 0) -> np.ndarray:
-    b = np.empty(size, dtype=a.dtype) if a.dtype == object else np.full(size, fill, dtype=a.dtype)
+    b = np.empty(size, dtype=a.dtype)  # (each row written once: the copy, then the fill after it)
     b[: len(a)] = a
+    b[len(a):] = fill
     return b
 
 
 class Track:
     """Exact inclusive prefix sums of one float column of a pool (a value column, or the labels).
 
-    Per entry ``sums`` (Python int, the slot's grid), ``valid`` (non-NaN count) and ``bad`` (infinity count),
-    inclusive, on top of the slot's header row; per slot ``shift``. The sum of region entries ``[lo, hi)`` is
-    ``(sums[hi - 1] - sums[lo - 1]) / 2**shift``.
+    Per entry the prefix sum as two int64 limbs, ``hi`` and ``lo``: the integer ``hi * 2**48 + lo`` on the slot's
+    grid, kept canonical (``0 <= lo < 2**48``, ``|hi| < 2**62``: :data:`_HI_MAX`) after every write; ``valid``
+    (non-NaN count) and ``bad`` (infinity count), inclusive, on top of the slot's header row; per slot ``shift``.
+    The sum of region entries ``[lo, hi)`` is ``(prefix[hi - 1] - prefix[lo - 1]) / 2**shift``. A slot whose
+    prefixes outgrow the limbs (a term of ``2**110`` or more on its grid, e.g. 1e300 after 1e-300) is *wide* on
+    the track: its shift is :data:`WIDE`, its limbs are no longer kept (its windows scan the column's values) until
+    its state is rebuilt (:meth:`Pool._label_track`); its counts stay kept.
     """
 
-    __slots__ = ("bad", "bad_view", "shift", "shift_view", "sums", "valid", "valid_view")
+    __slots__ = ("bad", "bad_view", "hi", "hi_view", "lo", "lo_view", "name", "shift", "shift_view", "valid",
+                 "valid_view")
 
-    def __init__(self, rows: int, slots: int) -> None:
-        self.sums = np.empty(rows, dtype=object)
+    def __init__(self, rows: int, slots: int, name: str | None = None) -> None:
+        self.name = name  # the value column (None: the labels)
+        self.hi = np.zeros(rows, dtype=np.int64)
+        self.lo = np.zeros(rows, dtype=np.int64)
         self.valid = np.zeros(rows, dtype=np.int64)
         self.bad = np.zeros(rows, dtype=np.int64)
         self.shift = np.zeros(slots, dtype=np.int64)
+        self.hi_view = memoryview(self.hi)
+        self.lo_view = memoryview(self.lo)
         self.valid_view = memoryview(self.valid)
         self.bad_view = memoryview(self.bad)
         self.shift_view = memoryview(self.shift)
 
-    def _grow_rows(self, size: int) -> None:
-        self.sums, self.valid, self.bad = (_grown(a, size) for a in (self.sums, self.valid, self.bad))
-
     def _grow_slots(self, size: int) -> None:
         self.shift = _grown(self.shift, size)
 
+    def prefix(self, i: int) -> int:
+        """Entry ``i``'s prefix sum on its slot's grid, as a Python int (not for a wide slot)."""
+        return (self.hi_view[i] << _LIMB) + self.lo_view[i]
+
+    def widen(self, slot: int) -> None:
+        """Stop keeping the slot's limbs: its windows on this track scan from now on."""
+        self.shift[slot] = WIDE
+
+    def put(self, slot: int, i: int, term: int) -> None:
+        """Row ``i``'s prefix is row ``i - 1``'s plus ``term`` (an int on the slot's grid; the slot not wide),
+        or the slot widens when it would outgrow the limbs."""
+        lo = self.lo_view[i - 1] + term
+        h = self.hi_view[i - 1] + (lo >> _LIMB)
+        if -_HI_MAX < h < _HI_MAX:
+            self.hi_view[i] = h
+            self.lo_view[i] = lo & _LOW
+        else:
+            self.widen(slot)
+
+    def add(self, slot: int, a: int, b: int, term: int) -> None:
+        """Add ``term`` (an int on the slot's grid) to the prefixes of rows ``[a, b)`` of a slot (not wide),
+        widening the slot when a prefix would outgrow the limbs."""
+        if not term or a >= b:
+            return
+        th, tl = term >> _LIMB, term & _LOW
+        hi, lo = self.hi[a:b], self.lo[a:b]
+        if abs(th) + 1 >= _HI_MAX - max(-int(hi.min()), int(hi.max())):
+            self.widen(slot)
+            return
+        lo += tl
+        hi += th + (lo >> _LIMB)
+        lo &= _LOW
+
     def rescale(self, slot: int, k: int, start: int, end: int) -> None:
-        """Move a slot's sums (header row included) to the finer grid ``2**-k`` (``k`` above its shift)."""
-        up = k - int(self.shift[slot])
-        self.sums[start - 1:end] = np.left_shift(self.sums[start - 1:end], up)
+        """Move a slot's sums (header row included) to the finer grid ``2**-k`` (``k`` above its shift), or widen
+        it when they would outgrow the limbs; nothing for a wide slot."""
+        shift = int(self.shift[slot])
+        if shift == WIDE:
+            return
+        up = k - shift
+        hi, lo = self.hi[start - 1:end], self.lo[start - 1:end]
+        while up > 0:  # (by up to 48 bits at a time: the bits lo loses are hi's carry)
+            s = min(up, _LIMB)
+            top = max(-int(hi.min()), int(hi.max()))
+            if top >= (_HI_MAX >> s) - 1:  # (|hi << s| + carry < 2**62 below this)
+                self.widen(slot)
+                return
+            if not top and not lo.any():  # (all 0: 0 on every grid)
+                break
+            hi <<= s
+            hi += lo >> (_LIMB - s)
+            lo &= (1 << (_LIMB - s)) - 1
+            lo <<= s
+            up -= s
         self.shift[slot] = k
 
 
@@ -136,7 +201,7 @@ class Pool:
         self.values = {c: np.zeros(rows, dtype=np.float64) for c in self.columns}
         self.label = np.zeros(rows, dtype=np.float64)
         self.label_at = np.full(rows, NO_LABEL_AT, dtype=np.int64)
-        self.tracks = {c: Track(rows, slots) for c in self.columns}
+        self.tracks = {c: Track(rows, slots, c) for c in self.columns}
         self.labels = Track(rows, slots)
         self.start = np.zeros(slots, dtype=np.int64)
         self.end = np.zeros(slots, dtype=np.int64)
@@ -168,6 +233,8 @@ class Pool:
         self.start_view, self.end_view = memoryview(self.start), memoryview(self.end)
         self.cap_view, self.late_view = memoryview(self.cap), memoryview(self.late)
         for track in self._all_tracks():
+            track.hi_view = memoryview(track.hi)
+            track.lo_view = memoryview(track.lo)
             track.valid_view = memoryview(track.valid)
             track.bad_view = memoryview(track.bad)
             track.shift_view = memoryview(track.shift)
@@ -207,7 +274,8 @@ class Pool:
         self._reserve(k)
         header = np.arange(self.used, self.used + k, dtype=np.int64)
         for track in self._all_tracks():
-            track.sums[header] = 0
+            track.hi[header] = 0
+            track.lo[header] = 0
             track.valid[header] = 0
             track.bad[header] = 0
         self.start[first:need] = self.end[first:need] = self.cap[first:need] = header + 1
@@ -228,7 +296,7 @@ class Pool:
     def _row_arrays(self) -> list[np.ndarray]:
         out = [self.t, self.seq, self.ids, *self.values.values(), self.label, self.label_at]
         for track in self._all_tracks():
-            out += (track.sums, track.valid, track.bad)
+            out += (track.hi, track.lo, track.valid, track.bad)
         return out
 
     def _set_row_arrays(self, arrays: list[np.ndarray]) -> None:
@@ -238,7 +306,7 @@ class Pool:
             self.values[c] = next(it)
         self.label, self.label_at = next(it), next(it)
         for track in self._all_tracks():
-            track.sums, track.valid, track.bad = next(it), next(it), next(it)
+            track.hi, track.lo, track.valid, track.bad = next(it), next(it), next(it), next(it)
         self._views()
 
     def _reserve(self, rows: int) -> None:
@@ -252,7 +320,7 @@ class Pool:
     def grow(self, size: int) -> None:
         """Row arrays of ``size`` rows (more than now): a copy of every row array."""
         arrays = self._row_arrays()
-        fills = [0, 0, None, *[0.0] * len(self.columns), 0.0, NO_LABEL_AT] + [0] * (3 * len(self._all_tracks()))
+        fills = [0, 0, None, *[0.0] * len(self.columns), 0.0, NO_LABEL_AT] + [0] * (4 * len(self._all_tracks()))
         self._set_row_arrays([_grown(a, size, f) for a, f in zip(arrays, fills, strict=True)])
         self.head = _grown(self.head, size, -1)
         self.growths += 1
@@ -361,6 +429,26 @@ class Pool:
         self.head[offsets] = slots
         self.used = self.held = self._mark = total
         self.cursor = -1  # (a pass under way has nothing left to do)
+        for track in self._all_tracks():  # wide slots whose values fit the limbs again (e.g. pruned) get them back
+            # (a label track widens only once kept: never for a slot with ``late == NEVER``)
+            for s in slots[track.shift[slots] == WIDE].tolist():
+                self._rebuild(track, s)
+
+    def _rebuild(self, track: Track, slot: int) -> None:
+        """Give a wide slot its limbs back when its region's prefixes fit them: recomputed from its values on the
+        finest grid they need, the header row at 0 (windows read differences only)."""
+        values = (self.label if track.name is None else self.values[track.name])[self.start[slot]:self.end[slot]]
+        ratios = [_ratio(v) if v - v == 0.0 else None for v in values.tolist()]  # (None: NaN or infinite)
+        k = max((r[1] for r in ratios if r is not None), default=0)
+        prefixes = [0]
+        for r in ratios:
+            prefixes.append(prefixes[-1] if r is None else prefixes[-1] + (r[0] << (k - r[1])))
+        if max(prefixes) >= _HI_MAX << _LIMB or min(prefixes) <= -(_HI_MAX << _LIMB):  # (|hi| < 2**62)
+            return
+        rows = slice(int(self.start[slot]) - 1, int(self.end[slot]))
+        track.hi[rows] = [p >> _LIMB for p in prefixes]
+        track.lo[rows] = [p & _LOW for p in prefixes]
+        track.shift[slot] = k
 
     def wasted(self) -> float:
         """The share of the pool's handed-out rows in no region (left by moves and prunes: what :meth:`compact`
@@ -539,22 +627,24 @@ class Pool:
         self.end[slots] = ends
 
     @staticmethod
-    def _before(track: Track, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sum, valid, bad) of the region entries before position ``at`` (exclusive prefix: the entry at
+    def _before(track: Track, at: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(hi, lo, valid, bad) of the region entries before position ``at`` (exclusive prefix: the entry at
         ``at - 1``, the header row at the region's start)."""
         prev = at - 1
-        return track.sums[prev], track.valid[prev], track.bad[prev]
+        return track.hi[prev], track.lo[prev], track.valid[prev], track.bad[prev]
 
     def _push_zeros(self, track: Track, g: _Groups) -> None:
         """Append 0.0 (valid, on every grid) to the label track."""
-        s0, v0, b0 = self._before(track, self.end[g.slots])
-        track.sums[g.pos_sorted] = np.repeat(s0, g.counts)
+        h0, l0, v0, b0 = self._before(track, self.end[g.slots])
+        track.hi[g.pos_sorted] = np.repeat(h0, g.counts)
+        track.lo[g.pos_sorted] = np.repeat(l0, g.counts)
         track.valid[g.pos_sorted] = np.repeat(v0, g.counts) + g.rank_sorted + 1
         track.bad[g.pos_sorted] = np.repeat(b0, g.counts)
 
     def _push(self, track: Track, g: _Groups, v: np.ndarray) -> None:
         """Append the values ``v`` (sorted by slot, as ``g``) to a track: finer grids first, then the terms'
-        running sums per slot on top of each slot's last prefix."""
+        running sums per slot on top of each slot's last prefix, in limbs (slots whose prefixes would outgrow the
+        limbs become wide first)."""
         valid = v == v
         finite = np.isfinite(v)
         clean = np.where(finite, v, 0.0)
@@ -562,7 +652,7 @@ class Pool:
         with np.errstate(over="ignore"):
             scaled = np.ldexp(clean, shift)
         on_grid = np.isfinite(scaled) & (scaled == np.floor(scaled))
-        if not on_grid.all():  # finer grids: rescale the slots concerned, then scale every value exactly
+        if not on_grid.all():  # finer grids: rescale the slots concerned (or widen them)
             need = np.zeros(len(g.slots), dtype=np.int64)
             group_of = np.repeat(np.arange(len(g.slots)), g.counts)
             off = np.flatnonzero(~on_grid)
@@ -574,14 +664,35 @@ class Pool:
             shift = np.repeat(track.shift[g.slots], g.counts)
             with np.errstate(over="ignore"):
                 scaled = np.ldexp(clean, shift)
-            on_grid = np.isfinite(scaled) & (scaled == np.floor(scaled))
-        terms = _objects(map(int, np.where(on_grid, scaled, 0.0).tolist()), len(v))
-        if not on_grid.all():  # beyond the float range once scaled: the exact integers
-            off = np.flatnonzero(~on_grid)
-            terms[off] = [n << (k_slot - k) for (n, k), k_slot in zip(map(_ratio, clean[off].tolist()),
-                                                                       shift[off].tolist(), strict=True)]
-        s0, v0, b0 = self._before(track, self.end[g.slots])
-        track.sums[g.pos_sorted] = _group_cumsum(terms, g) + np.repeat(s0, g.counts)
+        h0, l0, v0, b0 = self._before(track, self.end[g.slots])
+        kept = track.shift[g.slots] >= 0  # (per slot: not wide)
+        keep = np.repeat(kept, g.counts)
+        scaled = np.where(keep, scaled, 0.0)
+        h0, l0 = np.where(kept, h0, 0), np.where(kept, l0, 0)  # (a wide slot's limbs: anything)
+        # th = floor(term / 2**48) is exact (a power-of-two scaling of an integer >= 1 in magnitude: normal), and
+        # so is tl = term - th * 2**48: the exact difference is an integer in [0, 2**48) that is a multiple of the
+        # term's ulp (th * 2**48 is one too), hence a double, and IEEE subtraction returns a representable
+        # exact result exactly. Below, |th| < 2**61: both convert to int64 exactly.
+        th = np.floor(np.ldexp(scaled, -_LIMB))
+        # the running sums of th stay below 2**62 (with the base and the carries: at most 2 per event) when the
+        # batch's total does; else per slot, widening the slots that might not (a float bound, 2**61 for margin;
+        # it widens the slot of any term of 2**109 or more, or beyond the float range once scaled: inf)
+        if float(np.abs(h0).max()) + float(np.abs(th).sum()) + 2 * len(v) >= 2.0**61:
+            bound = np.add.reduceat(np.abs(th), g.heads) + np.abs(h0).astype(np.float64) + 2 * g.counts
+            over = bound >= 2.0**61
+            for s in g.slots[over].tolist():
+                track.widen(s)
+            kept &= ~over
+            keep = np.repeat(kept, g.counts)
+            scaled, th = np.where(keep, scaled, 0.0), np.where(keep, th, 0.0)
+            h0, l0 = np.where(kept, h0, 0), np.where(kept, l0, 0)
+        tl = (scaled - np.ldexp(th, _LIMB)).astype(np.int64)
+        # tl's running sums in two 24-bit halves: each stays below 2**63 for any number of events per slot
+        mid = _group_cumsum(tl >> 24, g)
+        low = _group_cumsum(tl & 0xFFFFFF, g) + np.repeat(l0, g.counts) + ((mid & 0xFFFFFF) << 24)
+        track.hi[g.pos_sorted] = (_group_cumsum(th.astype(np.int64), g) + np.repeat(h0, g.counts) + (mid >> 24)
+                                  + (low >> _LIMB))
+        track.lo[g.pos_sorted] = low & _LOW
         track.valid[g.pos_sorted] = _group_cumsum(valid.astype(np.int64), g) + np.repeat(v0, g.counts)
         track.bad[g.pos_sorted] = _group_cumsum((valid & ~finite).astype(np.int64), g) + np.repeat(b0, g.counts)
 
@@ -599,6 +710,7 @@ class Pool:
             ends[slot] = end + 1
             self.live += 1
             views = self.value_views
+            prev = end - 1
             for c, track in self.tracks.items():
                 v = float(values.get(c, math.nan))
                 views[c][end] = v
@@ -606,18 +718,23 @@ class Pool:
                     n, den = v.as_integer_ratio()  # (_ratio without the call)
                     k = den.bit_length() - 1
                     shift = track.shift_view[slot]
-                    if k <= shift:  # on the slot's grid
-                        track.sums[end] = track.sums[end - 1] + (n << (shift - k))
-                        track.valid_view[end] = track.valid_view[end - 1] + 1
-                        track.bad_view[end] = track.bad_view[end - 1]
-                        continue
-                track.sums[end] = 0  # (a placeholder a rescale can shift)
+                    if k <= shift:  # on the slot's grid (never for a wide slot: its shift is -1)
+                        lo = track.lo_view[prev] + (n << (shift - k))  # (the term added to lo, then carried)
+                        h = track.hi_view[prev] + (lo >> _LIMB)
+                        if -_HI_MAX < h < _HI_MAX:
+                            track.hi_view[end] = h
+                            track.lo_view[end] = lo & _LOW
+                            track.valid_view[end] = track.valid_view[prev] + 1
+                            track.bad_view[end] = track.bad_view[prev]
+                            continue
+                track.hi_view[end] = track.lo_view[end] = 0  # (a placeholder a rescale can shift)
                 self._put(track, slot, end, v, end + 1)
             if self.late_view[slot] != NEVER:  # a label track to keep: a zero label adds nothing, counts valid
                 labels = self.labels
-                labels.sums[end] = labels.sums[end - 1]
-                labels.valid_view[end] = labels.valid_view[end - 1] + 1
-                labels.bad_view[end] = labels.bad_view[end - 1]
+                labels.hi_view[end] = labels.hi_view[prev]
+                labels.lo_view[end] = labels.lo_view[prev]
+                labels.valid_view[end] = labels.valid_view[prev] + 1
+                labels.bad_view[end] = labels.bad_view[prev]
             return end
         start = int(self.start[slot])
         if end >= int(self.cap[slot]):
@@ -636,7 +753,7 @@ class Pool:
         self.label[i] = 0.0
         self.label_at[i] = NO_LABEL_AT
         for track in self._all_tracks():
-            track.sums[i] = 0  # (a placeholder a rescale can shift: set by _put below)
+            track.hi[i] = track.lo[i] = 0  # (a placeholder a rescale can shift: set by _put below)
         self.end[slot] = end + 1
         self.live += 1
         for c in self.columns:
@@ -650,13 +767,13 @@ class Pool:
     def _put(self, track: Track, slot: int, i: int, v: float, end: int) -> None:
         """Entry ``i`` of a slot's track is new with value ``v``; entries ``(i, end)`` hold the old prefixes."""
         term, ok, bad = self._term(track, slot, v)  # (first: a rescale moves the previous prefix too)
-        s0, v0, b0 = track.sums[i - 1], int(track.valid[i - 1]), int(track.bad[i - 1])
-        track.sums[i] = s0 + term
-        track.valid[i] = v0 + ok
-        track.bad[i] = b0 + bad
+        track.valid[i] = int(track.valid[i - 1]) + ok
+        track.bad[i] = int(track.bad[i - 1]) + bad
+        if track.shift_view[slot] != WIDE:
+            track.put(slot, i, term)  # (may widen the slot)
+        if i + 1 < end and track.shift_view[slot] != WIDE:
+            track.add(slot, i + 1, end, term)
         if i + 1 < end:
-            if term:
-                track.sums[i + 1:end] += term
             if ok:
                 track.valid[i + 1:end] += ok
             if bad:
@@ -670,8 +787,12 @@ class Pool:
             return 0, 1, 1
         n, k = _ratio(v)
         shift = int(track.shift[slot])
+        if shift == WIDE:
+            return 0, 1, 0  # (its limbs are not kept)
         if k > shift:
             track.rescale(slot, k, int(self.start[slot]), int(self.end[slot]))
+            if track.shift_view[slot] == WIDE:
+                return 0, 1, 0
             shift = k
         return n << (shift - k), 1, 0
 
@@ -691,8 +812,8 @@ class Pool:
         end = int(self.end[slot])
         b, ok_b, bad_b = self._term(track, slot, label)  # (first: the old value is on any finer grid too)
         a, ok_a, bad_a = self._term(track, slot, old)
-        if a != b:
-            track.sums[i:end] += b - a
+        if a != b and track.shift_view[slot] != WIDE:
+            track.add(slot, i, end, b - a)
         if ok_a != ok_b:
             track.valid[i:end] += ok_b - ok_a
         if bad_a != bad_b:
@@ -706,7 +827,8 @@ class Pool:
         start, end = self.start[slots], self.end[slots]
         rows, _ = _spans(start - 1, start - 1, end - start + 1)
         track = self.labels
-        track.sums[rows] = 0
+        track.hi[rows] = 0
+        track.lo[rows] = 0
         track.valid[rows] = rows - np.repeat(start - 1, end - start + 1)
         track.bad[rows] = 0
         track.shift[slots] = 0
@@ -769,19 +891,36 @@ class Pool:
     def sums(self, track: Track, u: np.ndarray, lo: np.ndarray, hi: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query (slot ``u``, region positions ``[lo, hi)``): the exact sum of the track's values rounded once
-        (float64; 0.0 for none), the valid count and the infinity count."""
-        s_hi, v_hi, b_hi = self._before(track, hi)
-        s_lo, v_lo, b_lo = self._before(track, lo)
-        scale = map((1).__lshift__, track.shift[u].tolist())
-        total = np.fromiter(map(truediv, map(sub, s_hi.tolist(), s_lo.tolist()), scale), dtype=np.float64,
-                            count=len(u))
-        return total, v_hi - v_lo, b_hi - b_lo
+        (float64; 0.0 for none), the valid count and the infinity count. Raises OverflowError for a sum beyond the
+        float range (as ``math.fsum``)."""
+        a, b = hi - 1, lo - 1
+        d_hi = track.hi[a] - track.hi[b]  # (|hi| < 2**62: no overflow)
+        d_lo = track.lo[a] - track.lo[b]
+        shift = track.shift[u]
+        # d_hi and d_lo are exact doubles while |d_hi| < 2**53 (|d_lo| < 2**48), and d_hi * 2**48 too: their sum
+        # is the exact difference D rounded once. Scaling by 2**-shift is exact while the result is a normal
+        # double (or 0: D == 0, +0.0), so the total is D / 2**shift correctly rounded, as Python's int division.
+        x = d_hi.astype(np.float64) * float(1 << _LIMB) + d_lo
+        total = np.ldexp(x, -shift)
+        rest = (shift < 0) | ((x != 0.0) & ~((np.abs(d_hi) < 2**53) & (np.abs(total) >= _TINY)))
+        valid = track.valid[a] - track.valid[b]
+        bad = track.bad[a] - track.bad[b]
+        if rest.any():  # wide slots (scan), and what the doubles cannot prove: the exact Python-int path
+            for j in np.flatnonzero(rest).tolist():
+                total[j] = self.sum_one(track, int(u[j]), int(lo[j]), int(hi[j]))[0]
+        return total, valid, bad
 
     def sum_one(self, track: Track, slot: int, lo: int, hi: int) -> tuple[float, int, int]:
         """:meth:`sums` of one query, on plain Python values."""
-        sums, valid, bad = track.sums, track.valid, track.bad
-        return ((sums[hi - 1] - sums[lo - 1]) / (1 << int(track.shift[slot])), int(valid[hi - 1] - valid[lo - 1]),
-                int(bad[hi - 1] - bad[lo - 1]))
+        valid, bad = track.valid_view, track.bad_view
+        counts = valid[hi - 1] - valid[lo - 1], bad[hi - 1] - bad[lo - 1]
+        shift = track.shift_view[slot]
+        if shift == WIDE:  # the limbs are not kept: the window's finite values, summed exactly once
+            values = self.label if track.name is None else self.values[track.name]
+            return math.fsum(v for v in values[lo:hi].tolist() if v - v == 0.0), *counts
+        a, b = hi - 1, lo - 1
+        total = ((track.hi_view[a] - track.hi_view[b]) << _LIMB) + (track.lo_view[a] - track.lo_view[b])
+        return total / (1 << shift), *counts
 
 
 class Plan(Protocol):
@@ -825,12 +964,14 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
         if column and (aggregate == "mean" or aggregate == "sum"):
             track = pool.tracks[column]
             bad = track.bad_view
-            if bad[hi - 1] == bad[lo - 1] and EXACT:  # no infinity in the window: the exact prefix sums
-                psums = track.sums
-                total = psums[hi - 1] - psums[lo - 1]
+            shift = track.shift_view[slot]
+            # no infinity in the window, limbs kept (not wide): the exact prefix sums
+            a, b = hi - 1, lo - 1
+            if bad[a] == bad[b] and shift != WIDE and EXACT:
+                phi, plo = track.hi_view, track.lo_view
+                total = ((phi[a] - phi[b]) << _LIMB) + (plo[a] - plo[b])
                 pvalid = track.valid_view
-                valid = pvalid[hi - 1] - pvalid[lo - 1]
-                shift = track.shift_view[slot]
+                valid = pvalid[a] - pvalid[b]
                 term = None
                 if with_current:
                     if scaled is None:
@@ -879,8 +1020,9 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
             late = pool.late_view[slot]
             if late == NEVER:
                 label_total = 0.0  # only zero labels
-            elif t >= late and late != NONFINITE and EXACT:
-                exact = labels.sums[hi - 1] - labels.sums[lo - 1]
+            elif t >= late and late != NONFINITE and labels.shift_view[slot] != WIDE and EXACT:
+                phi, plo = labels.hi_view, labels.lo_view
+                exact = ((phi[hi - 1] - phi[lo - 1]) << _LIMB) + (plo[hi - 1] - plo[lo - 1])
                 label_total = exact / (1 << labels.shift_view[slot]) if exact else 0.0
             else:
                 label_total = math.fsum(
@@ -989,5 +1131,5 @@ def _group_cumsum(terms: np.ndarray, g: _Groups) -> np.ndarray:
     return total - np.repeat(before, g.counts)
 
 
-__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "Plan", "Pool", "Track", "window_columns", "window_edges",
+__all__ = ["NEVER", "NONFINITE", "NO_LABEL_AT", "WIDE", "Plan", "Pool", "Track", "window_columns", "window_edges",
            "window_group"]
