@@ -462,7 +462,7 @@ def test_property_the_block_index_sorts_drops_into_blocks_and_rows(spans, data) 
         for f, keep, at in thin:  # each kept row's position in what the block stored
             assert at.tolist() == [stored[f].index(s) for s in (keep + f).tolist()]
             stored[f] = sorted(model[f])
-            assert index.stored[f] == len(keep)
+            assert index.stored(f) == len(keep)
         for f in dead:
             del model[f], sizes[f], stored[f]
         assert not index.dead and not index.thin and set(index.firsts) == set(model)

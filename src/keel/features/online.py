@@ -123,8 +123,7 @@ class _Blocks:
     def __init__(self) -> None:
         self.alive: dict[int, np.ndarray] = {}  # first -> bool per row
         self.count: dict[int, int] = {}  # first -> rows alive
-        self.stored: dict[int, int] = {}  # first -> rows the block stores on disk
-        self.offsets: dict[int, np.ndarray | None] = {}  # first -> the offsets of those rows (None: all n)
+        self.offsets: dict[int, np.ndarray | None] = {}  # first -> the offsets of the rows it stores (None: all)
         self.firsts: list[int] = []  # sorted
         self.ends: list[int] = []  # first + n, in the same order
         self.dead: set[int] = set()
@@ -141,7 +140,7 @@ class _Blocks:
         else:
             self.alive[first] = np.zeros(n, dtype=bool)
             self.alive[first][np.asarray(offsets, dtype=np.int64)] = True
-        self.count[first] = self.stored[first] = int(np.count_nonzero(self.alive[first]))
+        self.count[first] = int(np.count_nonzero(self.alive[first]))
         self.offsets[first] = None if offsets is None else np.flatnonzero(self.alive[first])
         if not self.count[first]:
             self.dead.add(first)
@@ -151,7 +150,7 @@ class _Blocks:
         i = bisect.bisect_left(self.firsts, first)
         if i < len(self.firsts) and self.firsts[i] == first:
             del self.firsts[i], self.ends[i]
-            del self.alive[first], self.count[first], self.stored[first], self.offsets[first]
+            del self.alive[first], self.count[first], self.offsets[first]
             self.dead.discard(first)
             self.thin.discard(first)
             self._arrays = None
@@ -200,8 +199,13 @@ class _Blocks:
         if left == 0:
             self.dead.add(first)
             self.thin.discard(first)
-        elif left * _THIN <= self.stored[first]:
+        elif left * _THIN <= self.stored(first):
             self.thin.add(first)
+
+    def stored(self, first: int) -> int:
+        """How many rows the block stores on disk."""
+        offsets = self.offsets[first]
+        return len(self.alive[first]) if offsets is None else len(offsets)
 
     def take(self) -> tuple[list[int], list[tuple[int, np.ndarray, np.ndarray]]]:
         """The blocks to delete (no longer tracked) and those to write again with the rows memory holds: their
@@ -211,7 +215,7 @@ class _Blocks:
         for first in sorted(self.thin):
             keep, stored = np.flatnonzero(self.alive[first]), self.offsets[first]
             thin.append((first, keep, keep if stored is None else np.searchsorted(stored, keep)))
-            self.stored[first], self.offsets[first] = len(keep), keep
+            self.offsets[first] = keep
         for first in dead:
             self.remove(first)
         self.thin = set()
@@ -987,7 +991,7 @@ class OnlineStore:
                 skipped, self._skipped = self._skipped, set()
                 count = self._block_index.count  # rows of a block memory still holds are what it writes of it
                 held = sum(count.get(block[0], 0) for block in blocks)
-                dead, thin = self._block_index.take() if self._block_index.dead or self._block_index.thin else ([], [])
+                dead, thin = self._block_index.take()
             live = [row for row in taken if row[0] not in skipped] if skipped else taken
             if not live and not deletes and not blocks and not dead and not thin:
                 return 0
