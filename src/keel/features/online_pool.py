@@ -131,6 +131,11 @@ class Track:
         """Entry ``i``'s prefix sum on its slot's grid, as a Python int (not for a wide slot)."""
         return (self.hi_view[i] << _LIMB) + self.lo_view[i]
 
+    def between(self, a: int, b: int) -> int:
+        """Entry ``a``'s prefix minus entry ``b``'s (one slot, not wide), as a Python int: the sum on the slot's
+        grid of the entries ``(b, a]``."""
+        return ((self.hi_view[a] - self.hi_view[b]) << _LIMB) + (self.lo_view[a] - self.lo_view[b])
+
     def widen(self, slot: int) -> None:
         """Stop keeping the slot's limbs: its windows on this track scan from now on."""
         self.shift[slot] = WIDE
@@ -918,9 +923,7 @@ class Pool:
         if shift == WIDE:  # the limbs are not kept: the window's finite values, summed exactly once
             values = self.label if track.name is None else self.values[track.name]
             return math.fsum(v for v in values[lo:hi].tolist() if v - v == 0.0), *counts
-        a, b = hi - 1, lo - 1
-        total = ((track.hi_view[a] - track.hi_view[b]) << _LIMB) + (track.lo_view[a] - track.lo_view[b])
-        return total / (1 << shift), *counts
+        return track.between(hi - 1, lo - 1) / (1 << shift), *counts
 
 
 class Plan(Protocol):
@@ -968,8 +971,7 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
             # no infinity in the window, limbs kept (not wide): the exact prefix sums
             a, b = hi - 1, lo - 1
             if bad[a] == bad[b] and shift != WIDE and EXACT:
-                phi, plo = track.hi_view, track.lo_view
-                total = ((phi[a] - phi[b]) << _LIMB) + (plo[a] - plo[b])
+                total = track.between(a, b)
                 pvalid = track.valid_view
                 valid = pvalid[a] - pvalid[b]
                 term = None
@@ -1021,8 +1023,7 @@ def window_group(pool: Pool, slot: int, plan: Plan, t: int, current: Mapping[str
             if late == NEVER:
                 label_total = 0.0  # only zero labels
             elif t >= late and late != NONFINITE and labels.shift_view[slot] != WIDE and EXACT:
-                phi, plo = labels.hi_view, labels.lo_view
-                exact = ((phi[hi - 1] - phi[lo - 1]) << _LIMB) + (plo[hi - 1] - plo[lo - 1])
+                exact = labels.between(hi - 1, lo - 1)
                 label_total = exact / (1 << labels.shift_view[slot]) if exact else 0.0
             else:
                 label_total = math.fsum(
