@@ -410,6 +410,38 @@ def test_labels_kept_in_memory_equal_the_labels_table(tmp_path: Path) -> None:
         assert mem.features(later)["shop_label_count_1h"] == sql.features(later)["shop_label_count_1h"] >= 1
 
 
+def _holders(store: OnlineStore) -> dict[str, list[tuple[str, str]]]:
+    """Event id -> the (entity, key) of each state holding it (slot numbers differ between stores)."""
+    out = {}
+    for event_id, codes in store._owners.items():
+        states = []
+        for code in codes:
+            pool, slot = store._owned(code)
+            states.append((store._entities[code % len(store._entities)], pool.keys[slot]))
+        out[event_id] = sorted(states)
+    return out
+
+
+def test_single_event_prunes_leave_the_owner_map_and_waiting_labels_a_reload_rebuilds(tmp_path: Path) -> None:
+    """Events replayed one at a time push the oldest out of their states a row or two at a time (the single-event
+    path of pruning): the map of event -> states holding it and the labels waiting for their events are then
+    exactly what a store rebuilt from the file has, and every event is either held or pruned past every horizon."""
+    frame = random_events(14, n=600)
+    path = tmp_path / "s.sqlite"
+    with store_at(path) as store:
+        replay(store, frame)
+        pruned = {str(i) for i in frame["id"]} - set(store._owners)
+        assert len(pruned) > 100  # (3 days of events; the longest horizon is 1 day)
+        held_by_one = [i for i, codes in store._owners.items() if len(codes) == 1]
+        assert held_by_one  # pruned from the shop's 8 h state, still in the card's day
+        with store_at(path) as again:
+            again.preload()
+            assert _holders(store) == _holders(again)
+            assert store._pending == again._pending
+        labelled = {str(i) for i in frame.loc[frame["ts"] + LABEL_DELAY <= frame["ts"].max(), "id"]}
+        assert set(store._pending) == labelled & pruned
+
+
 def test_compaction_passes_through_every_call_change_no_feature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compaction passes forced through every call, a few rows per step (states move under events, labels and
     prunes, on the single-event and the batch path): the features are bit for bit those of a store that never

@@ -190,9 +190,14 @@ class _Blocks:
 
     def _mark(self, first: int, offsets: Any) -> None:
         alive = self.alive[first]
-        newly = int(np.count_nonzero(alive[offsets]))
-        if not newly:
-            return
+        if isinstance(offsets, int):  # the single-event path: one row (a numpy call costs more than the work)
+            if not alive[offsets]:
+                return
+            newly = 1
+        else:
+            newly = int(np.count_nonzero(alive[offsets]))
+            if not newly:
+                return
         alive[offsets] = False
         left = self.count[first] - newly
         self.count[first] = left
@@ -840,7 +845,11 @@ class OnlineStore:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
         pool = self._pools[entity]
         first, stop = pool.prune_one(slot, pool.t_view[pool.end_view[slot] - 1] - self._horizon[entity])
-        if stop > first:
+        if stop - first == 1:  # the usual case once a state spans its horizon: each new event pushes one out
+            self._drop_rows([pool.seq_view[first]])
+            self._disown([slot * len(self._entities) + self._entity_index[entity]], [pool.ids[first]],
+                         [pool.label_view[first]], [pool.label_at_view[first]])
+        elif stop > first:
             label_at = pool.label_at[first:stop].tolist()
             labels = pool.label[first:stop].tolist() if label_at.count(_NO_LABEL_AT) != len(label_at) else None
             self._drop_rows(pool.seq[first:stop].tolist())
@@ -853,8 +862,8 @@ class OnlineStore:
         their owners; an event no state holds any more goes back to waiting with its label (``labels``: None
         when none has one), as it may be sent again."""
         owners = self._owners
-        held = list(map(owners.get, ids))
-        if None not in held:  # the usual case, as C-level maps: every event has owners
+        held = list(map(owners.get, ids)) if len(ids) > 4 else None  # (a few: the loop below is cheaper)
+        if held is not None and None not in held:  # the usual case of a batch, as C-level maps: all have owners
             lens = list(map(len, held))
             last = list(map(eq, lens, repeat(1)))  # this state was the last to hold the event
             shared = list(map(not_, last))
@@ -875,14 +884,16 @@ class OnlineStore:
                             return
         for old, code, label, at_ns in zip(ids, mine, repeat(0.0) if labels is None else labels, label_at,
                                            strict=False):
-            if old is not None and old in owners:
-                rest = tuple(o for o in owners[old] if o != code)
-                if rest:
-                    owners[old] = rest
-                else:
-                    del owners[old]
-                    if at_ns != _NO_LABEL_AT:  # back to waiting: the event may be sent again
-                        self._pending[old] = (label, at_ns)
+            codes = owners.get(old)  # (None for an event without id)
+            if codes is None:
+                continue
+            rest = () if codes == (code,) else tuple(o for o in codes if o != code)
+            if rest:
+                owners[old] = rest
+            else:
+                del owners[old]
+                if at_ns != _NO_LABEL_AT:  # back to waiting: the event may be sent again
+                    self._pending[old] = (label, at_ns)
 
     def _seqs(self, n: int) -> int:
         """The first of ``n`` fresh seqs (in arrival order), from the range this store reserved in the file."""
