@@ -11,7 +11,6 @@ from typing import Any
 from conftest import make_spec
 from keel.features.online import OnlineStore, stored_rows
 from keel.serve import PathProvider
-from keel.serve import service as service_module
 from keel.serve.schemas import build_request_models
 from keel.serve.service import Service
 
@@ -51,33 +50,3 @@ def test_answered_events_are_on_disk_alone_and_concurrent(tmp_path: Path, model_
     on_disk, group, answers = seen["together"]
     assert on_disk == set(ids) and group is not None
     assert all(a[0]["fallback"] is False for a in answers)
-
-
-def test_a_backlog_sends_even_a_lone_answer_through_the_commit_thread(tmp_path: Path, model_dirs: dict[str, Path],
-                                                                       events: Any) -> None:
-    """With as many requests taken in and not answered as BACKLOG_GROUP (the server's count), the loop is the
-    bottleneck: an answer alone in flight hands its rows to the commit thread and still answers only once they
-    are on disk; below it, the answer writes them itself."""
-    spec = make_spec(tmp_path)
-    path = tmp_path / "online.sqlite"
-    store = OnlineStore.from_spec(spec, path)
-    model = build_request_models(spec).event
-    batch = [model.model_validate(e).model_dump() for e in events(0, 3)]
-    service = Service(spec, PathProvider(model_dirs["a"]), store=store, prediction_log=str(tmp_path / "log.sqlite"))
-    backlog = [service_module.BACKLOG_GROUP - 1]
-    service.backlog = lambda: backlog[0]
-    seen: list[tuple[set[str], bool]] = []
-
-    async def go() -> None:
-        await service.start()
-        for i, e in enumerate(batch):
-            if i == 1:
-                backlog[0] = service_module.BACKLOG_GROUP
-            await service.answer([e], f"r{i}", endpoint="predict", started=0.0)
-            seen.append((_on_disk(path), service._group is not None))
-        await service.stop()
-
-    asyncio.run(go())
-    store.close()
-    ids = [str(e["transaction_id"]) for e in batch]
-    assert seen == [({ids[0]}, False), ({ids[0], ids[1]}, True), (set(ids), True)]

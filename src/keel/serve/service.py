@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,9 +54,6 @@ INLINE_OVERRUNS = 3
 # With freeze_gc: every this many seconds the young generations are collected and what survived is frozen, so the
 # collector never walks the growing online state (a full collection over 540k objects paused the loop 0.7 s).
 GC_FREEZE_SECONDS = 10.0
-# From this many requests taken in and not answered (this one included), the loop is the bottleneck: an answer's
-# store rows go through the group commit, written off the loop's thread, instead of inline (see _start_commit).
-BACKLOG_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -216,8 +213,6 @@ class Service:
         self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-reload")
         self._group: _GroupCommit | None = None
         self._in_flight = 0  # answers begun and not finished
-        # requests the server has taken in and not answered yet (run() reads uvicorn's; None: unknown)
-        self.backlog: Callable[[], int] | None = None
         self._pool_only: set[str] = set()  # versions that overran their budget inline: pool from now on
         self._overruns = 0  # consecutive inline answers over budget
         self._children: dict[tuple[str, Any], Any] = {}  # labelled metric children, by (metric, label)
@@ -444,20 +439,12 @@ class Service:
         return matrix, stale, failed, staged
 
     def _start_commit(self, staged: bool) -> asyncio.Future[None] | None:
-        """Write what the features staged: here when alone in flight and without a backlog (no thread handoff:
-        the lowest latency), else through the group commit (the store writes on its thread while the model scores
-        and the loop goes on; one transaction for every answer meanwhile; the answer awaits the returned future).
-
-        With a backlog the loop's thread is the bottleneck, and an inline commit cost it ~27 us of ~250 per request
-        (16 connections, closed loop). Without one, waiting for the commit thread (its wake-up and the GIL) would
-        only add latency: at 2,500-3,000 req/s open loop, a rule that sent every request arriving back to back
-        through the group doubled p50 and p99."""
+        """Write what the features staged: here when alone in flight (no thread handoffs), else through the group
+        commit (the store writes while the model scores; the answer awaits the returned future)."""
         if not staged:
             return None
         group = self._group
-        backlog = self.backlog
-        if (self._in_flight == 1 and (group is None or not group.busy)
-                and (backlog is None or backlog() < BACKLOG_GROUP)):
+        if self._in_flight == 1 and (group is None or not group.busy):
             try:
                 self._store.commit_staged()  # type: ignore[union-attr]
             except Exception as exc:
