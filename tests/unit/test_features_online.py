@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -422,10 +423,12 @@ def _holders(store: OnlineStore) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def test_single_event_prunes_leave_the_owner_map_and_waiting_labels_a_reload_rebuilds(tmp_path: Path) -> None:
+def test_single_event_prunes_keep_the_owner_map_and_forget_labels_of_events_gone_from_every_state(
+        tmp_path: Path) -> None:
     """Events replayed one at a time push the oldest out of their states a row or two at a time (the single-event
-    path of pruning): the map of event -> states holding it and the labels waiting for their events are then
-    exactly what a store rebuilt from the file has, and every event is either held or pruned past every horizon."""
+    path of pruning). The map of event -> states holding it is what a store rebuilt from the file has, and a label
+    whose event left every state is forgotten, in memory and in the file (the event can never count again): the
+    labels kept are those of events still held, however long the store runs."""
     frame = random_events(14, n=600)
     path = tmp_path / "s.sqlite"
     with store_at(path) as store:
@@ -434,12 +437,14 @@ def test_single_event_prunes_leave_the_owner_map_and_waiting_labels_a_reload_reb
         assert len(pruned) > 100  # (3 days of events; the longest horizon is 1 day)
         held_by_one = [i for i, codes in store._owners.items() if len(codes) == 1]
         assert held_by_one  # pruned from the shop's 8 h state, still in the card's day
+        labelled = {str(i) for i in frame.loc[frame["ts"] + LABEL_DELAY <= frame["ts"].max(), "id"]}
+        assert labelled & pruned  # (labels arrive 2 h after their event: while every state still holds it)
         with store_at(path) as again:
             again.preload()
             assert _holders(store) == _holders(again)
-            assert store._pending == again._pending
-        labelled = {str(i) for i in frame.loc[frame["ts"] + LABEL_DELAY <= frame["ts"].max(), "id"]}
-        assert set(store._pending) == labelled & pruned
+            assert store._pending == again._pending == {}
+        with sqlite3.connect(path) as db:
+            assert {row[0] for row in db.execute("select event_id from labels")} == labelled - pruned
 
 
 def test_compaction_passes_through_every_call_change_no_feature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -466,3 +466,30 @@ def test_property_the_block_index_sorts_drops_into_blocks_and_rows(spans, data) 
         for f in dead:
             del model[f], sizes[f], stored[f]
         assert not index.dead and not index.thin and set(index.firsts) == set(model)
+
+
+def test_labels_of_events_gone_from_every_state_leave_the_file_with_the_commits_deletes(tmp_path) -> None:
+    """A label its event held when the event left its last state is forgotten: deleted from the file with the
+    next commit's deletes, after a batch as after single events. A label recorded for such an event later waits
+    for it (it may be sent again), even one equal to the forgotten one: its pending delete is cancelled."""
+    path = tmp_path / "s.sqlite"
+    at = BASE + timedelta(minutes=41)
+    with open_store(path) as store:
+        store.features_many([event(i, i, card=i % 2, shop=i % 3) for i in range(40)], stage=True)
+        store.commit_staged()
+        for i in range(10):
+            store.add_label(i, 1, at)
+        # 3 h later, as a batch: every state moves past events 0-39 (horizons: card 1 h, shop 1 h 30)
+        store.features_many([event(100 + i, 180 + i, card=i % 2, shop=i % 3) for i in range(40)], stage=True)
+        assert store._pending == {}
+        store.add_label(7, 0, at)  # the same time as the forgotten label, another value
+        store.commit_staged(deletes=True)
+        with sqlite3.connect(path) as db:
+            assert dict(db.execute("select event_id, label from labels")) == {"7": 0.0}
+        assert store._pending == {"7": (0.0, int(at.value))}
+        store.add_label(100, 1, BASE + timedelta(minutes=221))  # card 0 and shop 0 hold event 100
+        store.stage(event(200, 400, card=0, shop=0))  # one single event pushes it out of both
+        store.commit_staged(deletes=True)
+        with sqlite3.connect(path) as db:
+            assert dict(db.execute("select event_id, label from labels")) == {"7": 0.0}
+        assert "100" not in store._owners and store._pending == {"7": (0.0, int(at.value))}

@@ -97,6 +97,7 @@ _INSERTS = [_INSERT + ", (?, ?, ?, ?, ?, ?)" * (k - 1) for k in range(_ONE_STATE
 _PARAMS = 900
 _INSERT_ROWS = _PARAMS // 6
 _INSERT_MANY = _INSERT + ", (?, ?, ?, ?, ?, ?)" * (_INSERT_ROWS - 1)
+_DELETE_LABEL = "delete from labels where event_id = ? and at = ?"
 _DELETE_MANY = "delete from events where seq in (" + ", ".join("?" * _PARAMS) + ")"
 
 
@@ -474,7 +475,8 @@ class OnlineStore:
         self._ratios = [d for d in self.definitions if isinstance(d, RatioDefinition)]
         self._freshness_ns = None if freshness is None else to_ns(freshness)
         self._vals_json = {e: [(c, json.dumps(c)) for c in cols] for e, cols in self._columns.items()}
-        # Labels whose event is in no in-memory entity state (labels that came first, or whose event was pruned):
+        # Labels whose event is in no in-memory entity state (labels that came before their event, or after it left
+        # every state; a label its event held when it left is forgotten, see _disown):
         # a new event finds its label here instead of querying SQLite. Complete only once every entity's state is
         # in memory (after preload); until then a miss falls back to the labels table.
         self._pending: dict[str, tuple[float, int]] = {}
@@ -511,6 +513,8 @@ class OnlineStore:
         # seqs the latest commit took (being written, or written): dropped, they are deleted with the next commit
         self._in_flight: set[int] = set()
         self._staged_deletes: list[tuple[int]] = []  # seqs of written rows memory has dropped
+        # labels of events that can never count again (event id -> known at), deleted with the row deletes
+        self._staged_label_deletes: dict[str, int] = {}
         self._loaded_all = False  # every entity's state is in memory (preload ran)
         self._writer: sqlite3.Connection | None = None
         self._writer_lock = threading.Lock()
@@ -598,6 +602,7 @@ class OnlineStore:
         self._pending_complete = False
         self._loaded_all = False
         self._staged_deletes.clear()  # rows left on disk are pruned again when loaded: keeping them is safe
+        self._staged_label_deletes.clear()  # (labels left on disk wait for their events again: safe too)
         self._seq_end = 0  # (a rolled-back transaction may have taken the reservation back: reserve again)
         self._block_index = _Blocks()  # (the load registers the blocks on disk again)
         for first, _, keys, *_ in self._staged_blocks:
@@ -848,19 +853,17 @@ class OnlineStore:
         if stop - first == 1:  # the usual case once a state spans its horizon: each new event pushes one out
             self._drop_rows([pool.seq_view[first]])
             self._disown([slot * len(self._entities) + self._entity_index[entity]], [pool.ids[first]],
-                         [pool.label_view[first]], [pool.label_at_view[first]])
+                         [pool.label_at_view[first]])
         elif stop > first:
-            label_at = pool.label_at[first:stop].tolist()
-            labels = pool.label[first:stop].tolist() if label_at.count(_NO_LABEL_AT) != len(label_at) else None
             self._drop_rows(pool.seq[first:stop].tolist())
             self._disown([slot * len(self._entities) + self._entity_index[entity]] * (stop - first),
-                         pool.ids[first:stop].tolist(), labels, label_at)
+                         pool.ids[first:stop].tolist(), pool.label_at[first:stop].tolist())
 
-    def _disown(self, mine: list[int], ids: list[str | None], labels: Sequence[float] | None,
-                label_at: Sequence[int]) -> None:
-        """The states ``mine`` (owner codes, one per event) no longer hold the events ``ids``: take them out of
-        their owners; an event no state holds any more goes back to waiting with its label (``labels``: None
-        when none has one), as it may be sent again."""
+    def _disown(self, mine: list[int], ids: list[str | None], label_at: Sequence[int]) -> None:
+        """The states ``mine`` (owner codes, one per event) pruned the events ``ids``: take them out of their
+        owners. An event no state holds any more can never count again (each of its states has moved a horizon past
+        it, a state's newest time never goes back, so a copy sent again is pruned as it arrives): its label, if it
+        has one (``label_at``), is forgotten, in memory and in the file (:meth:`_drop_labels`)."""
         owners = self._owners
         held = list(map(owners.get, ids)) if len(ids) > 4 else None  # (a few: the loop below is cheaper)
         if held is not None and None not in held:  # the usual case of a batch, as C-level maps: all have owners
@@ -877,13 +880,13 @@ class OnlineStore:
                             owners.update(zip(compress(ids, shared), map(getitem, pairs, repeat(rest)),
                                               strict=True))
                             _consume(map(owners.__delitem__, compress(ids, last)))
-                            if labels is not None:
-                                for old, label, at_ns, gone in zip(ids, labels, label_at, last, strict=True):
-                                    if gone and at_ns != _NO_LABEL_AT:
-                                        self._pending[old] = (label, at_ns)
+                            if label_at.count(_NO_LABEL_AT) != len(label_at):
+                                self._drop_labels([(old, at_ns) for old, at_ns, gone in zip(ids, label_at, last,
+                                                                                           strict=True)
+                                                   if gone and at_ns != _NO_LABEL_AT])
                             return
-        for old, code, label, at_ns in zip(ids, mine, repeat(0.0) if labels is None else labels, label_at,
-                                           strict=False):
+        dropped = []
+        for old, code, at_ns in zip(ids, mine, label_at, strict=False):
             codes = owners.get(old)  # (None for an event without id)
             if codes is None:
                 continue
@@ -892,8 +895,18 @@ class OnlineStore:
                 owners[old] = rest
             else:
                 del owners[old]
-                if at_ns != _NO_LABEL_AT:  # back to waiting: the event may be sent again
-                    self._pending[old] = (label, at_ns)
+                if at_ns != _NO_LABEL_AT:
+                    dropped.append((old, at_ns))
+        if dropped:
+            self._drop_labels(dropped)
+
+    def _drop_labels(self, labels: list[tuple[str, int]]) -> None:
+        """Forget the labels ``(event id, known at)`` of events that can never count again: deleted from the file
+        with the next commit's deletes when staging, else now (only that label: one recorded later stays)."""
+        if self._staging:
+            self._staged_label_deletes.update(labels)
+        else:
+            self._db.executemany(_DELETE_LABEL, labels)
 
     def _seqs(self, n: int) -> int:
         """The first of ``n`` fresh seqs (in arrival order), from the range this store reserved in the file."""
@@ -994,17 +1007,19 @@ class OnlineStore:
             with self._lock:
                 taken, self._staged = self._staged, []
                 blocks, self._staged_blocks = self._staged_blocks, []
-                if flush or len(self._staged_deletes) >= self.DELETE_ROWS:
+                if flush or len(self._staged_deletes) + len(self._staged_label_deletes) >= self.DELETE_ROWS:
                     deletes, self._staged_deletes = self._staged_deletes, []
+                    label_deletes = list(self._staged_label_deletes.items())
+                    self._staged_label_deletes = {}
                 else:
-                    deletes = []
+                    deletes, label_deletes = [], []
                 self._in_flight, self._staged_seqs = self._staged_seqs, set()
                 skipped, self._skipped = self._skipped, set()
                 count = self._block_index.count  # rows of a block memory still holds are what it writes of it
                 held = sum(count.get(block[0], 0) for block in blocks)
                 dead, thin = self._block_index.take()
             live = [row for row in taken if row[0] not in skipped] if skipped else taken
-            if not live and not deletes and not blocks and not dead and not thin:
+            if not live and not deletes and not label_deletes and not blocks and not dead and not thin:
                 return 0
             if self._writer is None:
                 self._writer = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -1018,7 +1033,8 @@ class OnlineStore:
             db = self._writer
             written = len(live) + held
             try:
-                if not deletes and not blocks and not dead and not thin and len(live) <= _ONE_STATEMENT:
+                if (not deletes and not label_deletes and not blocks and not dead and not thin
+                        and len(live) <= _ONE_STATEMENT):
                     try:
                         db.execute(_INSERTS[len(live)], [v for row in live for v in row])
                     except sqlite3.IntegrityError:  # (nothing written: one statement)
@@ -1046,6 +1062,8 @@ class OnlineStore:
                     db.executemany(_DELETE_BLOCK, zip(dead))
                 if deletes:  # after the inserts: a seq freed here is not handed out again in this commit
                     execute_chunked(db, _DELETE, _DELETE_MANY, deletes, _PARAMS)
+                if label_deletes:
+                    db.executemany(_DELETE_LABEL, label_deletes)
                 db.execute("commit")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -1054,7 +1072,7 @@ class OnlineStore:
                     self._forget()
                 raise
             if self._checkpointer is not None:
-                self._checkpointer.wrote(written + len(deletes) + len(dead) + len(thin))
+                self._checkpointer.wrote(written + len(deletes) + len(label_deletes) + len(dead) + len(thin))
             return written + len(deletes)
 
     def _block_row(self, block: tuple[int, str, list[str], list[str | None], list[int], list[list[float]]]
@@ -1085,7 +1103,9 @@ class OnlineStore:
         """Record that ``event_id``'s label became known at ``at``; return whether the event is in the store.
 
         The label counts in label-based aggregates of events at or after ``at`` (and only while the labelled
-        event is inside their delayed window).
+        event is inside their delayed window). A label for an event no state holds waits for it (labels may come
+        first). Once its event has left every state the label is forgotten, in memory and in the file, because it
+        can never count again, so a long-running store keeps the labels of about its longest horizon.
         """
         key = _key(event_id)
         at_ns = _time_ns(at, "at")
@@ -1103,6 +1123,7 @@ class OnlineStore:
                 if i is not None:
                     pool.set_label(slot, i, value, at_ns)
                     found = True
+            self._staged_label_deletes.pop(key, None)  # (this label is newer than a forgotten one)
             if found:
                 self._pending.pop(key, None)
             else:  # the event comes later (or comes back): it finds its label in memory

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keel.features.offline import ratio_feature, row_feature, row_value
-from keel.features.online import _NO_LABEL_AT, FeatureBatch, _key, _number, _spans
+from keel.features.online import FeatureBatch, _key, _number, _spans
 from keel.features.online_pool import window_columns, window_edges, window_group
 
 if TYPE_CHECKING:
@@ -227,11 +227,9 @@ def _prune(store: OnlineStore, part: _Entity) -> None:
     slots = slots[old]
     first, stop = pool.prune(slots, before[old])
     dropped = _spans(first, stop)
-    label_at = pool.label_at[dropped].tolist()
-    labels = pool.label[dropped].tolist() if label_at.count(_NO_LABEL_AT) != len(label_at) else None
     store._drop_rows(pool.seq[dropped].tolist())
     mine = np.repeat(slots * len(store._entities) + store._entity_index[part.entity], stop - first).tolist()
-    store._disown(mine, pool.ids[dropped].tolist(), labels, label_at)
+    store._disown(mine, pool.ids[dropped].tolist(), pool.label_at[dropped].tolist())
 
 
 def _undo(store: OnlineStore, parts: list[_Entity], staged: int, ids: list[str | None]) -> None:
