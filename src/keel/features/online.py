@@ -850,14 +850,13 @@ class OnlineStore:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
         pool = self._pools[entity]
         first, stop = pool.prune_one(slot, pool.t_view[pool.end_view[slot] - 1] - self._horizon[entity])
+        code = slot * len(self._entities) + self._entity_index[entity]
         if stop - first == 1:  # the usual case once a state spans its horizon: each new event pushes one out
             self._drop_rows([pool.seq_view[first]])
-            self._disown([slot * len(self._entities) + self._entity_index[entity]], [pool.ids[first]],
-                         [pool.label_at_view[first]])
+            self._disown([code], [pool.ids[first]], [pool.label_at_view[first]])
         elif stop > first:
             self._drop_rows(pool.seq[first:stop].tolist())
-            self._disown([slot * len(self._entities) + self._entity_index[entity]] * (stop - first),
-                         pool.ids[first:stop].tolist(), pool.label_at[first:stop].tolist())
+            self._disown([code] * (stop - first), pool.ids[first:stop].tolist(), pool.label_at[first:stop].tolist())
 
     def _disown(self, mine: list[int], ids: list[str | None], label_at: Sequence[int]) -> None:
         """The states ``mine`` (owner codes, one per event) pruned the events ``ids``: take them out of their
