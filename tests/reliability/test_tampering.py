@@ -149,7 +149,7 @@ def test_keel_serve_with_a_model_path_outside_any_artifact_exits_2(proj: Project
     import uvicorn
 
     served: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: served.append(a))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: served.append(a))
     monkeypatch.chdir(proj.root)
     result = CliRunner().invoke(cli, ["serve", "-s", str(proj.spec_path), "--model", "../../etc"])
     assert not served, "uvicorn was started"

@@ -86,8 +86,17 @@ def test_keel_serve_keeps_idle_connections_open_past_a_proxys_idle_timeout(
     if configured is not None:
         text = (project / "keel.toml").read_text().replace("[serving]", f"[serving]\nkeep_alive_seconds = {configured}")
         (project / "keel.toml").write_text(text)
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
+    servers: list[Any] = []
+
+    def started(server: Any, sockets: Any = None) -> None:
+        servers.append(server)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
     monkeypatch.setattr(serve_app, "configure_logging", lambda level: None)  # leave this process's loggers alone
     serve_app.run(load_spec(project / "keel.toml"), model_path=model_dirs["a"], log_level="warning")
-    assert [c["timeout_keep_alive"] for c in calls] == [expected]
+    assert [s.config.timeout_keep_alive for s in servers] == [expected]
+    # the service reads uvicorn's requests taken in and not answered (its backlog: when to group commits)
+    service = servers[0].config.app.state.service
+    servers[0].server_state.tasks.update({"a", "b"})
+    assert service.backlog() == 2

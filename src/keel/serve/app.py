@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +388,7 @@ def run(spec: Any, host: str | None = None, port: int | None = None, workers: in
     entity's windows would miss the events other workers saw.
     """
     import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
 
     host = host or spec.serving.host
     port = port or spec.serving.port
@@ -415,8 +417,14 @@ def run(spec: Any, host: str | None = None, port: int | None = None, workers: in
                     access_log=False, log_config=None, timeout_graceful_shutdown=10, timeout_keep_alive=keep_alive)
         return
     app = create_app(spec, PathProvider(model_path) if model_path is not None else None, freeze_gc=True)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, timeout_graceful_shutdown=10,
-                timeout_keep_alive=keep_alive)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
+                                           timeout_graceful_shutdown=10, timeout_keep_alive=keep_alive))
+    # the requests uvicorn has taken in and not answered: the service's backlog (see Service._start_commit)
+    app.state.service.backlog = server.server_state.tasks.__len__
+    with suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:  # as uvicorn.run: the port taken, or the app's startup failed
+        sys.exit(STARTUP_FAILURE)
 
 
 __all__ = ["JsonFormatter", "KeelAPI", "ServiceMiddleware", "configure_logging", "create_app", "run"]
