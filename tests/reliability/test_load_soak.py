@@ -4,12 +4,14 @@
    request's scheduled time -- exceeds the budget, a request fails, or the rate is not reached. The last rate
    that held is the sustainable rate.
 2. Soak at that rate for ``KEEL_SOAK_SECONDS`` (default 300): zero failed requests, the server's RSS stable
-   within a bound, and one prediction-log row per request answered.
+   within a bound, and one prediction-log row per request answered. The soak's events move through
+   :data:`SOAK_DAYS` of event time in order, so the online store's state (each entity's events inside its
+   longest window) reaches its steady size early in the soak; RSS growth after that is what the bound is for.
 
-Knobs (environment): ``KEEL_SOAK_SECONDS`` (300), ``KEEL_P99_BUDGET_MS`` (default 250 ms: end to end, queueing and
-the generator's own scheduling included, on a shared, loaded 2-core machine where p99 is dominated by CPU
-contention; set 25 on a dedicated machine to check the project's goal), ``KEEL_RSS_GROWTH_MB`` (64), ``KEEL_RELIABILITY_RESULTS`` (write the figures as JSON there). The generator
-runs on the same machine as the server, so the figures are a floor for the server alone.
+Knobs (environment): ``KEEL_SOAK_SECONDS`` (300), ``KEEL_P99_BUDGET_MS`` (default 25 ms, the project's goal: end
+to end, queueing and the generator's own scheduling included; raise it on a machine other jobs load heavily),
+``KEEL_RSS_GROWTH_MB`` (64), ``KEEL_RELIABILITY_RESULTS`` (write the figures as JSON there). The generator runs on
+the same machine as the server, so the figures are a floor for the server alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ FIELDS = ["transaction_id", "tx_datetime", "customer_id", "terminal_id", "tx_amo
 RATES = (25.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 400.0)
 STEP_REQUESTS = 400  # enough samples for a p99 that is not just the maximum ...
 STEP_SECONDS = 15.0  # ... and long enough for a backlog to show
+# Event time the soak moves through, ending now: the store's longest horizon (37 days, the 30-day windows and the
+# 7-day label delay) passes in the first ~19% of the soak, before the RSS baseline (taken at 20%). At 400 req/s
+# for 300 s this is ~2 events per customer a day, the simulated data's density.
+SOAK_DAYS = 200
 
 
 def _rss_mb(pid: int) -> float:
@@ -69,17 +75,19 @@ def test_sustainable_rate_then_soak(project: Project, tmp_path: Path, server_fac
     soak_seconds = float(os.environ.get("KEEL_SOAK_SECONDS", "300"))
     proj = project.copy_to(tmp_path / "p")
     spec = proj.spec
-    budget = float(os.environ.get("KEEL_P99_BUDGET_MS", "250"))
+    budget = float(os.environ.get("KEEL_P99_BUDGET_MS", "25"))
     growth_bound = float(os.environ.get("KEEL_RSS_GROWTH_MB", "64"))
     log_db = spec.store_path(spec.serving.prediction_log)
     server = server_factory(proj)
     next_id = [10**9]
 
-    def bodies(n: int) -> list[dict[str, Any]]:
-        # Event times spread over 60 days ending now, as in the simulated data (~2 events per customer a day):
-        # packing them into an hour would put every event of an entity inside its 30-day windows, and the
-        # online store's per-event cost grows with the events in an entity's window.
-        out = timed_events(proj.transactions, FIELDS, count=n, first_id=next_id[0], span=timedelta(days=60))
+    soak_start = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=SOAK_DAYS)
+
+    def bodies(n: int, *, end: datetime = soak_start, days: float = 60) -> list[dict[str, Any]]:
+        # The steps' events are spread over the 60 days before the soak's, as in the simulated data (~2 events
+        # per customer a day): packing them into an hour would put every event of an entity inside its windows.
+        out = timed_events(proj.transactions, FIELDS, count=n, first_id=next_id[0], end=end,
+                           span=timedelta(days=days))
         next_id[0] += n
         return out
 
@@ -105,8 +113,9 @@ def test_sustainable_rate_then_soak(project: Project, tmp_path: Path, server_fac
     def sample(elapsed: float, partial: LoadResult) -> None:
         samples.append((elapsed, _rss_mb(server.pid)))
 
-    soak = fixed_rate(server.base, bodies(int(rate * soak_seconds)), rate=rate, seconds=soak_seconds,
-                      on_tick=sample)
+    soak_bodies = bodies(int(rate * soak_seconds), end=datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1),
+                         days=SOAK_DAYS)
+    soak = fixed_rate(server.base, soak_bodies, rate=rate, seconds=soak_seconds, on_tick=sample)
     samples.append((soak.elapsed_s, _rss_mb(server.pid)))
     logged = _wait_logged(log_db, before + soak.answered) - before
 
