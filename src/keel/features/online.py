@@ -850,7 +850,7 @@ class OnlineStore:
         """Drop the events no window can reach any more: at or before the newest event's time - horizon."""
         pool = self._pools[entity]
         first, stop = pool.prune_one(slot, pool.t_view[pool.end_view[slot] - 1] - self._horizon[entity])
-        code = slot * len(self._entities) + self._entity_index[entity]
+        code = self._owner(entity, slot)
         if stop - first == 1:  # the usual case once a state spans its horizon: each new event pushes one out
             self._drop_rows([pool.seq_view[first]])
             self._disown([code], [pool.ids[first]], [pool.label_at_view[first]])
