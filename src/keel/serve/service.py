@@ -487,8 +487,7 @@ class Service:
 
     def _run_loop_commit(self) -> None:
         future, self._loop_pending = self._loop_pending, None
-        if future is None:
-            return
+        assert future is not None  # (scheduled once per future, by _loop_commit)
         group = self._group
         if group is not None and group.busy:  # its flush holds the store's writer lock: do not block the loop
             group.request().add_done_callback(lambda done: _settle([future], done.exception()))
