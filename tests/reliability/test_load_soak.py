@@ -83,7 +83,7 @@ def test_sustainable_rate_then_soak(project: Project, tmp_path: Path, server_fac
 
     soak_start = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=SOAK_DAYS)
 
-    def bodies(n: int, *, end: datetime = soak_start, days: float = 60) -> list[dict[str, Any]]:
+    def bodies(n: int, *, end: datetime | None = soak_start, days: float = 60) -> list[dict[str, Any]]:
         # The steps' events are spread over the 60 days before the soak's, as in the simulated data (~2 events
         # per customer a day): packing them into an hour would put every event of an entity inside its windows.
         out = timed_events(proj.transactions, FIELDS, count=n, first_id=next_id[0], end=end,
@@ -113,8 +113,7 @@ def test_sustainable_rate_then_soak(project: Project, tmp_path: Path, server_fac
     def sample(elapsed: float, partial: LoadResult) -> None:
         samples.append((elapsed, _rss_mb(server.pid)))
 
-    soak_bodies = bodies(int(rate * soak_seconds), end=datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1),
-                         days=SOAK_DAYS)
+    soak_bodies = bodies(int(rate * soak_seconds), end=None, days=SOAK_DAYS)  # (None: ending now)
     soak = fixed_rate(server.base, soak_bodies, rate=rate, seconds=soak_seconds, on_tick=sample)
     samples.append((soak.elapsed_s, _rss_mb(server.pid)))
     logged = _wait_logged(log_db, before + soak.answered) - before
