@@ -24,6 +24,7 @@ from keel.monitor.drift import log_time_range
 from keel.monitor.logread import BASE_COLUMNS, read_log, seq_bounds
 from keel.monitor.skew import _logged_events, _sample_log
 from keel.serve.predlog import (
+    PredictionBatch,
     PredictionLog,
     iter_predictions,
     pack_segment,
@@ -59,9 +60,11 @@ def _same(got: pd.DataFrame, want: pd.DataFrame) -> None:
     for c in got.columns:
         a, b = got[c].to_numpy(), want[c].to_numpy()
         if a.dtype != b.dtype:
-            # read_log types a raw int input per frame (all ints: objects, with a missing one: float64), and
-            # segment-only rows make other frames than rows do: the same numbers either way.
-            assert c.startswith("input.") and {a.dtype.kind, b.dtype.kind} <= {"O", "f"}, c
+            # read_log types a raw int input per frame (all ints: objects, with a missing one: float64) and reads a
+            # bool input as a number (0.0/1.0: monitoring's _convert), where the rows' JSON parsed by
+            # DataFrame.from_records gives bool when none is missing; and segment-only rows make other frames than
+            # rows do: the same numbers either way.
+            assert c.startswith("input.") and {a.dtype.kind, b.dtype.kind} <= {"O", "f", "b"}, c
             assert [None if v is None or v != v else float(v) for v in a] == [
                 None if v is None or v != v else float(v) for v in b], c
         elif a.dtype.kind in "fM":
@@ -197,3 +200,27 @@ def test_logs_without_segment_only_rows_read_as_before(tmp_path: Path, moved: li
     assert segment_only(rows, only, moved) == (0 if moved == [False] else 4 + 2)
     _all_reads_agree(rows, only, ("f",), [(None, None), (T0 + timedelta(hours=3), T0 + timedelta(hours=7))])
 
+
+
+def test_a_bool_input_reads_back_as_a_number_equal_to_the_logged_one(tmp_path: Path) -> None:
+    """The case hypothesis found: one event whose bool input is present (no None beside it). The rows' JSON parsed
+    by DataFrame.from_records gives a bool column; monitoring's reader gives 0.0/1.0 (bools read as numbers), the
+    same values."""
+    batch = PredictionBatch(
+        request_id="0", endpoint="batch", time=datetime(2026, 11, 30, tzinfo=UTC),
+        inputs={"tx_id": [0], "tx_datetime": np.array([T0], dtype="datetime64[ns]"), "amount": np.array([0.0]),
+                "flag": [False]},
+        event_ids=None, timestamp="tx_datetime", scores=np.array([0.0]), decisions=["approve"], model_version=None,
+        fallback_reasons=[None], stale=np.array([False]), latency_ms=0.0, features=np.array([[0.0]]),
+        feature_names=("tx_amount",), failed=np.array([False]))
+    for as_columns in (False, True):
+        path = tmp_path / f"log{as_columns}.sqlite"
+        with PredictionLog(path) as log:
+            if as_columns:
+                log.append_columns(batch)
+            else:
+                log.append_many(_records(batch))
+        want = _events_by_sql(path, T0, T0)
+        got = _logged_events(path, T0, T0, [c for c in want.columns if c != "__label"])
+        assert want["flag"].dtype == bool and got["flag"].tolist() == [0.0]
+        _same(got.rename(columns=lambda c: f"input.{c}"), want.rename(columns=lambda c: f"input.{c}"))

@@ -100,7 +100,8 @@ def _logged_events(path: Path, start: datetime, end: datetime, fields: Sequence[
     if not frames:
         return pd.DataFrame({**{f: [] for f in fields}, "__label": []})
     logged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    # (typed as parsing the rows' JSON and pandas.DataFrame.from_records type them: a column of ints as int64)
+    # (typed as parsing the rows' JSON and pandas.DataFrame.from_records type them: a column of ints as int64;
+    # except bools, which read_log reads as numbers, 0.0/1.0)
     events = pd.DataFrame({f: logged[f"input.{f}"].to_numpy() for f in fields}).infer_objects()
     events["__label"] = logged["label"].to_numpy()
     return events
